@@ -1,0 +1,609 @@
+//! The broker as a state machine: typed inputs in, messages out.
+//!
+//! **Invariants**
+//! - One thread owns a [`Core`]; nothing in it is shared or locked.
+//! - It does no I/O and never reads the clock: every input carries `now`,
+//!   and what it wants sent is left in the outbox as whole multipart
+//!   messages whose first frame is the peer identity.
+//! - No input costs a scan over services, workers or requests. Idle workers
+//!   wait in a per-service FIFO (so the least recently used one is served
+//!   first), requests in a per-service FIFO, and deadlines in binary heaps.
+//!   All three are cleaned lazily: an entry whose target has changed since it
+//!   was queued is skipped when it reaches the front. The only periodic
+//!   sweep is the heartbeat to every worker, once per heartbeat interval,
+//!   which the protocol itself asks for.
+//! - A worker holds at most one request. A reply is matched to the request
+//!   the broker gave that worker, never to one it merely names, so a late
+//!   reply cannot reach the wrong client.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use majordome_mdp::domogik::{self, Message, TimeoutFrame};
+use majordome_mdp::mdp::{self, FromWorker, Inbound};
+use majordome_mdp::{mmi, Frames};
+use tracing::{debug, info, warn};
+
+use crate::settings::Settings;
+use crate::stats::{ServiceCounters, ServiceStats, Snapshot};
+
+/// How often a noisy drop reason may be logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+type RequestId = u64;
+
+/// The whole broker state. See the module documentation for its invariants.
+pub struct Core {
+    settings: Settings,
+    started: Instant,
+    services: HashMap<Bytes, Service>,
+    workers: HashMap<Bytes, Worker>,
+    requests: HashMap<RequestId, Request>,
+    next_request: RequestId,
+    next_token: u64,
+    /// Request deadlines, earliest first; entries of finished requests are
+    /// skipped when popped.
+    deadlines: BinaryHeap<Reverse<(Instant, RequestId)>>,
+    /// One entry per worker: when to look at its liveness next.
+    worker_checks: BinaryHeap<Reverse<(Instant, u64, Bytes)>>,
+    next_heartbeat: Instant,
+    outbox: Vec<Frames>,
+    messages_in: u64,
+    messages_out: u64,
+    dropped: BTreeMap<&'static str, u64>,
+    /// Per reason: when it was last logged, and how many since.
+    drop_log: HashMap<&'static str, (Option<Instant>, u64)>,
+    workers_expired: u64,
+    workers_disconnected: u64,
+}
+
+struct Service {
+    queue: VecDeque<RequestId>,
+    /// Live entries of `queue` (it may also hold expired ones).
+    queued: usize,
+    idle: VecDeque<(Bytes, u64)>,
+    /// Live entries of `idle`.
+    idle_workers: usize,
+    workers: usize,
+    counters: ServiceCounters,
+    last_active: Instant,
+}
+
+impl Service {
+    fn new(now: Instant) -> Self {
+        Service {
+            queue: VecDeque::new(),
+            queued: 0,
+            idle: VecDeque::new(),
+            idle_workers: 0,
+            workers: 0,
+            counters: ServiceCounters::default(),
+            last_active: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// Waiting in its service's idle queue; `token` tells its live entry.
+    Idle { token: u64 },
+    /// Holding this request.
+    Busy(RequestId),
+    /// Held a request that expired; waiting for the late reply, which will
+    /// be dropped. Not given new work until then.
+    Late,
+}
+
+struct Worker {
+    service: Bytes,
+    /// Unique per registration, so a heap entry of a former worker with the
+    /// same identity is recognised as stale.
+    generation: u64,
+    state: WorkerState,
+    last_seen: Instant,
+    /// Silence is counted from here when later than `last_seen`: a worker
+    /// that was busy could not heartbeat, so its clock restarts when its
+    /// request expires.
+    grace_from: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RequestState {
+    Queued,
+    Dispatched { worker: Bytes },
+}
+
+struct Request {
+    service: Bytes,
+    address: Frames,
+    /// Kept until dispatch; empty afterwards.
+    body: Frames,
+    /// The action when the body is in the Domogik dialect: failures are then
+    /// reported to the client as a `.result` with `status: false`.
+    dialect_action: Option<Bytes>,
+    timeout: Duration,
+    state: RequestState,
+}
+
+/// Why a request failed, as told to a Domogik-dialect client.
+enum Failure {
+    NoWorker,
+    NoAnswer,
+    WorkerGone,
+    QueueFull,
+    TooManyServices,
+}
+
+impl Core {
+    /// A broker with no peers, started at `now`.
+    pub fn new(settings: Settings, now: Instant) -> Self {
+        let next_heartbeat = now + settings.heartbeat_interval;
+        Core {
+            settings,
+            started: now,
+            services: HashMap::new(),
+            workers: HashMap::new(),
+            requests: HashMap::new(),
+            next_request: 1,
+            next_token: 1,
+            deadlines: BinaryHeap::new(),
+            worker_checks: BinaryHeap::new(),
+            next_heartbeat,
+            outbox: Vec::new(),
+            messages_in: 0,
+            messages_out: 0,
+            dropped: BTreeMap::new(),
+            drop_log: HashMap::new(),
+            workers_expired: 0,
+            workers_disconnected: 0,
+        }
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Takes the messages to send, in order. Each starts with the identity
+    /// of the peer it goes to.
+    pub fn drain_outbox(&mut self) -> std::vec::Drain<'_, Frames> {
+        self.messages_out += self.outbox.len() as u64;
+        self.outbox.drain(..)
+    }
+
+    /// The latest time at which [`Core::tick`] must be called.
+    pub fn next_wakeup(&self) -> Instant {
+        let mut next = self.next_heartbeat;
+        if let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+            next = next.min(*deadline);
+        }
+        if let Some(Reverse((check, _, _))) = self.worker_checks.peek() {
+            next = next.min(*check);
+        }
+        next
+    }
+
+    /// A message as read from the ROUTER socket (identity first).
+    pub fn handle_message(&mut self, now: Instant, frames: Frames) {
+        self.messages_in += 1;
+        match mdp::parse_inbound(frames, self.settings.max_envelope) {
+            Ok(Inbound::Client { address, service, body }) => self.on_client(now, address, service, body),
+            Ok(Inbound::Worker { identity, message }) => self.on_worker(now, identity, message),
+            Err(malformed) => self.drop_message(now, malformed.reason()),
+        }
+    }
+
+    /// A message that was too large to read; it was thrown away.
+    pub fn handle_oversized(&mut self, now: Instant) {
+        self.messages_in += 1;
+        self.drop_message(now, "oversized");
+    }
+
+    /// Expires requests and workers whose time has come, and heartbeats.
+    pub fn tick(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, id))) = self.deadlines.peek().cloned() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            self.expire_request(now, id);
+        }
+        while let Some(Reverse((check, _, _))) = self.worker_checks.peek() {
+            if *check > now {
+                break;
+            }
+            let Reverse((_, generation, identity)) = self.worker_checks.pop().expect("peeked");
+            self.check_worker(now, generation, identity);
+        }
+        if now >= self.next_heartbeat {
+            for identity in self.workers.keys() {
+                self.outbox.push(mdp::worker_heartbeat(identity));
+            }
+            self.next_heartbeat = now + self.settings.heartbeat_interval;
+            self.forget_idle_services(now);
+        }
+    }
+
+    /// Says DISCONNECT to every worker, so that each reconnects to the next
+    /// broker instead of waiting out its liveness.
+    pub fn shutdown(&mut self) {
+        for identity in self.workers.keys() {
+            self.outbox.push(mdp::worker_disconnect(identity));
+        }
+    }
+
+    /// The statistics `mmi.stats` serves.
+    pub fn stats(&self, now: Instant) -> Snapshot {
+        let services = self
+            .services
+            .iter()
+            .map(|(name, service)| {
+                let stats = ServiceStats {
+                    counters: service.counters.clone(),
+                    queued: service.queued,
+                    workers: service.workers,
+                    idle_workers: service.idle_workers,
+                };
+                (String::from_utf8_lossy(name).into_owned(), stats)
+            })
+            .collect();
+        Snapshot {
+            uptime_seconds: now.saturating_duration_since(self.started).as_secs(),
+            workers: self.workers.len(),
+            requests_in_flight: self.requests.len(),
+            messages: BTreeMap::from([("in".to_owned(), self.messages_in), ("out".to_owned(), self.messages_out)]),
+            dropped: self.dropped.iter().map(|(reason, count)| ((*reason).to_owned(), *count)).collect(),
+            workers_expired: self.workers_expired,
+            workers_disconnected: self.workers_disconnected,
+            services,
+        }
+    }
+
+    fn on_client(&mut self, now: Instant, address: Frames, service: Bytes, mut body: Frames) {
+        let timeout = match self.settings.domogik_timeout_frame.then(|| domogik::take_timeout_frame(&mut body)).flatten() {
+            Some(TimeoutFrame::Seconds(seconds)) => seconds,
+            Some(TimeoutFrame::Unset) | None => self.settings.request_timeout,
+        };
+        if mmi::is_internal(&service) {
+            self.on_mmi(now, address, service, body);
+            return;
+        }
+        let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
+        if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
+            self.drop_message(now, "too_many_services");
+            self.fail(&address, &service, dialect_action.as_ref(), Failure::TooManyServices, timeout);
+            return;
+        }
+        let max_queue = self.settings.max_queue_per_service;
+        let entry = self.services.entry(service.clone()).or_insert_with(|| Service::new(now));
+        entry.last_active = now;
+        if entry.queued >= max_queue {
+            entry.counters.rejected += 1;
+            self.fail(&address, &service, dialect_action.as_ref(), Failure::QueueFull, timeout);
+            return;
+        }
+        entry.counters.requests += 1;
+        entry.queued += 1;
+        let id = self.next_request;
+        self.next_request += 1;
+        entry.queue.push_back(id);
+        self.deadlines.push(Reverse((now + timeout, id)));
+        self.requests.insert(
+            id,
+            Request { service: service.clone(), address, body, dialect_action, timeout, state: RequestState::Queued },
+        );
+        self.dispatch(&service);
+    }
+
+    fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker) {
+        if let FromWorker::Ready { service } = message {
+            self.on_ready(now, identity, service);
+            return;
+        }
+        let Some(worker) = self.workers.get_mut(&identity) else {
+            // RFC 7: HEARTBEAT and REPLY only after READY. Tell the peer to
+            // start over; a DISCONNECT from a stranger needs no answer.
+            match message {
+                FromWorker::Disconnect => self.drop_message(now, "disconnect_from_unknown_worker"),
+                FromWorker::Reply { .. } => {
+                    self.drop_message(now, "reply_from_unknown_worker");
+                    self.outbox.push(mdp::worker_disconnect(&identity));
+                }
+                _ => {
+                    self.drop_message(now, "heartbeat_from_unknown_worker");
+                    self.outbox.push(mdp::worker_disconnect(&identity));
+                }
+            }
+            return;
+        };
+        // Any command counts as a heartbeat.
+        worker.last_seen = now;
+        match message {
+            FromWorker::Heartbeat => {}
+            FromWorker::Disconnect => {
+                debug!(worker = ?identity, "worker disconnected");
+                self.remove_worker(now, &identity);
+            }
+            FromWorker::Reply { client, body } => self.on_reply(now, identity, client, body),
+            FromWorker::Ready { .. } => unreachable!("handled above"),
+        }
+    }
+
+    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes) {
+        if self.workers.contains_key(&identity) {
+            // RFC 7: a second READY is a protocol error.
+            self.drop_message(now, "duplicate_ready");
+            self.disconnect_worker(now, &identity);
+            return;
+        }
+        if mmi::is_internal(&service) {
+            self.drop_message(now, "reserved_service");
+            self.workers_disconnected += 1;
+            self.outbox.push(mdp::worker_disconnect(&identity));
+            return;
+        }
+        if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
+            self.drop_message(now, "too_many_services");
+            self.workers_disconnected += 1;
+            self.outbox.push(mdp::worker_disconnect(&identity));
+            return;
+        }
+        let generation = self.token();
+        let entry = self.services.entry(service.clone()).or_insert_with(|| Service::new(now));
+        entry.workers += 1;
+        entry.last_active = now;
+        self.worker_checks.push(Reverse((now + self.settings.worker_expiry(), generation, identity.clone())));
+        self.workers.insert(
+            identity.clone(),
+            Worker { service: service.clone(), generation, state: WorkerState::Late, last_seen: now, grace_from: now },
+        );
+        debug!(worker = ?identity, service = %String::from_utf8_lossy(&service), "worker ready");
+        self.make_idle(&identity);
+        self.dispatch(&service);
+    }
+
+    fn on_reply(&mut self, now: Instant, identity: Bytes, client: Bytes, body: Frames) {
+        let worker = self.workers.get(&identity).expect("caller checked");
+        let service = worker.service.clone();
+        match worker.state {
+            WorkerState::Busy(id) => {
+                let request = self.requests.get(&id).expect("a busy worker's request exists");
+                if request.address.first() != Some(&client) {
+                    // The worker answered for someone it was not asked by:
+                    // a broken worker. Its request fails now.
+                    self.drop_message(now, "reply_client_mismatch");
+                    self.disconnect_worker(now, &identity);
+                    return;
+                }
+                let request = self.requests.remove(&id).expect("checked above");
+                self.outbox.push(mdp::client_reply(&request.address, &service, body));
+                if let Some(entry) = self.services.get_mut(&service) {
+                    entry.counters.replies += 1;
+                    entry.last_active = now;
+                }
+            }
+            WorkerState::Late => {
+                if let Some(entry) = self.services.get_mut(&service) {
+                    entry.counters.late_replies += 1;
+                }
+                self.drop_message(now, "late_reply");
+            }
+            WorkerState::Idle { .. } => {
+                self.drop_message(now, "unexpected_reply");
+                self.disconnect_worker(now, &identity);
+                return;
+            }
+        }
+        self.make_idle(&identity);
+        self.dispatch(&service);
+    }
+
+    fn on_mmi(&mut self, now: Instant, address: Frames, service: Bytes, body: Frames) {
+        let names_with_workers = |services: &HashMap<Bytes, Service>, keep: &dyn Fn(&str) -> bool| {
+            let mut names: Vec<String> = services
+                .iter()
+                .filter(|(_, s)| s.workers > 0)
+                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+                .filter(|name| keep(name))
+                .collect();
+            names.sort();
+            Bytes::from(names.join(", "))
+        };
+        let answer: Bytes = match service.as_ref() {
+            mmi::SERVICE => {
+                let registered = body
+                    .first()
+                    .and_then(|name| self.services.get(name))
+                    .is_some_and(|s| s.workers > 0);
+                Bytes::from_static(if registered { mmi::OK } else { mmi::NOT_FOUND })
+            }
+            mmi::SERVICES => names_with_workers(&self.services, &|_| true),
+            mmi::DISCOVERY => {
+                let pattern = body.first().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+                match regex::RegexBuilder::new(&pattern).size_limit(1 << 20).build() {
+                    Ok(regex) => names_with_workers(&self.services, &|name| regex.is_match(name)),
+                    Err(_) => {
+                        self.drop_message(now, "bad_discovery_pattern");
+                        Bytes::from_static(mmi::BAD_REQUEST)
+                    }
+                }
+            }
+            mmi::STATS => Bytes::from(serde_json::to_vec(&self.stats(now)).expect("stats serialize")),
+            _ => Bytes::from_static(mmi::NOT_IMPLEMENTED),
+        };
+        self.outbox.push(mdp::client_reply(&address, &service, [answer]));
+    }
+
+    /// Gives queued requests of `service` to its idle workers, oldest
+    /// request to the least recently used worker.
+    fn dispatch(&mut self, service_name: &Bytes) {
+        let Some(service) = self.services.get_mut(service_name) else { return };
+        while service.queued > 0 && service.idle_workers > 0 {
+            let identity = loop {
+                let (identity, token) = service.idle.pop_front().expect("idle_workers counts live entries");
+                let live = matches!(self.workers.get(&identity), Some(w) if w.state == WorkerState::Idle { token });
+                if live {
+                    break identity;
+                }
+            };
+            let id = loop {
+                let id = service.queue.pop_front().expect("queued counts live entries");
+                if matches!(self.requests.get(&id), Some(r) if r.state == RequestState::Queued) {
+                    break id;
+                }
+            };
+            service.idle_workers -= 1;
+            service.queued -= 1;
+            let request = self.requests.get_mut(&id).expect("checked live");
+            let body = std::mem::take(&mut request.body);
+            self.outbox.push(mdp::worker_request(&identity, &request.address[0], body));
+            request.state = RequestState::Dispatched { worker: identity.clone() };
+            self.workers.get_mut(&identity).expect("checked live").state = WorkerState::Busy(id);
+        }
+    }
+
+    fn make_idle(&mut self, identity: &Bytes) {
+        let token = self.token();
+        let worker = self.workers.get_mut(identity).expect("caller checked");
+        worker.state = WorkerState::Idle { token };
+        let service = self.services.get_mut(&worker.service).expect("a worker's service exists");
+        service.idle.push_back((identity.clone(), token));
+        service.idle_workers += 1;
+    }
+
+    fn expire_request(&mut self, now: Instant, id: RequestId) {
+        let Some(request) = self.requests.remove(&id) else { return };
+        let failure = match &request.state {
+            RequestState::Queued => {
+                if let Some(service) = self.services.get_mut(&request.service) {
+                    service.queued -= 1;
+                }
+                Failure::NoWorker
+            }
+            RequestState::Dispatched { worker } => {
+                if let Some(worker) = self.workers.get_mut(worker) {
+                    if worker.state == WorkerState::Busy(id) {
+                        worker.state = WorkerState::Late;
+                        worker.grace_from = now;
+                    }
+                }
+                Failure::NoAnswer
+            }
+        };
+        if let Some(service) = self.services.get_mut(&request.service) {
+            service.counters.expired += 1;
+            service.last_active = now;
+        }
+        self.fail(&request.address, &request.service, request.dialect_action.as_ref(), failure, request.timeout);
+    }
+
+    fn check_worker(&mut self, now: Instant, generation: u64, identity: Bytes) {
+        let Some(worker) = self.workers.get(&identity) else { return };
+        if worker.generation != generation {
+            return;
+        }
+        let expiry = self.settings.worker_expiry();
+        let next_check = match worker.state {
+            // A busy worker may be unable to heartbeat (the zguide's and
+            // Domogik's workers cannot); it lives while its request does,
+            // and its silence is counted from the request's expiry.
+            WorkerState::Busy(_) => Some(now + expiry),
+            WorkerState::Idle { .. } | WorkerState::Late => {
+                let due = worker.last_seen.max(worker.grace_from) + expiry;
+                (due > now).then_some(due)
+            }
+        };
+        match next_check {
+            Some(at) => self.worker_checks.push(Reverse((at, generation, identity))),
+            None => {
+                info!(worker = ?identity, service = %String::from_utf8_lossy(&worker.service), "worker expired: silent too long");
+                self.workers_expired += 1;
+                self.remove_worker(now, &identity);
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and forgets the worker, for protocol errors.
+    fn disconnect_worker(&mut self, now: Instant, identity: &Bytes) {
+        self.workers_disconnected += 1;
+        self.outbox.push(mdp::worker_disconnect(identity));
+        self.remove_worker(now, identity);
+    }
+
+    /// Forgets a worker; a request it held fails at once rather than at its
+    /// deadline, since nobody will answer it.
+    fn remove_worker(&mut self, now: Instant, identity: &Bytes) {
+        let Some(worker) = self.workers.remove(identity) else { return };
+        if let Some(service) = self.services.get_mut(&worker.service) {
+            service.workers -= 1;
+            service.last_active = now;
+            if matches!(worker.state, WorkerState::Idle { .. }) {
+                service.idle_workers -= 1;
+            }
+        }
+        if let WorkerState::Busy(id) = worker.state {
+            if let Some(request) = self.requests.remove(&id) {
+                if let Some(service) = self.services.get_mut(&request.service) {
+                    service.counters.expired += 1;
+                }
+                self.fail(&request.address, &request.service, request.dialect_action.as_ref(), Failure::WorkerGone, request.timeout);
+            }
+        }
+    }
+
+    /// Tells a Domogik-dialect client that its request failed. A plain MDP
+    /// client gets nothing: RFC 7 has no error reply, and anything sent would
+    /// be taken for the service's answer.
+    fn fail(&mut self, address: &[Bytes], service: &Bytes, action: Option<&Bytes>, failure: Failure, timeout: Duration) {
+        let Some(action) = action else { return };
+        let name = String::from_utf8_lossy(service);
+        let reason = match failure {
+            Failure::NoWorker => {
+                format!("no worker for service '{name}' became available within {:.1} s", timeout.as_secs_f64())
+            }
+            Failure::NoAnswer => format!("service '{name}' did not answer within {:.1} s", timeout.as_secs_f64()),
+            Failure::WorkerGone => format!("the worker of service '{name}' went away while handling the request"),
+            Failure::QueueFull => format!(
+                "service '{name}' has {} requests waiting already; try again later",
+                self.settings.max_queue_per_service
+            ),
+            Failure::TooManyServices => {
+                format!("the broker already knows {} services; refusing '{name}'", self.settings.max_services)
+            }
+        };
+        let action = String::from_utf8_lossy(action);
+        self.outbox.push(mdp::client_reply(address, service, Message::failure(&action, reason).to_frames()));
+    }
+
+    fn forget_idle_services(&mut self, now: Instant) {
+        let retention = self.settings.idle_service_retention;
+        self.services.retain(|_, service| {
+            service.workers > 0 || service.queued > 0 || now.saturating_duration_since(service.last_active) < retention
+        });
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Counts a dropped message and logs it, at most once per reason every
+    /// few seconds so that a flood of garbage cannot flood the log.
+    fn drop_message(&mut self, now: Instant, reason: &'static str) {
+        *self.dropped.entry(reason).or_default() += 1;
+        let (last, suppressed) = self.drop_log.entry(reason).or_insert((None, 0));
+        if last.is_none_or(|at| now.saturating_duration_since(at) >= LOG_EVERY) {
+            warn!(reason, suppressed_since_last_log = *suppressed, "dropped a message");
+            *last = Some(now);
+            *suppressed = 0;
+        } else {
+            *suppressed += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

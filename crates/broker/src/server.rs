@@ -1,0 +1,101 @@
+//! The socket loop around [`Core`]: one ROUTER socket, one thread.
+
+use std::time::Instant;
+
+use majordome_net::{self as net, Received, Shutdown};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::core::Core;
+use crate::settings::Settings;
+
+/// What can stop a broker from starting or running.
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    /// The endpoint could not be bound.
+    #[error("cannot listen on {endpoint}: {source} (is another broker already running there?)")]
+    Bind { endpoint: String, source: zmq::Error },
+    /// A ZeroMQ call failed.
+    #[error("ZeroMQ error: {0}")]
+    Zmq(#[from] zmq::Error),
+}
+
+/// A bound broker, ready to [`Broker::run`].
+pub struct Broker {
+    socket: zmq::Socket,
+    endpoint: String,
+    settings: Settings,
+}
+
+impl Broker {
+    /// Binds the broker's ROUTER socket. `tcp://127.0.0.1:0` picks a free
+    /// port; [`Broker::endpoint`] tells which.
+    pub fn bind(endpoint: &str, settings: Settings) -> Result<Self, BrokerError> {
+        let socket = net::context().socket(zmq::ROUTER)?;
+        socket.set_linger(0)?;
+        socket.set_sndhwm(settings.send_high_water_mark)?;
+        socket.set_rcvhwm(settings.receive_high_water_mark)?;
+        // libzmq closes a connection that sends one frame over this size,
+        // before the broker even sees it: the first line of defence against
+        // memory exhaustion. Whole messages are bounded in the loop.
+        socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
+        socket.bind(endpoint).map_err(|source| BrokerError::Bind { endpoint: endpoint.to_owned(), source })?;
+        let endpoint = net::bound_endpoint(&socket)?;
+        Ok(Broker { socket, endpoint, settings })
+    }
+
+    /// The endpoint it listens on, with the real port.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Serves until `shutdown` fires, then tells every worker to disconnect.
+    pub fn run(self, shutdown: &Shutdown) -> Result<(), BrokerError> {
+        let mut core = Core::new(self.settings.clone(), Instant::now());
+        let mut scratch = zmq::Message::new();
+        info!(endpoint = %self.endpoint, "broker serving");
+        loop {
+            let wait = core.next_wakeup().saturating_duration_since(Instant::now());
+            // Round up so that a wake-up is never early, then spin.
+            let timeout_ms = (wait.as_micros().div_ceil(1000)) as i64;
+            let mut items = [self.socket.as_poll_item(zmq::POLLIN), zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN)];
+            match zmq::poll(&mut items, timeout_ms) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if items[1].is_readable() {
+                break;
+            }
+            // Drain what is waiting, a bounded batch at a time so that the
+            // clock is read and timers run even under a flood.
+            for _ in 0..4096 {
+                match net::recv_frames(&self.socket, &mut scratch, self.settings.max_frames, self.settings.max_message_bytes) {
+                    Ok(Some(Received::Message(frames))) => core.handle_message(Instant::now(), frames),
+                    Ok(Some(Received::TooLarge { .. })) => core.handle_oversized(Instant::now()),
+                    Ok(None) => break,
+                    Err(zmq::Error::EINTR) => break,
+                    Err(e) => return Err(e.into()),
+                }
+                self.flush(&mut core);
+            }
+            core.tick(Instant::now());
+            self.flush(&mut core);
+        }
+        info!("broker stopping: telling workers to disconnect");
+        core.shutdown();
+        self.flush(&mut core);
+        Ok(())
+    }
+
+    fn flush(&self, core: &mut Core) {
+        for frames in core.drain_outbox() {
+            // A ROUTER drops messages to unknown or saturated peers instead
+            // of blocking; DONTWAIT makes sure the loop can never stall here.
+            if let Err(e) = net::send_frames(&self.socket, &frames, zmq::DONTWAIT) {
+                if e != zmq::Error::EAGAIN && e != zmq::Error::EHOSTUNREACH {
+                    warn!(error = %e, "send failed");
+                }
+            }
+        }
+    }
+}

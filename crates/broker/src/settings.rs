@@ -1,0 +1,63 @@
+//! Every bound and timer of the broker, each a named setting with a default.
+
+use std::time::Duration;
+
+/// The broker's tunables. `Settings::default()` is what `majordome broker`
+/// runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often the broker sends HEARTBEAT to each worker. Domogik's workers
+    /// reconnect after about 3 s of silence, so this stays well under that.
+    pub heartbeat_interval: Duration,
+    /// Heartbeat intervals a worker may miss before it is declared dead.
+    pub liveness: u32,
+    /// Deadline of a request whose client sent no timeout frame.
+    pub request_timeout: Duration,
+    /// Requests waiting for a worker, per service; beyond it new requests are
+    /// rejected.
+    pub max_queue_per_service: usize,
+    /// Services known at once (with a worker, a queue, or recent activity);
+    /// bounds memory against clients asking for random names.
+    pub max_services: usize,
+    /// Frames in one message; larger messages are dropped and counted.
+    pub max_frames: usize,
+    /// Bytes in one message (all frames); larger messages are dropped.
+    pub max_message_bytes: usize,
+    /// Address frames a client may put before the delimiter.
+    pub max_envelope: usize,
+    /// ZeroMQ high-water marks (messages) of the broker's socket, each way.
+    pub send_high_water_mark: i32,
+    /// See `send_high_water_mark`.
+    pub receive_high_water_mark: i32,
+    /// How long a service with no worker and no queue is kept (with its
+    /// statistics) after its last activity.
+    pub idle_service_retention: Duration,
+    /// Recognise Domogik's timeout frame at the head of request bodies.
+    pub domogik_timeout_frame: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_interval: Duration::from_millis(1000),
+            liveness: 5,
+            request_timeout: Duration::from_secs(10),
+            max_queue_per_service: 10_000,
+            max_services: 10_000,
+            max_frames: 64,
+            max_message_bytes: 16 * 1024 * 1024,
+            max_envelope: 4,
+            send_high_water_mark: 100_000,
+            receive_high_water_mark: 100_000,
+            idle_service_retention: Duration::from_secs(300),
+            domogik_timeout_frame: true,
+        }
+    }
+}
+
+impl Settings {
+    /// How long a worker may stay silent before it is declared dead.
+    pub fn worker_expiry(&self) -> Duration {
+        self.heartbeat_interval * self.liveness.max(1)
+    }
+}

@@ -1,0 +1,192 @@
+//! ZeroMQ plumbing shared by every socket loop in majordome: the process-wide
+//! context, reading and writing whole multipart messages as [`Bytes`]
+//! frames, and a shutdown signal that socket loops can poll.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+pub use zmq;
+
+/// The process-wide ZeroMQ context. One context means one libzmq I/O thread
+/// for the whole process, however many sockets it opens.
+pub fn context() -> &'static zmq::Context {
+    static CONTEXT: OnceLock<zmq::Context> = OnceLock::new();
+    CONTEXT.get_or_init(zmq::Context::new)
+}
+
+/// What [`recv_frames`] got.
+#[derive(Debug)]
+pub enum Received {
+    /// A whole message.
+    Message(Vec<Bytes>),
+    /// A message with more than the allowed number of frames or bytes; it
+    /// was read to its end and thrown away.
+    TooLarge { frames: usize, bytes: usize },
+}
+
+/// Reads one whole multipart message without blocking. `Ok(None)` when none
+/// is waiting. Frames past `max_frames`, or a message over `max_bytes`, are
+/// drained and reported as [`Received::TooLarge`] so that the caller can
+/// count them; the socket stays usable.
+pub fn recv_frames(
+    socket: &zmq::Socket,
+    scratch: &mut zmq::Message,
+    max_frames: usize,
+    max_bytes: usize,
+) -> zmq::Result<Option<Received>> {
+    match socket.recv(scratch, zmq::DONTWAIT) {
+        Ok(()) => {}
+        Err(zmq::Error::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut frames = Vec::with_capacity(8);
+    let mut count = 1;
+    let mut total = scratch.len();
+    frames.push(Bytes::copy_from_slice(scratch));
+    while scratch.get_more() {
+        // The rest of a multipart message is already there: ZeroMQ delivers
+        // messages whole, so this never blocks.
+        socket.recv(scratch, 0)?;
+        count += 1;
+        total += scratch.len();
+        if count <= max_frames && total <= max_bytes {
+            frames.push(Bytes::copy_from_slice(scratch));
+        }
+    }
+    if count > max_frames || total > max_bytes {
+        return Ok(Some(Received::TooLarge { frames: count, bytes: total }));
+    }
+    Ok(Some(Received::Message(frames)))
+}
+
+/// Reads one whole multipart message, blocking. For clients and workers,
+/// which poll first.
+pub fn recv_all(socket: &zmq::Socket) -> zmq::Result<Vec<Bytes>> {
+    let mut frames = Vec::with_capacity(8);
+    loop {
+        let message = socket.recv_msg(0)?;
+        frames.push(Bytes::copy_from_slice(&message));
+        if !message.get_more() {
+            return Ok(frames);
+        }
+    }
+}
+
+/// Sends a multipart message. With `zmq::DONTWAIT` in `flags`, a full pipe
+/// gives `EAGAIN` on the first frame and nothing is sent.
+pub fn send_frames(socket: &zmq::Socket, frames: &[Bytes], flags: i32) -> zmq::Result<()> {
+    let last = frames.len().saturating_sub(1);
+    for (index, frame) in frames.iter().enumerate() {
+        let more = if index < last { zmq::SNDMORE } else { 0 };
+        socket.send(&frame[..], flags | more)?;
+    }
+    Ok(())
+}
+
+/// The endpoint a socket actually bound to (resolves port 0).
+pub fn bound_endpoint(socket: &zmq::Socket) -> zmq::Result<String> {
+    Ok(socket.get_last_endpoint()?.unwrap_or_default())
+}
+
+/// A one-way "stop now" signal for socket loops. It is a socket pair: once
+/// triggered, its read end stays readable forever, so any number of loops
+/// can include [`Shutdown::fd`] in their `zmq::poll` and all of them wake.
+#[derive(Clone)]
+pub struct Shutdown {
+    inner: Arc<Pair>,
+}
+
+struct Pair {
+    read: UnixStream,
+    write: UnixStream,
+}
+
+impl Shutdown {
+    /// A signal that has not fired.
+    pub fn new() -> std::io::Result<Self> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        Ok(Shutdown { inner: Arc::new(Pair { read, write }) })
+    }
+
+    /// A signal that also fires on SIGINT and SIGTERM.
+    pub fn on_signals() -> std::io::Result<Self> {
+        let shutdown = Self::new()?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::low_level::pipe::register(signal, shutdown.inner.write.try_clone()?)?;
+        }
+        Ok(shutdown)
+    }
+
+    /// Fires the signal. Idempotent.
+    pub fn trigger(&self) {
+        // A full socket buffer means it already fired; nothing to do.
+        let _ = (&self.inner.write).write(&[1]);
+    }
+
+    /// The descriptor to poll for readability.
+    pub fn fd(&self) -> RawFd {
+        self.inner.read.as_raw_fd()
+    }
+
+    /// True once the signal has fired.
+    pub fn is_triggered(&self) -> bool {
+        let mut poll = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready > 0 && poll.revents & libc::POLLIN != 0
+    }
+
+    /// Blocks until the signal fires.
+    pub fn wait(&self) {
+        let mut poll = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        loop {
+            // SAFETY: one valid pollfd, infinite timeout.
+            let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+            if ready > 0 {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_wakes_every_poller_and_stays_fired() {
+        let shutdown = Shutdown::new().unwrap();
+        assert!(!shutdown.is_triggered());
+        shutdown.trigger();
+        shutdown.trigger();
+        assert!(shutdown.is_triggered());
+        assert!(shutdown.clone().is_triggered());
+        shutdown.wait();
+    }
+
+    #[test]
+    fn oversized_messages_are_drained_not_delivered() {
+        let ctx = zmq::Context::new();
+        let a = ctx.socket(zmq::PAIR).unwrap();
+        let b = ctx.socket(zmq::PAIR).unwrap();
+        a.bind("inproc://oversize").unwrap();
+        b.connect("inproc://oversize").unwrap();
+        let big: Vec<Bytes> = (0..5).map(|_| Bytes::from_static(b"0123456789")).collect();
+        send_frames(&b, &big, 0).unwrap();
+        send_frames(&b, &big[..2], 0).unwrap();
+        a.poll(zmq::POLLIN, 1000).unwrap();
+        let mut scratch = zmq::Message::new();
+        assert!(matches!(recv_frames(&a, &mut scratch, 4, 1000), Ok(Some(Received::TooLarge { frames: 5, bytes: 50 }))));
+        match recv_frames(&a, &mut scratch, 4, 1000) {
+            Ok(Some(Received::Message(frames))) => assert_eq!(frames.len(), 2),
+            other => panic!("expected the small message, got {other:?}"),
+        }
+        assert!(matches!(recv_frames(&a, &mut scratch, 4, 15), Ok(None)));
+    }
+}
