@@ -32,6 +32,9 @@ use crate::stats::{ServiceCounters, ServiceStats, Snapshot};
 /// How often a noisy drop reason may be logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Longest service name accepted, in bytes.
+const MAX_SERVICE_NAME: usize = 255;
+
 type RequestId = u64;
 
 /// The whole broker state. See the module documentation for its invariants.
@@ -270,6 +273,10 @@ impl Core {
             self.on_mmi(now, address, service, body);
             return;
         }
+        if service.is_empty() || service.len() > MAX_SERVICE_NAME {
+            self.drop_message(now, "bad_service_name");
+            return;
+        }
         let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
         if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
             self.drop_message(now, "too_many_services");
@@ -336,6 +343,12 @@ impl Core {
             // RFC 7: a second READY is a protocol error.
             self.drop_message(now, "duplicate_ready");
             self.disconnect_worker(now, &identity);
+            return;
+        }
+        if service.len() > MAX_SERVICE_NAME {
+            self.drop_message(now, "bad_service_name");
+            self.workers_disconnected += 1;
+            self.outbox.push(mdp::worker_disconnect(&identity));
             return;
         }
         if mmi::is_internal(&service) {

@@ -425,3 +425,15 @@ fn next_wakeup_is_the_earliest_timer() {
     h.request("c", "svc", &["0.25", "a.get", "{}"]);
     assert_eq!(h.core.next_wakeup(), h.now + Duration::from_millis(250));
 }
+
+#[test]
+fn empty_and_overlong_service_names_are_dropped() {
+    let mut h = Harness::new();
+    assert!(h.request("c", "", &["x.get", "{}"]).is_empty());
+    let long = "s".repeat(300);
+    assert!(h.request("c", &long, &["x.get", "{}"]).is_empty());
+    assert!(is_disconnect(&h.ready("w", &long)[0], "w"));
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.dropped["bad_service_name"], 3);
+    assert!(stats.services.is_empty());
+}

@@ -9,6 +9,9 @@ use tracing::{info, warn};
 use crate::core::Core;
 use crate::settings::Settings;
 
+/// How long, in milliseconds, shutdown waits for the last messages to leave.
+const SHUTDOWN_LINGER_MS: i32 = 1000;
+
 /// What can stop a broker from starting or running.
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -22,6 +25,10 @@ pub enum BrokerError {
 
 /// A bound broker, ready to [`Broker::run`].
 pub struct Broker {
+    /// Its own context, so that closing it at shutdown waits for the last
+    /// messages (the DISCONNECTs) to leave, which the process-wide context,
+    /// never closed, would not do.
+    context: zmq::Context,
     socket: zmq::Socket,
     endpoint: String,
     settings: Settings,
@@ -31,7 +38,8 @@ impl Broker {
     /// Binds the broker's ROUTER socket. `tcp://127.0.0.1:0` picks a free
     /// port; [`Broker::endpoint`] tells which.
     pub fn bind(endpoint: &str, settings: Settings) -> Result<Self, BrokerError> {
-        let socket = net::context().socket(zmq::ROUTER)?;
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::ROUTER)?;
         socket.set_linger(0)?;
         socket.set_sndhwm(settings.send_high_water_mark)?;
         socket.set_rcvhwm(settings.receive_high_water_mark)?;
@@ -41,7 +49,7 @@ impl Broker {
         socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
         socket.bind(endpoint).map_err(|source| BrokerError::Bind { endpoint: endpoint.to_owned(), source })?;
         let endpoint = net::bound_endpoint(&socket)?;
-        Ok(Broker { socket, endpoint, settings })
+        Ok(Broker { context, socket, endpoint, settings })
     }
 
     /// The endpoint it listens on, with the real port.
@@ -84,6 +92,12 @@ impl Broker {
         info!("broker stopping: telling workers to disconnect");
         core.shutdown();
         self.flush(&mut core);
+        // Give the DISCONNECTs a moment to go out; closing the context waits
+        // for them (and no longer than this).
+        self.socket.set_linger(SHUTDOWN_LINGER_MS)?;
+        let Broker { context, socket, .. } = self;
+        drop(socket);
+        drop(context);
         Ok(())
     }
 
