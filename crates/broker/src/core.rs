@@ -256,8 +256,15 @@ impl Core {
             uptime_seconds: now.saturating_duration_since(self.started).as_secs(),
             workers: self.workers.len(),
             requests_in_flight: self.requests.len(),
-            messages: BTreeMap::from([("in".to_owned(), self.messages_in), ("out".to_owned(), self.messages_out)]),
-            dropped: self.dropped.iter().map(|(reason, count)| ((*reason).to_owned(), *count)).collect(),
+            messages: BTreeMap::from([
+                ("in".to_owned(), self.messages_in),
+                ("out".to_owned(), self.messages_out),
+            ]),
+            dropped: self
+                .dropped
+                .iter()
+                .map(|(reason, count)| ((*reason).to_owned(), *count))
+                .collect(),
             workers_expired: self.workers_expired,
             workers_disconnected: self.workers_disconnected,
             services,
@@ -265,7 +272,12 @@ impl Core {
     }
 
     fn on_client(&mut self, now: Instant, address: Frames, service: Bytes, mut body: Frames) {
-        let timeout = match self.settings.domogik_timeout_frame.then(|| domogik::take_timeout_frame(&mut body)).flatten() {
+        let timeout = match self
+            .settings
+            .domogik_timeout_frame
+            .then(|| domogik::take_timeout_frame(&mut body))
+            .flatten()
+        {
             Some(TimeoutFrame::Seconds(seconds)) => seconds,
             Some(TimeoutFrame::Unset) | None => self.settings.request_timeout,
         };
@@ -280,11 +292,20 @@ impl Core {
         let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
         if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
             self.drop_message(now, "too_many_services");
-            self.fail(&address, &service, dialect_action.as_ref(), Failure::TooManyServices, timeout);
+            self.fail(
+                &address,
+                &service,
+                dialect_action.as_ref(),
+                Failure::TooManyServices,
+                timeout,
+            );
             return;
         }
         let max_queue = self.settings.max_queue_per_service;
-        let entry = self.services.entry(service.clone()).or_insert_with(|| Service::new(now));
+        let entry = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service::new(now));
         entry.last_active = now;
         if entry.queued >= max_queue {
             entry.counters.rejected += 1;
@@ -299,7 +320,14 @@ impl Core {
         self.deadlines.push(Reverse((now + timeout, id)));
         self.requests.insert(
             id,
-            Request { service: service.clone(), address, body, dialect_action, timeout, state: RequestState::Queued },
+            Request {
+                service: service.clone(),
+                address,
+                body,
+                dialect_action,
+                timeout,
+                state: RequestState::Queued,
+            },
         );
         self.dispatch(&service);
     }
@@ -364,13 +392,26 @@ impl Core {
             return;
         }
         let generation = self.token();
-        let entry = self.services.entry(service.clone()).or_insert_with(|| Service::new(now));
+        let entry = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service::new(now));
         entry.workers += 1;
         entry.last_active = now;
-        self.worker_checks.push(Reverse((now + self.settings.worker_expiry(), generation, identity.clone())));
+        self.worker_checks.push(Reverse((
+            now + self.settings.worker_expiry(),
+            generation,
+            identity.clone(),
+        )));
         self.workers.insert(
             identity.clone(),
-            Worker { service: service.clone(), generation, state: WorkerState::Late, last_seen: now, grace_from: now },
+            Worker {
+                service: service.clone(),
+                generation,
+                state: WorkerState::Late,
+                last_seen: now,
+                grace_from: now,
+            },
         );
         debug!(worker = ?identity, service = %String::from_utf8_lossy(&service), "worker ready");
         self.make_idle(&identity);
@@ -434,7 +475,10 @@ impl Core {
             }
             mmi::SERVICES => names_with_workers(&self.services, &|_| true),
             mmi::DISCOVERY => {
-                let pattern = body.first().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+                let pattern = body
+                    .first()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default();
                 match regex::RegexBuilder::new(&pattern).size_limit(1 << 20).build() {
                     Ok(regex) => names_with_workers(&self.services, &|name| regex.is_match(name)),
                     Err(_) => {
@@ -452,7 +496,9 @@ impl Core {
     /// Gives queued requests of `service` to its idle workers, oldest
     /// request to the least recently used worker.
     fn dispatch(&mut self, service_name: &Bytes) {
-        let Some(service) = self.services.get_mut(service_name) else { return };
+        let Some(service) = self.services.get_mut(service_name) else {
+            return;
+        };
         while service.queued > 0 && service.idle_workers > 0 {
             let identity = loop {
                 let (identity, token) = service.idle.pop_front().expect("idle_workers counts live entries");
@@ -471,8 +517,11 @@ impl Core {
             service.queued -= 1;
             let request = self.requests.get_mut(&id).expect("checked live");
             let body = std::mem::take(&mut request.body);
-            self.outbox.push(mdp::worker_request(&identity, &request.address[0], body));
-            request.state = RequestState::Dispatched { worker: identity.clone() };
+            self.outbox
+                .push(mdp::worker_request(&identity, &request.address[0], body));
+            request.state = RequestState::Dispatched {
+                worker: identity.clone(),
+            };
             self.workers.get_mut(&identity).expect("checked live").state = WorkerState::Busy(id);
         }
     }
@@ -481,13 +530,18 @@ impl Core {
         let token = self.token();
         let worker = self.workers.get_mut(identity).expect("caller checked");
         worker.state = WorkerState::Idle { token };
-        let service = self.services.get_mut(&worker.service).expect("a worker's service exists");
+        let service = self
+            .services
+            .get_mut(&worker.service)
+            .expect("a worker's service exists");
         service.idle.push_back((identity.clone(), token));
         service.idle_workers += 1;
     }
 
     fn expire_request(&mut self, now: Instant, id: RequestId) {
-        let Some(request) = self.requests.remove(&id) else { return };
+        let Some(request) = self.requests.remove(&id) else {
+            return;
+        };
         let failure = match &request.state {
             RequestState::Queued => {
                 if let Some(service) = self.services.get_mut(&request.service) {
@@ -509,11 +563,19 @@ impl Core {
             service.counters.expired += 1;
             service.last_active = now;
         }
-        self.fail(&request.address, &request.service, request.dialect_action.as_ref(), failure, request.timeout);
+        self.fail(
+            &request.address,
+            &request.service,
+            request.dialect_action.as_ref(),
+            failure,
+            request.timeout,
+        );
     }
 
     fn check_worker(&mut self, now: Instant, generation: u64, identity: Bytes) {
-        let Some(worker) = self.workers.get(&identity) else { return };
+        let Some(worker) = self.workers.get(&identity) else {
+            return;
+        };
         if worker.generation != generation {
             return;
         }
@@ -548,7 +610,9 @@ impl Core {
     /// Forgets a worker; a request it held fails at once rather than at its
     /// deadline, since nobody will answer it.
     fn remove_worker(&mut self, now: Instant, identity: &Bytes) {
-        let Some(worker) = self.workers.remove(identity) else { return };
+        let Some(worker) = self.workers.remove(identity) else {
+            return;
+        };
         if let Some(service) = self.services.get_mut(&worker.service) {
             service.workers -= 1;
             service.last_active = now;
@@ -561,7 +625,13 @@ impl Core {
                 if let Some(service) = self.services.get_mut(&request.service) {
                     service.counters.expired += 1;
                 }
-                self.fail(&request.address, &request.service, request.dialect_action.as_ref(), Failure::WorkerGone, request.timeout);
+                self.fail(
+                    &request.address,
+                    &request.service,
+                    request.dialect_action.as_ref(),
+                    Failure::WorkerGone,
+                    request.timeout,
+                );
             }
         }
     }
@@ -569,12 +639,22 @@ impl Core {
     /// Tells a Domogik-dialect client that its request failed. A plain MDP
     /// client gets nothing: RFC 7 has no error reply, and anything sent would
     /// be taken for the service's answer.
-    fn fail(&mut self, address: &[Bytes], service: &Bytes, action: Option<&Bytes>, failure: Failure, timeout: Duration) {
+    fn fail(
+        &mut self,
+        address: &[Bytes],
+        service: &Bytes,
+        action: Option<&Bytes>,
+        failure: Failure,
+        timeout: Duration,
+    ) {
         let Some(action) = action else { return };
         let name = String::from_utf8_lossy(service);
         let reason = match failure {
             Failure::NoWorker => {
-                format!("no worker for service '{name}' became available within {:.1} s", timeout.as_secs_f64())
+                format!(
+                    "no worker for service '{name}' became available within {:.1} s",
+                    timeout.as_secs_f64()
+                )
             }
             Failure::NoAnswer => format!("service '{name}' did not answer within {:.1} s", timeout.as_secs_f64()),
             Failure::WorkerGone => format!("the worker of service '{name}' went away while handling the request"),
@@ -583,11 +663,18 @@ impl Core {
                 self.settings.max_queue_per_service
             ),
             Failure::TooManyServices => {
-                format!("the broker already knows {} services; refusing '{name}'", self.settings.max_services)
+                format!(
+                    "the broker already knows {} services; refusing '{name}'",
+                    self.settings.max_services
+                )
             }
         };
         let action = String::from_utf8_lossy(action);
-        self.outbox.push(mdp::client_reply(address, service, Message::failure(&action, reason).to_frames()));
+        self.outbox.push(mdp::client_reply(
+            address,
+            service,
+            Message::failure(&action, reason).to_frames(),
+        ));
     }
 
     fn forget_idle_services(&mut self, now: Instant) {

@@ -28,7 +28,10 @@ impl Harness {
 
     fn with(settings: Settings) -> Self {
         let now = Instant::now();
-        Harness { core: Core::new(settings, now), now }
+        Harness {
+            core: Core::new(settings, now),
+            now,
+        }
     }
 
     fn advance(&mut self, by: Duration) {
@@ -99,9 +102,20 @@ fn routes_a_request_to_a_worker_and_the_reply_back() {
 fn the_domogik_timeout_frame_is_removed_before_the_worker_sees_the_request() {
     let mut h = Harness::new();
     h.ready("dbmgr-worker", "dbmgr");
-    let out = h.request("c", "dbmgr", &["10", "config.get", r#"{"host":"igor","plugin":"velbus","key":"protocol"}"#]);
+    let out = h.request(
+        "c",
+        "dbmgr",
+        &[
+            "10",
+            "config.get",
+            r#"{"host":"igor","plugin":"velbus","key":"protocol"}"#,
+        ],
+    );
     let (_, _, body) = as_request(&out[0]);
-    assert_eq!(body, f(&["config.get", r#"{"host":"igor","plugin":"velbus","key":"protocol"}"#]));
+    assert_eq!(
+        body,
+        f(&["config.get", r#"{"host":"igor","plugin":"velbus","key":"protocol"}"#])
+    );
 }
 
 #[test]
@@ -123,7 +137,10 @@ fn the_timeout_frame_sets_the_deadline() {
 
 #[test]
 fn requests_without_timeout_frame_get_the_default_deadline() {
-    let mut h = Harness::with(Settings { request_timeout: Duration::from_secs(3), ..Settings::default() });
+    let mut h = Harness::with(Settings {
+        request_timeout: Duration::from_secs(3),
+        ..Settings::default()
+    });
     h.request("c", "nobody", &["client.list.get", "{}"]);
     h.advance(Duration::from_millis(2900));
     assert!(h.out().iter().all(|m| m[0] != "c"));
@@ -145,7 +162,10 @@ fn regression_unanswered_request_does_not_block_the_service() {
     assert!(out.is_empty(), "w is busy, c2 waits");
     h.advance(Duration::from_millis(1001));
     let out = h.out();
-    let failure = out.iter().find(|m| m[0] == "c1").expect("c1 is told its request expired");
+    let failure = out
+        .iter()
+        .find(|m| m[0] == "c1")
+        .expect("c1 is told its request expired");
     let message = Message::from_frames(&as_reply(failure).2).unwrap();
     assert_eq!(message.action, "a.result");
     assert!(message.reason().unwrap().contains("did not answer"), "{message:?}");
@@ -169,7 +189,10 @@ fn regression_unknown_service_gets_a_clear_error_at_its_deadline() {
     let out = h.out();
     let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
     assert_eq!(message.status(), Some(false));
-    assert!(message.reason().unwrap().contains("no worker for service 'nothere'"), "{message:?}");
+    assert!(
+        message.reason().unwrap().contains("no worker for service 'nothere'"),
+        "{message:?}"
+    );
 }
 
 /// Domogik's broker: plugins that started before their service gave up,
@@ -179,7 +202,9 @@ fn regression_new_worker_drains_the_backlog_in_arrival_order() {
     let mut h = Harness::new();
     for i in 0..5 {
         let body = format!("{i}");
-        assert!(h.request(&format!("c{i}"), "late", &["5", "n.get", &format!("{{\"n\":{body}}}")]).is_empty());
+        assert!(h
+            .request(&format!("c{i}"), "late", &["5", "n.get", &format!("{{\"n\":{body}}}")])
+            .is_empty());
     }
     h.advance(Duration::from_secs(1));
     let mut out = h.ready("w", "late");
@@ -218,7 +243,11 @@ fn dispatches_to_the_least_recently_used_idle_worker() {
 /// and its reply was dropped.
 #[test]
 fn regression_busy_worker_is_not_declared_dead_while_its_request_lives() {
-    let settings = Settings { heartbeat_interval: Duration::from_millis(100), liveness: 3, ..Settings::default() };
+    let settings = Settings {
+        heartbeat_interval: Duration::from_millis(100),
+        liveness: 3,
+        ..Settings::default()
+    };
     let mut h = Harness::with(settings);
     h.ready("w", "svc");
     h.request("c", "svc", &["10", "long.do", "{}"]);
@@ -234,7 +263,11 @@ fn regression_busy_worker_is_not_declared_dead_while_its_request_lives() {
 
 #[test]
 fn silent_idle_worker_expires_and_its_service_disappears_from_mmi() {
-    let settings = Settings { heartbeat_interval: Duration::from_millis(100), liveness: 3, ..Settings::default() };
+    let settings = Settings {
+        heartbeat_interval: Duration::from_millis(100),
+        liveness: 3,
+        ..Settings::default()
+    };
     let mut h = Harness::with(settings);
     h.ready("w", "svc");
     let out = h.request("c", mmi_service(), &["svc"]);
@@ -259,7 +292,11 @@ fn mmi_service() -> &'static str {
 
 #[test]
 fn late_worker_gets_a_fresh_grace_after_its_request_expires() {
-    let settings = Settings { heartbeat_interval: Duration::from_millis(100), liveness: 3, ..Settings::default() };
+    let settings = Settings {
+        heartbeat_interval: Duration::from_millis(100),
+        liveness: 3,
+        ..Settings::default()
+    };
     let mut h = Harness::with(settings);
     h.ready("w", "svc");
     h.request("c", "svc", &["1", "a.do", "{}"]);
@@ -278,7 +315,10 @@ fn heartbeats_every_worker_each_interval() {
     h.advance(Duration::from_millis(1000));
     let mut out = h.out();
     out.sort();
-    assert_eq!(out, vec![f(&["w1", "", "MDPW01", "\x04"]), f(&["w2", "", "MDPW01", "\x04"])]);
+    assert_eq!(
+        out,
+        vec![f(&["w1", "", "MDPW01", "\x04"]), f(&["w2", "", "MDPW01", "\x04"])]
+    );
 }
 
 #[test]
@@ -293,8 +333,14 @@ fn mmi_answers_service_services_discovery_stats_and_501() {
     assert_eq!(ask(&mut h, "mmi.service", &["manager"]), f(&["200"]));
     assert_eq!(ask(&mut h, "mmi.service", &["ghost"]), f(&["404"]));
     assert_eq!(ask(&mut h, "mmi.service", &[]), f(&["404"]));
-    assert_eq!(ask(&mut h, "mmi.services", &[]), f(&["host1.onewire, host2.onewire, manager"]));
-    assert_eq!(ask(&mut h, "mmi.discovery", &[r"^host\d\.onewire$"]), f(&["host1.onewire, host2.onewire"]));
+    assert_eq!(
+        ask(&mut h, "mmi.services", &[]),
+        f(&["host1.onewire, host2.onewire, manager"])
+    );
+    assert_eq!(
+        ask(&mut h, "mmi.discovery", &[r"^host\d\.onewire$"]),
+        f(&["host1.onewire, host2.onewire"])
+    );
     assert_eq!(ask(&mut h, "mmi.discovery", &["(unclosed"]), f(&["400"]));
     assert_eq!(ask(&mut h, "mmi.nosuch", &["x"]), f(&["501"]));
     // Domogik's client sends its timeout frame to MMI as well.
@@ -353,7 +399,10 @@ fn plain_mdp_clients_get_no_made_up_reply_on_expiry() {
 
 #[test]
 fn a_full_queue_rejects_with_a_clear_error() {
-    let mut h = Harness::with(Settings { max_queue_per_service: 2, ..Settings::default() });
+    let mut h = Harness::with(Settings {
+        max_queue_per_service: 2,
+        ..Settings::default()
+    });
     assert!(h.request("c1", "svc", &["a.get", "{}"]).is_empty());
     assert!(h.request("c2", "svc", &["a.get", "{}"]).is_empty());
     let out = h.request("c3", "svc", &["a.get", "{}"]);
@@ -364,7 +413,10 @@ fn a_full_queue_rejects_with_a_clear_error() {
 
 #[test]
 fn the_number_of_services_is_bounded() {
-    let mut h = Harness::with(Settings { max_services: 2, ..Settings::default() });
+    let mut h = Harness::with(Settings {
+        max_services: 2,
+        ..Settings::default()
+    });
     h.request("c", "a", &["x"]);
     h.request("c", "b", &["x"]);
     h.request("c", "c", &["x"]);
@@ -376,7 +428,10 @@ fn the_number_of_services_is_bounded() {
 
 #[test]
 fn idle_services_are_forgotten_after_the_retention() {
-    let mut h = Harness::with(Settings { idle_service_retention: Duration::from_secs(5), ..Settings::default() });
+    let mut h = Harness::with(Settings {
+        idle_service_retention: Duration::from_secs(5),
+        ..Settings::default()
+    });
     h.request("c", "once", &["x"]);
     h.advance(Duration::from_secs(11));
     assert!(h.core.stats(h.now).services.contains_key("once"));
@@ -404,7 +459,11 @@ fn a_reply_naming_another_client_is_refused() {
     assert!(out.iter().any(|m| is_disconnect(m, "w")));
     assert!(out.iter().all(|m| m[0] != "intruder"));
     let failure = out.iter().find(|m| m[0] == "c").expect("c is told");
-    assert!(Message::from_frames(&as_reply(failure).2).unwrap().reason().unwrap().contains("went away"));
+    assert!(Message::from_frames(&as_reply(failure).2)
+        .unwrap()
+        .reason()
+        .unwrap()
+        .contains("went away"));
 }
 
 #[test]

@@ -47,9 +47,17 @@ impl Broker {
         // before the broker even sees it: the first line of defence against
         // memory exhaustion. Whole messages are bounded in the loop.
         socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
-        socket.bind(endpoint).map_err(|source| BrokerError::Bind { endpoint: endpoint.to_owned(), source })?;
+        socket.bind(endpoint).map_err(|source| BrokerError::Bind {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
         let endpoint = net::bound_endpoint(&socket)?;
-        Ok(Broker { context, socket, endpoint, settings })
+        Ok(Broker {
+            context,
+            socket,
+            endpoint,
+            settings,
+        })
     }
 
     /// The endpoint it listens on, with the real port.
@@ -66,7 +74,10 @@ impl Broker {
             let wait = core.next_wakeup().saturating_duration_since(Instant::now());
             // Round up so that a wake-up is never early, then spin.
             let timeout_ms = (wait.as_micros().div_ceil(1000)) as i64;
-            let mut items = [self.socket.as_poll_item(zmq::POLLIN), zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN)];
+            let mut items = [
+                self.socket.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+            ];
             match zmq::poll(&mut items, timeout_ms) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => return Err(e.into()),
@@ -77,7 +88,12 @@ impl Broker {
             // Drain what is waiting, a bounded batch at a time so that the
             // clock is read and timers run even under a flood.
             for _ in 0..4096 {
-                match net::recv_frames(&self.socket, &mut scratch, self.settings.max_frames, self.settings.max_message_bytes) {
+                match net::recv_frames(
+                    &self.socket,
+                    &mut scratch,
+                    self.settings.max_frames,
+                    self.settings.max_message_bytes,
+                ) {
                     Ok(Some(Received::Message(frames))) => core.handle_message(Instant::now(), frames),
                     Ok(Some(Received::TooLarge { .. })) => core.handle_oversized(Instant::now()),
                     Ok(None) => break,

@@ -67,7 +67,9 @@ impl Future for PendingReply {
     type Output = Outcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        Pin::new(&mut self.reply_rx).poll(cx).map(|received| received.unwrap_or(Err(ClientError::Closed)))
+        Pin::new(&mut self.reply_rx)
+            .poll(cx)
+            .map(|received| received.unwrap_or(Err(ClientError::Closed)))
     }
 }
 
@@ -79,10 +81,14 @@ impl AsyncClient {
         let context = net::context();
         let dealer = context.socket(zmq::DEALER)?;
         dealer.set_linger(0)?;
-        dealer
-            .connect(endpoint)
-            .map_err(|source| ClientError::Endpoint { endpoint: endpoint.to_owned(), source })?;
-        let address = format!("inproc://majordome-async-client-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
+        dealer.connect(endpoint).map_err(|source| ClientError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+        let address = format!(
+            "inproc://majordome-async-client-{}",
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
         let inbox = context.socket(zmq::PAIR)?;
         inbox.bind(&address)?;
         let commands = context.socket(zmq::PAIR)?;
@@ -93,7 +99,12 @@ impl AsyncClient {
             .name("majordome-async-client".into())
             .spawn(move || io_loop(dealer, inbox, io_pending))
             .map_err(|_| ClientError::Closed)?;
-        Ok(AsyncClient { commands: Mutex::new(commands), pending, next_id: AtomicU64::new(1), io_thread: Some(io_thread) })
+        Ok(AsyncClient {
+            commands: Mutex::new(commands),
+            pending,
+            next_id: AtomicU64::new(1),
+            io_thread: Some(io_thread),
+        })
     }
 
     /// Sends a raw MDP request; the reply body comes through the returned
@@ -101,10 +112,14 @@ impl AsyncClient {
     pub fn request(&self, service: &str, body: Frames, timeout: Duration) -> PendingReply {
         let (reply_tx, reply_rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.pending
-            .lock()
-            .expect("pending map")
-            .insert(id, Pending { service: service.to_owned(), timeout, reply_tx });
+        self.pending.lock().expect("pending map").insert(
+            id,
+            Pending {
+                service: service.to_owned(),
+                timeout,
+                reply_tx,
+            },
+        );
         let mut command = vec![
             Bytes::copy_from_slice(&id.to_be_bytes()),
             Bytes::copy_from_slice(&(timeout.as_millis() as u64).to_be_bytes()),
@@ -122,7 +137,12 @@ impl AsyncClient {
 
     /// Sends a Domogik-dialect request, with the timeout frame; the broker
     /// answers a `.result` with `status: false` when it expires.
-    pub async fn request_message(&self, service: &str, message: &Message, timeout: Duration) -> Result<Message, ClientError> {
+    pub async fn request_message(
+        &self,
+        service: &str,
+        message: &Message,
+        timeout: Duration,
+    ) -> Result<Message, ClientError> {
         let mut body = vec![crate::timeout_frame(timeout)];
         body.extend(message.to_frames());
         let reply = self.request(service, body, timeout + crate::grace(timeout)).await?;
@@ -152,7 +172,10 @@ fn io_loop(dealer: zmq::Socket, inbox: zmq::Socket, pending: PendingMap) {
             }
             deadlines.pop();
             if let Some(p) = pending.lock().expect("pending map").remove(&id) {
-                let _ = p.reply_tx.send(Err(ClientError::Timeout { service: p.service, after: p.timeout }));
+                let _ = p.reply_tx.send(Err(ClientError::Timeout {
+                    service: p.service,
+                    after: p.timeout,
+                }));
             }
         }
         let timeout_ms = deadlines
@@ -173,7 +196,10 @@ fn io_loop(dealer: zmq::Socket, inbox: zmq::Socket, pending: PendingMap) {
                 deadlines.push(Reverse((Instant::now() + Duration::from_millis(millis), id)));
                 let mut message = vec![Bytes::copy_from_slice(&frames[0])];
                 let service = frames[2].clone();
-                message.extend(mdp::client_request(&service, frames.into_iter().skip(3).map(Bytes::from)));
+                message.extend(mdp::client_request(
+                    &service,
+                    frames.into_iter().skip(3).map(Bytes::from),
+                ));
                 if let Err(e) = net::send_frames(&dealer, &message, 0) {
                     warn!(error = %e, "async client could not send");
                 }

@@ -25,7 +25,11 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { timeout: Duration::from_secs(10), retries: 0, connect_timeout: Duration::from_secs(2) }
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            retries: 0,
+            connect_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -39,7 +43,11 @@ pub struct Client {
 impl Client {
     /// A client for the broker at `endpoint`. It connects on first use.
     pub fn new(endpoint: &str, options: ClientOptions) -> Self {
-        Client { endpoint: endpoint.to_owned(), options, socket: None }
+        Client {
+            endpoint: endpoint.to_owned(),
+            options,
+            socket: None,
+        }
     }
 
     /// Its options.
@@ -80,7 +88,10 @@ impl Client {
                 // Whatever comes later belongs to this request: drop the
                 // socket so that it cannot be read as the next one's reply.
                 self.socket = None;
-                return Err(ClientError::Timeout { service: service.to_owned(), after: timeout });
+                return Err(ClientError::Timeout {
+                    service: service.to_owned(),
+                    after: timeout,
+                });
             }
             let frames = net::recv_all(socket)?;
             let (from, body) = mdp::parse_client_reply(frames).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -99,9 +110,10 @@ impl Client {
             // is up: that is how "nothing listening" is told apart from
             // "no reply".
             socket.set_immediate(true)?;
-            socket
-                .connect(&self.endpoint)
-                .map_err(|source| ClientError::Endpoint { endpoint: self.endpoint.clone(), source })?;
+            socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
+                endpoint: self.endpoint.clone(),
+                source,
+            })?;
             if socket.poll(zmq::POLLOUT, self.options.connect_timeout.as_millis() as i64)? == 0 {
                 return Err(ClientError::NotConnected {
                     endpoint: self.endpoint.clone(),

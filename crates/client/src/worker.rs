@@ -57,7 +57,11 @@ static INSTANCE: AtomicU64 = AtomicU64::new(0);
 impl Worker {
     /// A worker that will register `service` with the broker at `endpoint`.
     pub fn new(endpoint: &str, service: &str, options: WorkerOptions) -> Self {
-        Worker { endpoint: endpoint.to_owned(), service: service.to_owned(), options }
+        Worker {
+            endpoint: endpoint.to_owned(),
+            service: service.to_owned(),
+            options,
+        }
     }
 
     /// Serves requests with `handler` (request body in, reply body out)
@@ -86,9 +90,10 @@ impl Worker {
     fn connect(&self) -> Result<zmq::Socket, ClientError> {
         let socket = net::context().socket(zmq::DEALER)?;
         socket.set_linger(0)?;
-        socket
-            .connect(&self.endpoint)
-            .map_err(|source| ClientError::Endpoint { endpoint: self.endpoint.clone(), source })?;
+        socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
         // Queued until the connection is up, so a worker may start before
         // its broker.
         net::send_frames(&socket, &mdp::ready(self.service.as_bytes()), zmq::DONTWAIT)?;
@@ -120,7 +125,11 @@ impl Worker {
                     Ok(_) | Err(zmq::Error::EINTR) => {}
                     Err(e) => return Err(e.into()),
                 }
-                (items.get(2).is_some_and(|i| i.is_readable()), items[0].is_readable(), items[1].is_readable())
+                (
+                    items.get(2).is_some_and(|i| i.is_readable()),
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                )
             };
             if stopping {
                 if let Some(dealer) = &socket {

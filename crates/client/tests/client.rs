@@ -6,7 +6,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use majordome_broker::{Broker, Settings};
-use majordome_client::{domogik_handler, AsyncClient, Bytes, Client, ClientError, ClientOptions, Message, Shutdown, Worker, WorkerOptions};
+use majordome_client::{
+    domogik_handler, AsyncClient, Bytes, Client, ClientError, ClientOptions, Message, Shutdown, Worker, WorkerOptions,
+};
 use serde_json::json;
 
 struct Running {
@@ -22,7 +24,11 @@ impl Running {
         let shutdown = Shutdown::new().unwrap();
         let stop = shutdown.clone();
         let thread = std::thread::spawn(move || broker.run(&stop).expect("broker runs"));
-        Running { endpoint, shutdown, thread: Some(thread) }
+        Running {
+            endpoint,
+            shutdown,
+            thread: Some(thread),
+        }
     }
 
     fn stop(&mut self) {
@@ -40,7 +46,11 @@ impl Drop for Running {
 }
 
 fn fast() -> Settings {
-    Settings { heartbeat_interval: Duration::from_millis(100), liveness: 3, ..Settings::default() }
+    Settings {
+        heartbeat_interval: Duration::from_millis(100),
+        liveness: 3,
+        ..Settings::default()
+    }
 }
 
 fn fast_worker() -> WorkerOptions {
@@ -63,11 +73,19 @@ where
 }
 
 fn client(endpoint: &str, timeout: Duration) -> Client {
-    Client::new(endpoint, ClientOptions { timeout, ..ClientOptions::default() })
+    Client::new(
+        endpoint,
+        ClientOptions {
+            timeout,
+            ..ClientOptions::default()
+        },
+    )
 }
 
 fn stats(endpoint: &str) -> serde_json::Value {
-    let reply = client(endpoint, Duration::from_secs(10)).request("mmi.stats", vec![]).unwrap();
+    let reply = client(endpoint, Duration::from_secs(10))
+        .request("mmi.stats", vec![])
+        .unwrap();
     serde_json::from_slice(&reply[0]).unwrap()
 }
 
@@ -98,7 +116,9 @@ fn worker_heartbeats_while_its_handler_runs() {
     );
     wait_for(&broker.endpoint, "slow");
     let mut c = client(&broker.endpoint, Duration::from_secs(10));
-    let reply = c.request_message("slow", &Message::new("work.do", json!({"n": 1}))).unwrap();
+    let reply = c
+        .request_message("slow", &Message::new("work.do", json!({"n": 1})))
+        .unwrap();
     assert_eq!(reply.action, "work.result");
     assert_eq!(reply.data["got"], json!({"n": 1}));
     let stats = stats(&broker.endpoint);
@@ -120,7 +140,9 @@ fn worker_reconnects_after_the_broker_restarts() {
     first.stop();
     let second = Running::start(&endpoint, fast());
     wait_for(&second.endpoint, "echo");
-    let reply = client(&endpoint, Duration::from_secs(10)).request("echo", vec![Bytes::from("again")]).unwrap();
+    let reply = client(&endpoint, Duration::from_secs(10))
+        .request("echo", vec![Bytes::from("again")])
+        .unwrap();
     assert_eq!(reply, vec![Bytes::from("again")]);
     stop.trigger();
     thread.join().unwrap();
@@ -131,11 +153,19 @@ fn worker_reconnects_after_the_broker_restarts() {
 #[test]
 fn async_client_keeps_many_requests_in_flight() {
     let broker = Running::start("tcp://127.0.0.1:0", Settings::default());
-    let workers: Vec<_> = (0..2).map(|_| spawn_worker(&broker.endpoint, "echo", |body| body)).collect();
+    let workers: Vec<_> = (0..2)
+        .map(|_| spawn_worker(&broker.endpoint, "echo", |body| body))
+        .collect();
     wait_for(&broker.endpoint, "echo");
     let client = AsyncClient::connect(&broker.endpoint).unwrap();
     let pending: Vec<_> = (0..500)
-        .map(|i| client.request("echo", vec![Bytes::from(format!("request {i}"))], Duration::from_secs(20)))
+        .map(|i| {
+            client.request(
+                "echo",
+                vec![Bytes::from(format!("request {i}"))],
+                Duration::from_secs(20),
+            )
+        })
         .collect();
     for (i, reply) in pending.into_iter().enumerate() {
         assert_eq!(reply.wait().unwrap(), vec![Bytes::from(format!("request {i}"))]);
@@ -150,10 +180,15 @@ fn async_client_keeps_many_requests_in_flight() {
 fn async_client_times_out_and_speaks_the_domogik_dialect() {
     let broker = Running::start("tcp://127.0.0.1:0", Settings::default());
     let client = AsyncClient::connect(&broker.endpoint).unwrap();
-    let raw = client.request("nobody", vec![Bytes::from("x")], Duration::from_millis(300)).wait();
+    let raw = client
+        .request("nobody", vec![Bytes::from("x")], Duration::from_millis(300))
+        .wait();
     assert!(matches!(raw, Err(ClientError::Timeout { .. })), "{raw:?}");
     // In the dialect, the broker's own expiry answer arrives first.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let reply = runtime
         .block_on(client.request_message("nobody", &Message::new("x.get", json!({})), Duration::from_millis(300)))
         .unwrap();
@@ -178,11 +213,15 @@ fn a_panicking_handler_fails_its_request_and_the_worker_goes_on() {
     );
     wait_for(&broker.endpoint, "fragile");
     let mut c = client(&broker.endpoint, Duration::from_secs(10));
-    let failed = c.request_message("fragile", &Message::new("boom.do", json!({}))).unwrap();
+    let failed = c
+        .request_message("fragile", &Message::new("boom.do", json!({})))
+        .unwrap();
     assert_eq!(failed.status(), Some(false));
     assert!(failed.reason().unwrap().contains("went away"), "{failed:?}");
     wait_for(&broker.endpoint, "fragile");
-    let ok = c.request_message("fragile", &Message::new("ok.get", json!({}))).unwrap();
+    let ok = c
+        .request_message("fragile", &Message::new("ok.get", json!({})))
+        .unwrap();
     assert_eq!(ok.action, "ok.result");
     stop.trigger();
     thread.join().unwrap();
@@ -194,7 +233,9 @@ fn malformed_domogik_requests_get_a_reason_not_a_crash() {
     let (stop, thread) = spawn_worker(&broker.endpoint, "strict", domogik_handler(|m: Message| m));
     wait_for(&broker.endpoint, "strict");
     let mut c = client(&broker.endpoint, Duration::from_secs(10));
-    let reply = c.request("strict", vec![Bytes::from("conf.get"), Bytes::from("{not json")]).unwrap();
+    let reply = c
+        .request("strict", vec![Bytes::from("conf.get"), Bytes::from("{not json")])
+        .unwrap();
     let message = Message::from_frames(&reply).unwrap();
     assert_eq!(message.action, "conf.result");
     assert!(message.reason().unwrap().contains("malformed request"), "{message:?}");
@@ -206,7 +247,13 @@ fn malformed_domogik_requests_get_a_reason_not_a_crash() {
 fn sync_client_reports_nothing_listening() {
     let mut c = Client::new(
         "tcp://127.0.0.1:1",
-        ClientOptions { connect_timeout: Duration::from_millis(200), ..ClientOptions::default() },
+        ClientOptions {
+            connect_timeout: Duration::from_millis(200),
+            ..ClientOptions::default()
+        },
     );
-    assert!(matches!(c.request("echo", vec![]), Err(ClientError::NotConnected { .. })));
+    assert!(matches!(
+        c.request("echo", vec![]),
+        Err(ClientError::NotConnected { .. })
+    ));
 }

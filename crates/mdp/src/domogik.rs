@@ -36,7 +36,10 @@ pub enum DialectError {
 impl Message {
     /// A message with the given action and data.
     pub fn new(action: impl Into<String>, data: Value) -> Self {
-        Message { action: action.into(), data }
+        Message {
+            action: action.into(),
+            data,
+        }
     }
 
     /// The two frames of this message.
@@ -57,7 +60,10 @@ impl Message {
         if !data.is_object() {
             return Err(DialectError::BadJson("not an object".into()));
         }
-        Ok(Message { action: action.to_owned(), data })
+        Ok(Message {
+            action: action.to_owned(),
+            data,
+        })
     }
 
     /// The `status: false` reply a broker or service sends when `action`
@@ -66,7 +72,10 @@ impl Message {
         let mut data = Map::new();
         data.insert("status".into(), Value::Bool(false));
         data.insert("reason".into(), Value::String(reason.into()));
-        Message { action: result_action(action), data: Value::Object(data) }
+        Message {
+            action: result_action(action),
+            data: Value::Object(data),
+        }
     }
 
     /// `Some(false)` when the data says `status: false`, `Some(true)` for
@@ -134,7 +143,9 @@ fn parse_timeout(frame: &[u8]) -> Option<TimeoutFrame> {
     }
     // Bounded so that Duration::from_secs_f64 cannot panic and a deadline
     // cannot overflow an Instant.
-    Some(TimeoutFrame::Seconds(Duration::from_secs_f64(seconds.min(365.0 * 86_400.0))))
+    Some(TimeoutFrame::Seconds(Duration::from_secs_f64(
+        seconds.min(365.0 * 86_400.0),
+    )))
 }
 
 /// When a body looks like a Domogik message, its action. Used by the broker
@@ -145,9 +156,7 @@ pub fn dialect_action(body: &[Bytes]) -> Option<&str> {
         return None;
     }
     let action = std::str::from_utf8(&body[0]).ok()?;
-    let well_formed = !action.is_empty()
-        && action.len() <= 256
-        && action.bytes().all(|b| b.is_ascii_graphic());
+    let well_formed = !action.is_empty() && action.len() <= 256 && action.bytes().all(|b| b.is_ascii_graphic());
     let json = body[1].as_ref();
     let object = json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     (well_formed && object).then_some(action)
@@ -166,18 +175,38 @@ mod tests {
     fn timeout_frames_as_real_clients_send_them() {
         // (body as sent, timeout found, body the worker must see)
         let rows: Vec<(Frames, Option<TimeoutFrame>, Frames)> = vec![
-            (f(&["10", "config.get", "{}"]), Some(TimeoutFrame::Seconds(Duration::from_secs(10))), f(&["config.get", "{}"])),
-            (f(&["2.5", "a.get", "{}"]), Some(TimeoutFrame::Seconds(Duration::from_millis(2500))), f(&["a.get", "{}"])),
-            (f(&["None", "client.list.get", "{}"]), Some(TimeoutFrame::Unset), f(&["client.list.get", "{}"])),
+            (
+                f(&["10", "config.get", "{}"]),
+                Some(TimeoutFrame::Seconds(Duration::from_secs(10))),
+                f(&["config.get", "{}"]),
+            ),
+            (
+                f(&["2.5", "a.get", "{}"]),
+                Some(TimeoutFrame::Seconds(Duration::from_millis(2500))),
+                f(&["a.get", "{}"]),
+            ),
+            (
+                f(&["None", "client.list.get", "{}"]),
+                Some(TimeoutFrame::Unset),
+                f(&["client.list.get", "{}"]),
+            ),
             // Domogik's client also sends the timeout frame to MMI.
-            (f(&["10", "manager"]), Some(TimeoutFrame::Seconds(Duration::from_secs(10))), f(&["manager"])),
+            (
+                f(&["10", "manager"]),
+                Some(TimeoutFrame::Seconds(Duration::from_secs(10))),
+                f(&["manager"]),
+            ),
             (f(&["config.get", "{}"]), None, f(&["config.get", "{}"])),
             (f(&["42"]), None, f(&["42"])),
             (f(&["nan", "a", "b"]), None, f(&["nan", "a", "b"])),
             (f(&["-1", "a", "b"]), None, f(&["-1", "a", "b"])),
             (f(&["1e9", "a", "b"]), None, f(&["1e9", "a", "b"])),
             (f(&["", "a", "b"]), None, f(&["", "a", "b"])),
-            (f(&["99999999999999999999", "a", "b"]), Some(TimeoutFrame::Seconds(Duration::from_secs(365 * 86_400))), f(&["a", "b"])),
+            (
+                f(&["99999999999999999999", "a", "b"]),
+                Some(TimeoutFrame::Seconds(Duration::from_secs(365 * 86_400))),
+                f(&["a", "b"]),
+            ),
         ];
         for (mut body, found, rest) in rows {
             let original = body.clone();
@@ -200,8 +229,14 @@ mod tests {
         assert_eq!(Message::from_frames(&msg.to_frames()), Ok(msg));
         assert_eq!(Message::from_frames(&f(&["a"])), Err(DialectError::FrameCount(1)));
         assert_eq!(Message::from_frames(&f(&["", "{}"])), Err(DialectError::BadAction));
-        assert!(matches!(Message::from_frames(&f(&["a", "[1]"])), Err(DialectError::BadJson(_))));
-        assert!(matches!(Message::from_frames(&f(&["a", "{"])), Err(DialectError::BadJson(_))));
+        assert!(matches!(
+            Message::from_frames(&f(&["a", "[1]"])),
+            Err(DialectError::BadJson(_))
+        ));
+        assert!(matches!(
+            Message::from_frames(&f(&["a", "{"])),
+            Err(DialectError::BadJson(_))
+        ));
         let failure = Message::failure("config.get", "no worker");
         assert_eq!(failure.action, "config.result");
         assert_eq!(failure.status(), Some(false));

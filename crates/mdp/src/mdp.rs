@@ -99,7 +99,11 @@ pub enum Inbound {
     /// `address… | "" | MDPC01 | service | body…`. The address is the whole
     /// routing envelope: the peer identity, plus any frames a DEALER client
     /// put before the delimiter (the async client uses one as a request id).
-    Client { address: Frames, service: Bytes, body: Frames },
+    Client {
+        address: Frames,
+        service: Bytes,
+        body: Frames,
+    },
     /// `identity | "" | MDPW01 | command …`.
     Worker { identity: Bytes, message: FromWorker },
 }
@@ -129,7 +133,11 @@ pub fn parse_inbound(mut frames: Frames, max_envelope: usize) -> Result<Inbound,
         }
         let body = rest.split_off(3);
         let service = rest.pop().expect("three frames checked above");
-        Ok(Inbound::Client { address: frames, service, body })
+        Ok(Inbound::Client {
+            address: frames,
+            service,
+            body,
+        })
     } else if header.as_ref() == WORKER_HEADER {
         if delimiter != 1 {
             return Err(Malformed::WorkerEnvelope);
@@ -150,7 +158,9 @@ pub fn parse_inbound(mut frames: Frames, max_envelope: usize) -> Result<Inbound,
                 if tail.len() != 1 || tail[0].is_empty() {
                     return Err(Malformed::BadReady);
                 }
-                FromWorker::Ready { service: tail.pop().expect("one frame") }
+                FromWorker::Ready {
+                    service: tail.pop().expect("one frame"),
+                }
             }
             command::REPLY => {
                 if tail.len() < 2 || !tail[1].is_empty() {
@@ -212,17 +222,31 @@ pub fn worker_request(identity: &Bytes, client: &Bytes, body: impl IntoIterator<
 
 /// Broker → worker: `identity | "" | MDPW01 | HEARTBEAT`.
 pub fn worker_heartbeat(identity: &Bytes) -> Frames {
-    vec![identity.clone(), empty(), Bytes::from_static(WORKER_HEADER), command_frame(command::HEARTBEAT)]
+    vec![
+        identity.clone(),
+        empty(),
+        Bytes::from_static(WORKER_HEADER),
+        command_frame(command::HEARTBEAT),
+    ]
 }
 
 /// Broker → worker: `identity | "" | MDPW01 | DISCONNECT`.
 pub fn worker_disconnect(identity: &Bytes) -> Frames {
-    vec![identity.clone(), empty(), Bytes::from_static(WORKER_HEADER), command_frame(command::DISCONNECT)]
+    vec![
+        identity.clone(),
+        empty(),
+        Bytes::from_static(WORKER_HEADER),
+        command_frame(command::DISCONNECT),
+    ]
 }
 
 /// Client → broker over a DEALER: `"" | MDPC01 | service | body…`.
 pub fn client_request(service: &[u8], body: impl IntoIterator<Item = Bytes>) -> Frames {
-    let mut frames = vec![empty(), Bytes::from_static(CLIENT_HEADER), Bytes::copy_from_slice(service)];
+    let mut frames = vec![
+        empty(),
+        Bytes::from_static(CLIENT_HEADER),
+        Bytes::copy_from_slice(service),
+    ];
     frames.extend(body);
     frames
 }
@@ -243,17 +267,30 @@ pub fn parse_client_reply(mut frames: Frames) -> Result<(Bytes, Frames), Malform
 
 /// Worker → broker over a DEALER: `"" | MDPW01 | READY | service`.
 pub fn ready(service: &[u8]) -> Frames {
-    vec![empty(), Bytes::from_static(WORKER_HEADER), command_frame(command::READY), Bytes::copy_from_slice(service)]
+    vec![
+        empty(),
+        Bytes::from_static(WORKER_HEADER),
+        command_frame(command::READY),
+        Bytes::copy_from_slice(service),
+    ]
 }
 
 /// Worker → broker over a DEALER: `"" | MDPW01 | HEARTBEAT`.
 pub fn heartbeat() -> Frames {
-    vec![empty(), Bytes::from_static(WORKER_HEADER), command_frame(command::HEARTBEAT)]
+    vec![
+        empty(),
+        Bytes::from_static(WORKER_HEADER),
+        command_frame(command::HEARTBEAT),
+    ]
 }
 
 /// Worker → broker over a DEALER: `"" | MDPW01 | DISCONNECT`.
 pub fn disconnect() -> Frames {
-    vec![empty(), Bytes::from_static(WORKER_HEADER), command_frame(command::DISCONNECT)]
+    vec![
+        empty(),
+        Bytes::from_static(WORKER_HEADER),
+        command_frame(command::DISCONNECT),
+    ]
 }
 
 /// Worker → broker over a DEALER: `"" | MDPW01 | REPLY | client | "" | body…`.
@@ -320,29 +357,73 @@ mod tests {
         let rows: Vec<(Frames, Result<Inbound, Malformed>)> = vec![
             (
                 f(&[b"\x00k\x8bEg", b"", b"MDPC01", b"echo", b"hello"]),
-                Ok(Inbound::Client { address: f(&[b"\x00k\x8bEg"]), service: "echo".into(), body: f(&[b"hello"]) }),
+                Ok(Inbound::Client {
+                    address: f(&[b"\x00k\x8bEg"]),
+                    service: "echo".into(),
+                    body: f(&[b"hello"]),
+                }),
             ),
             (
                 // The async client's extra envelope frame (a request id).
                 f(&[b"id", b"\x00\x00\x00\x07", b"", b"MDPC01", b"echo", b"a", b"b"]),
-                Ok(Inbound::Client { address: f(&[b"id", b"\x00\x00\x00\x07"]), service: "echo".into(), body: f(&[b"a", b"b"]) }),
+                Ok(Inbound::Client {
+                    address: f(&[b"id", b"\x00\x00\x00\x07"]),
+                    service: "echo".into(),
+                    body: f(&[b"a", b"b"]),
+                }),
             ),
             (
                 // Domogik seed 002: a plugin asks dbmgr for its config.
-                f(&[b"id", b"", b"MDPC01", b"dbmgr", b"10", b"config.get", br#"{"host":"igor","plugin":"velbus","key":"protocol"}"#]),
+                f(&[
+                    b"id",
+                    b"",
+                    b"MDPC01",
+                    b"dbmgr",
+                    b"10",
+                    b"config.get",
+                    br#"{"host":"igor","plugin":"velbus","key":"protocol"}"#,
+                ]),
                 Ok(Inbound::Client {
                     address: f(&[b"id"]),
                     service: "dbmgr".into(),
-                    body: f(&[b"10", b"config.get", br#"{"host":"igor","plugin":"velbus","key":"protocol"}"#]),
+                    body: f(&[
+                        b"10",
+                        b"config.get",
+                        br#"{"host":"igor","plugin":"velbus","key":"protocol"}"#,
+                    ]),
                 }),
             ),
-            (f(&[b"w", b"", b"MDPW01", b"\x01", b"echo"]), Ok(Inbound::Worker { identity: "w".into(), message: FromWorker::Ready { service: "echo".into() } })),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"echo"]),
+                Ok(Inbound::Worker {
+                    identity: "w".into(),
+                    message: FromWorker::Ready { service: "echo".into() },
+                }),
+            ),
             (
                 f(&[b"w", b"", b"MDPW01", b"\x03", b"c", b"", b"config.result", b"{}"]),
-                Ok(Inbound::Worker { identity: "w".into(), message: FromWorker::Reply { client: "c".into(), body: f(&[b"config.result", b"{}"]) } }),
+                Ok(Inbound::Worker {
+                    identity: "w".into(),
+                    message: FromWorker::Reply {
+                        client: "c".into(),
+                        body: f(&[b"config.result", b"{}"]),
+                    },
+                }),
             ),
-            (f(&[b"w", b"", b"MDPW01", b"\x04"]), Ok(Inbound::Worker { identity: "w".into(), message: FromWorker::Heartbeat })),
-            (f(&[b"w", b"", b"MDPW01", b"\x05"]), Ok(Inbound::Worker { identity: "w".into(), message: FromWorker::Disconnect })),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x04"]),
+                Ok(Inbound::Worker {
+                    identity: "w".into(),
+                    message: FromWorker::Heartbeat,
+                }),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x05"]),
+                Ok(Inbound::Worker {
+                    identity: "w".into(),
+                    message: FromWorker::Disconnect,
+                }),
+            ),
             (f(&[b"w", b"MDPC01", b"echo", b"x"]), Err(Malformed::MissingDelimiter)),
             (f(&[b"w", b""]), Err(Malformed::UnknownHeader)),
             (f(&[b"w", b"", b"MDPX01", b"echo"]), Err(Malformed::UnknownHeader)),
@@ -350,14 +431,29 @@ mod tests {
             (f(&[b"w", b"", b"MDPW01"]), Err(Malformed::MissingCommand)),
             (f(&[b"w", b"", b"MDPW01", b"\x09"]), Err(Malformed::UnknownCommand)),
             (f(&[b"w", b"", b"MDPW01", b"\x01\x01"]), Err(Malformed::UnknownCommand)),
-            (f(&[b"w", b"", b"MDPW01", b"\x02", b"c", b"", b"x"]), Err(Malformed::UnknownCommand)),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x02", b"c", b"", b"x"]),
+                Err(Malformed::UnknownCommand),
+            ),
             (f(&[b"w", b"", b"MDPW01", b"\x01"]), Err(Malformed::BadReady)),
             (f(&[b"w", b"", b"MDPW01", b"\x01", b""]), Err(Malformed::BadReady)),
-            (f(&[b"w", b"", b"MDPW01", b"\x01", b"a", b"b"]), Err(Malformed::BadReady)),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"a", b"b"]),
+                Err(Malformed::BadReady),
+            ),
             (f(&[b"w", b"", b"MDPW01", b"\x03", b"c"]), Err(Malformed::BadReply)),
-            (f(&[b"w", b"", b"MDPW01", b"\x03", b"c", b"x", b"y"]), Err(Malformed::BadReply)),
-            (f(&[b"w", b"", b"MDPW01", b"\x04", b"x"]), Err(Malformed::TrailingFrames)),
-            (f(&[b"w", b"x", b"", b"MDPW01", b"\x04"]), Err(Malformed::WorkerEnvelope)),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x03", b"c", b"x", b"y"]),
+                Err(Malformed::BadReply),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x04", b"x"]),
+                Err(Malformed::TrailingFrames),
+            ),
+            (
+                f(&[b"w", b"x", b"", b"MDPW01", b"\x04"]),
+                Err(Malformed::WorkerEnvelope),
+            ),
         ];
         for (frames, expected) in rows {
             assert_eq!(parse_inbound(frames.clone(), 4), expected, "frames {frames:?}");
@@ -374,16 +470,37 @@ mod tests {
     #[test]
     fn builders_round_trip_through_the_parsers() {
         let to_worker = worker_request(&"w".into(), &"c".into(), f(&[b"x"]));
-        assert_eq!(parse_to_worker(to_worker[1..].to_vec()), Ok(ToWorker::Request { client: "c".into(), body: f(&[b"x"]) }));
+        assert_eq!(
+            parse_to_worker(to_worker[1..].to_vec()),
+            Ok(ToWorker::Request {
+                client: "c".into(),
+                body: f(&[b"x"])
+            })
+        );
         let reply_frames = client_reply(&f(&[b"c"]), &"echo".into(), f(&[b"x"]));
-        assert_eq!(parse_client_reply(reply_frames[1..].to_vec()), Ok(("echo".into(), f(&[b"x"]))));
+        assert_eq!(
+            parse_client_reply(reply_frames[1..].to_vec()),
+            Ok(("echo".into(), f(&[b"x"])))
+        );
         let mut worker_reply = reply(&"c".into(), f(&[b"y"]));
         worker_reply.insert(0, "w".into());
         assert_eq!(
             parse_inbound(worker_reply, 4),
-            Ok(Inbound::Worker { identity: "w".into(), message: FromWorker::Reply { client: "c".into(), body: f(&[b"y"]) } })
+            Ok(Inbound::Worker {
+                identity: "w".into(),
+                message: FromWorker::Reply {
+                    client: "c".into(),
+                    body: f(&[b"y"])
+                }
+            })
         );
-        assert_eq!(parse_to_worker(worker_heartbeat(&"w".into())[1..].to_vec()), Ok(ToWorker::Heartbeat));
-        assert_eq!(parse_to_worker(worker_disconnect(&"w".into())[1..].to_vec()), Ok(ToWorker::Disconnect));
+        assert_eq!(
+            parse_to_worker(worker_heartbeat(&"w".into())[1..].to_vec()),
+            Ok(ToWorker::Heartbeat)
+        );
+        assert_eq!(
+            parse_to_worker(worker_disconnect(&"w".into())[1..].to_vec()),
+            Ok(ToWorker::Disconnect)
+        );
     }
 }

@@ -58,7 +58,10 @@ pub fn recv_frames(
         }
     }
     if count > max_frames || total > max_bytes {
-        return Ok(Some(Received::TooLarge { frames: count, bytes: total }));
+        return Ok(Some(Received::TooLarge {
+            frames: count,
+            bytes: total,
+        }));
     }
     Ok(Some(Received::Message(frames)))
 }
@@ -111,7 +114,9 @@ impl Shutdown {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
-        Ok(Shutdown { inner: Arc::new(Pair { read, write }) })
+        Ok(Shutdown {
+            inner: Arc::new(Pair { read, write }),
+        })
     }
 
     /// A signal that also fires on SIGINT and SIGTERM.
@@ -136,7 +141,11 @@ impl Shutdown {
 
     /// True once the signal has fired.
     pub fn is_triggered(&self) -> bool {
-        let mut poll = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut poll = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, zero timeout.
         let ready = unsafe { libc::poll(&mut poll, 1, 0) };
         ready > 0 && poll.revents & libc::POLLIN != 0
@@ -144,7 +153,11 @@ impl Shutdown {
 
     /// Blocks until the signal fires.
     pub fn wait(&self) {
-        let mut poll = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut poll = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         loop {
             // SAFETY: one valid pollfd, infinite timeout.
             let ready = unsafe { libc::poll(&mut poll, 1, -1) };
@@ -182,7 +195,10 @@ mod tests {
         send_frames(&b, &big[..2], 0).unwrap();
         a.poll(zmq::POLLIN, 1000).unwrap();
         let mut scratch = zmq::Message::new();
-        assert!(matches!(recv_frames(&a, &mut scratch, 4, 1000), Ok(Some(Received::TooLarge { frames: 5, bytes: 50 }))));
+        assert!(matches!(
+            recv_frames(&a, &mut scratch, 4, 1000),
+            Ok(Some(Received::TooLarge { frames: 5, bytes: 50 }))
+        ));
         match recv_frames(&a, &mut scratch, 4, 1000) {
             Ok(Some(Received::Message(frames))) => assert_eq!(frames.len(), 2),
             other => panic!("expected the small message, got {other:?}"),
