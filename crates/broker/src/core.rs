@@ -32,6 +32,10 @@ use crate::stats::{ServiceCounters, ServiceStats, Snapshot};
 /// How often a noisy drop reason may be logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How much earlier than its client's timeout frame a request expires, at
+/// most (and at most a tenth of the timeout).
+const EXPIRY_HEAD_START: Duration = Duration::from_millis(200);
+
 /// Longest service name accepted, in bytes.
 const MAX_SERVICE_NAME: usize = 255;
 
@@ -272,14 +276,15 @@ impl Core {
     }
 
     fn on_client(&mut self, now: Instant, address: Frames, service: Bytes, mut body: Frames) {
-        let timeout = match self
+        let frame = self
             .settings
             .domogik_timeout_frame
-            .then(|| domogik::take_timeout_frame(&mut body))
-            .flatten()
-        {
-            Some(TimeoutFrame::Seconds(seconds)) => seconds,
-            Some(TimeoutFrame::Unset) | None => self.settings.request_timeout,
+            .then(|| domogik::take_timeout_frame(&mut body));
+        let (timeout, expires_in) = match frame.flatten() {
+            // Domogik's client waits exactly its timeout; the broker answers
+            // a little before, so that the client hears why.
+            Some(TimeoutFrame::Seconds(seconds)) => (seconds, seconds - (seconds / 10).min(EXPIRY_HEAD_START)),
+            Some(TimeoutFrame::Unset) | None => (self.settings.request_timeout, self.settings.request_timeout),
         };
         if mmi::is_internal(&service) {
             self.on_mmi(now, address, service, body);
@@ -317,7 +322,7 @@ impl Core {
         let id = self.next_request;
         self.next_request += 1;
         entry.queue.push_back(id);
-        self.deadlines.push(Reverse((now + timeout, id)));
+        self.deadlines.push(Reverse((now + expires_in, id)));
         self.requests.insert(
             id,
             Request {
