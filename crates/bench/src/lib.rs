@@ -1,0 +1,3 @@
+//! Load generators for `majordome bench`.
+
+pub mod reqrep;

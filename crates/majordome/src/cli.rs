@@ -1,0 +1,170 @@
+//! Command-line arguments.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use majordome_broker::Settings;
+
+/// The default request/reply endpoint: Domogik's port, so its plugins find us.
+pub const DEFAULT_BROKER: &str = "tcp://127.0.0.1:40410";
+
+/// majordome: message bus and service hub for home automation.
+#[derive(Debug, Parser)]
+#[command(name = "majordome", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything: the broker and the built-in services.
+    Up {
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Run only the broker (MDP/0.1 + MMI + the Domogik dialect).
+    Broker {
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Send one request and print the reply.
+    ///
+    /// By default in the Domogik dialect: `call SERVICE ACTION [JSON]`.
+    /// With --raw, the arguments after SERVICE are sent as plain MDP body
+    /// frames and the reply's frames are printed one per line.
+    Call {
+        /// Service to call, e.g. `manager`, `echo`, `mmi.services`.
+        service: String,
+        /// ACTION and optional JSON object; with --raw, the body frames.
+        args: Vec<String>,
+        /// Seconds to wait; in the Domogik dialect also the deadline the
+        /// broker enforces.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Send plain MDP frames instead of the Domogik dialect.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Run an echo worker for SERVICE: replies with what it gets (a Domogik
+    /// `x.get` is answered as `x.result` with the same data).
+    Echo {
+        service: String,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        /// Wait this long before each reply (to play a slow service).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Show the broker's services, workers, queues and counters.
+    Status {
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        /// Print the raw statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generators.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+impl Command {
+    /// Servers log at info by default; one-shot commands only warn.
+    pub fn is_server(&self) -> bool {
+        matches!(self, Command::Up { .. } | Command::Broker { .. } | Command::Echo { .. })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Request/reply through an MDP/0.1 broker, optionally against a bare
+    /// libzmq proxy in the same run.
+    Reqrep {
+        /// Broker to load; by default a `majordome broker` is started on a
+        /// free port for the run.
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Requests per run, shared among the clients.
+        #[arg(long, default_value_t = 100_000)]
+        requests: usize,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Requests each client keeps in flight.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Also measure a bare libzmq proxy in the same run.
+        #[arg(long)]
+        baseline: Option<Baseline>,
+        /// Idle workers to register, each on its own service, during the run.
+        #[arg(long, default_value_t = 0)]
+        idle_services: usize,
+        /// Runs of each target; the figures are medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "echo")]
+        service: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Baseline {
+    /// A ROUTER↔DEALER `zmq_proxy` with the same clients and echo workers.
+    Proxy,
+}
+
+/// Where the broker listens and its bounds.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Endpoint to listen on. Port 0 picks a free port.
+    #[arg(long, default_value = DEFAULT_BROKER)]
+    pub bind: String,
+    /// Heartbeat interval with workers, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Heartbeats a worker may miss before it is declared dead.
+    #[arg(long, default_value_t = 5)]
+    pub liveness: u32,
+    /// Deadline, in seconds, of requests that carry no timeout frame.
+    #[arg(long, default_value_t = 10.0)]
+    pub request_timeout: f64,
+    /// Requests waiting per service before new ones are rejected.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_queue: usize,
+    /// Frames per message; more is dropped and counted.
+    #[arg(long, default_value_t = 64)]
+    pub max_frames: usize,
+    /// Bytes per message; more is dropped and counted.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl BrokerArgs {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        anyhow::ensure!(self.heartbeat_ms > 0, "--heartbeat-ms must be above 0");
+        anyhow::ensure!(self.liveness > 0, "--liveness must be above 0");
+        anyhow::ensure!(
+            self.request_timeout.is_finite() && self.request_timeout > 0.0,
+            "--request-timeout must be a positive number of seconds"
+        );
+        anyhow::ensure!(self.max_frames >= 4, "--max-frames must be at least 4");
+        Ok(Settings {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
+            liveness: self.liveness,
+            request_timeout: Duration::from_secs_f64(self.request_timeout.min(86_400.0)),
+            max_queue_per_service: self.max_queue,
+            max_frames: self.max_frames,
+            max_message_bytes: self.max_message_bytes,
+            ..Settings::default()
+        })
+    }
+}

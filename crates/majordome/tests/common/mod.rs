@@ -1,0 +1,203 @@
+//! Helpers for the integration tests: real `majordome` processes on free
+//! ports, and raw ZeroMQ sockets that speak exact frames.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// The binary under test.
+pub fn majordome() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_majordome"))
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub child: Child,
+    /// The endpoint it printed, for brokers.
+    pub endpoint: String,
+}
+
+impl Process {
+    /// Starts `majordome broker` on a free port with extra arguments and
+    /// waits for it to say where it listens.
+    pub fn broker(args: &[&str]) -> Process {
+        Self::start_listening(&[&["broker", "--bind", "tcp://127.0.0.1:0"], args].concat())
+    }
+
+    /// Starts a command that prints `… listening on ENDPOINT` first.
+    pub fn start_listening(args: &[&str]) -> Process {
+        let mut child = majordome()
+            .args(args)
+            .env("MAJORDOME_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start majordome");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let endpoint = loop {
+            let line = lines
+                .next()
+                .expect("majordome exited before listening")
+                .expect("read stdout");
+            if let Some(at) = line.find("listening on ") {
+                break line[at + "listening on ".len()..].trim().to_owned();
+            }
+        };
+        // Keep reading so that the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, endpoint }
+    }
+
+    /// Starts a command that needs no handshake (a worker).
+    pub fn start(args: &[&str]) -> Process {
+        let child = majordome()
+            .args(args)
+            .env("MAJORDOME_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start majordome");
+        Process {
+            child,
+            endpoint: String::new(),
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `majordome ARGS…` to completion.
+pub fn run(args: &[&str]) -> Output {
+    majordome()
+        .args(args)
+        .env("MAJORDOME_LOG", "error")
+        .output()
+        .expect("run majordome")
+}
+
+pub fn frames(parts: &[&[u8]]) -> Vec<Bytes> {
+    parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+}
+
+pub fn strings(parts: &[&str]) -> Vec<Bytes> {
+    parts.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+}
+
+/// A raw socket of `kind` connected to `endpoint`.
+pub fn socket(kind: zmq::SocketType, endpoint: &str) -> zmq::Socket {
+    let socket = majordome_net::context().socket(kind).expect("socket");
+    socket.set_linger(0).unwrap();
+    socket.connect(endpoint).expect("connect");
+    socket
+}
+
+pub fn send(socket: &zmq::Socket, parts: &[Bytes]) {
+    majordome_net::send_frames(socket, parts, 0).expect("send");
+}
+
+/// Receives one message, or panics after `limit` (a test bound, not a
+/// timing claim: it only stops a broken test from hanging).
+pub fn recv(socket: &zmq::Socket, limit: Duration) -> Vec<Bytes> {
+    try_recv(socket, limit).unwrap_or_else(|| panic!("nothing received within {limit:?}"))
+}
+
+pub fn try_recv(socket: &zmq::Socket, limit: Duration) -> Option<Vec<Bytes>> {
+    if socket.poll(zmq::POLLIN, limit.as_millis() as i64).expect("poll") == 0 {
+        return None;
+    }
+    Some(majordome_net::recv_all(socket).expect("recv"))
+}
+
+/// One raw MDP request over a fresh DEALER; returns the reply body.
+pub fn mdp_request(endpoint: &str, service: &str, body: &[&str]) -> Vec<Bytes> {
+    let dealer = socket(zmq::DEALER, endpoint);
+    let mut message = strings(&["", "MDPC01", service]);
+    message.extend(strings(body));
+    send(&dealer, &message);
+    let reply = recv(&dealer, Duration::from_secs(20));
+    assert_eq!(&reply[..3], &strings(&["", "MDPC01", service])[..], "reply envelope");
+    reply[3..].to_vec()
+}
+
+/// Polls `mmi.service` until it answers `want` (bounded).
+pub fn wait_for_service(endpoint: &str, service: &str, want: &str) {
+    let start = Instant::now();
+    loop {
+        if mdp_request(endpoint, "mmi.service", &[service]) == strings(&[want]) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "mmi.service {service} never said {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The broker's statistics.
+pub fn stats(endpoint: &str) -> serde_json::Value {
+    let reply = mdp_request(endpoint, "mmi.stats", &[]);
+    serde_json::from_slice(&reply[0]).expect("stats JSON")
+}
+
+/// A raw RFC 7 worker on a DEALER that has sent READY and been registered.
+pub fn raw_worker(endpoint: &str, service: &str) -> zmq::Socket {
+    let dealer = socket(zmq::DEALER, endpoint);
+    send(&dealer, &frames(&[b"", b"MDPW01", b"\x01", service.as_bytes()]));
+    wait_for_service(endpoint, service, "200");
+    dealer
+}
+
+/// Receives the next REQUEST on a raw worker, skipping heartbeats; returns
+/// (client address, body).
+pub fn next_request(worker: &zmq::Socket, limit: Duration) -> (Bytes, Vec<Bytes>) {
+    let start = Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        let message = recv(worker, left);
+        assert_eq!(&message[..2], &strings(&["", "MDPW01"])[..]);
+        match message[2].as_ref() {
+            b"\x04" => continue,
+            b"\x02" => {
+                assert!(message[4].is_empty(), "empty frame after the client address");
+                return (message[3].clone(), message[5..].to_vec());
+            }
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+}
+
+/// Sends a REPLY from a raw worker.
+pub fn send_reply(worker: &zmq::Socket, client: &Bytes, body: &[&str]) {
+    let mut message = frames(&[b"", b"MDPW01", b"\x03"]);
+    message.push(client.clone());
+    message.push(Bytes::new());
+    message.extend(strings(body));
+    send(worker, &message);
+}
