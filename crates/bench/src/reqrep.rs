@@ -45,6 +45,9 @@ pub struct ReqRepOptions {
     pub idle_services: usize,
     /// Runs of each target; figures are medians.
     pub runs: usize,
+    /// Extra arguments for the broker the bench starts (when `broker` is
+    /// `None`), e.g. `--worker-prefetch 4`.
+    pub broker_args: Vec<String>,
 }
 
 /// Throughput and latency of one target.
@@ -83,7 +86,7 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
     raise_fd_limit();
     let spawned = match &options.broker {
         Some(_) => None,
-        None => Some(SpawnedBroker::start(&options.majordome_exe)?),
+        None => Some(SpawnedBroker::start(&options.majordome_exe, &options.broker_args)?),
     };
     let endpoint = options
         .broker
@@ -512,9 +515,10 @@ struct SpawnedBroker {
 }
 
 impl SpawnedBroker {
-    fn start(exe: &Path) -> Result<SpawnedBroker> {
+    fn start(exe: &Path, extra: &[String]) -> Result<SpawnedBroker> {
         let mut child = Command::new(exe)
             .args(["broker", "--bind", "tcp://127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -688,6 +692,7 @@ mod tests {
             baseline_proxy: true,
             idle_services: 0,
             runs: 1,
+            broker_args: vec![],
         }
     }
 

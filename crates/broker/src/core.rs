@@ -70,9 +70,13 @@ struct Service {
     queue: VecDeque<RequestId>,
     /// Live entries of `queue` (it may also hold expired ones).
     queued: usize,
+    /// Workers with nothing in flight, least recently used first.
     idle: VecDeque<(Bytes, u64)>,
     /// Live entries of `idle`.
     idle_workers: usize,
+    /// Workers with something in flight but room for more (only with
+    /// `worker_prefetch` above 1).
+    spare: VecDeque<(Bytes, u64)>,
     workers: usize,
     counters: ServiceCounters,
     last_active: Instant,
@@ -85,6 +89,7 @@ impl Service {
             queued: 0,
             idle: VecDeque::new(),
             idle_workers: 0,
+            spare: VecDeque::new(),
             workers: 0,
             counters: ServiceCounters::default(),
             last_active: now,
@@ -92,23 +97,17 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerState {
-    /// Waiting in its service's idle queue; `token` tells its live entry.
-    Idle { token: u64 },
-    /// Holding this request.
-    Busy(RequestId),
-    /// Held a request that expired; waiting for the late reply, which will
-    /// be dropped. Not given new work until then.
-    Late,
-}
-
 struct Worker {
     service: Bytes,
     /// Unique per registration, so a heap entry of a former worker with the
     /// same identity is recognised as stale.
     generation: u64,
-    state: WorkerState,
+    /// The requests given to it, oldest first (at most `worker_prefetch`).
+    /// `None` marks one that expired: the worker still owes its reply,
+    /// which will be dropped, and gets no new work in its place until then.
+    in_flight: VecDeque<Option<RequestId>>,
+    /// Its live entry in its service's `idle` or `spare` FIFO, if any.
+    ready_token: Option<u64>,
     last_seen: Instant,
     /// Silence is counted from here when later than `last_seen`: a worker
     /// that was busy could not heartbeat, so its clock restarts when its
@@ -402,6 +401,7 @@ impl Core {
             .entry(service.clone())
             .or_insert_with(|| Service::new(now));
         entry.workers += 1;
+        entry.idle_workers += 1;
         entry.last_active = now;
         self.worker_checks.push(Reverse((
             now + self.settings.worker_expiry(),
@@ -413,25 +413,28 @@ impl Core {
             Worker {
                 service: service.clone(),
                 generation,
-                state: WorkerState::Late,
+                in_flight: VecDeque::new(),
+                ready_token: None,
                 last_seen: now,
                 grace_from: now,
             },
         );
         debug!(worker = ?identity, service = %String::from_utf8_lossy(&service), "worker ready");
-        self.make_idle(&identity);
+        self.make_ready(&identity);
         self.dispatch(&service);
     }
 
     fn on_reply(&mut self, now: Instant, identity: Bytes, client: Bytes, body: Frames) {
         let worker = self.workers.get(&identity).expect("caller checked");
         let service = worker.service.clone();
-        match worker.state {
-            WorkerState::Busy(id) => {
-                let request = self.requests.get(&id).expect("a busy worker's request exists");
+        // Workers answer in the order they were asked: the reply is for the
+        // oldest request in flight.
+        match worker.in_flight.front().copied() {
+            Some(Some(id)) => {
+                let request = self.requests.get(&id).expect("a request in flight exists");
                 if request.address.first() != Some(&client) {
                     // The worker answered for someone it was not asked by:
-                    // a broken worker. Its request fails now.
+                    // a broken worker. Its requests fail now.
                     self.drop_message(now, "reply_client_mismatch");
                     self.disconnect_worker(now, &identity);
                     return;
@@ -443,19 +446,26 @@ impl Core {
                     entry.last_active = now;
                 }
             }
-            WorkerState::Late => {
+            Some(None) => {
                 if let Some(entry) = self.services.get_mut(&service) {
                     entry.counters.late_replies += 1;
                 }
                 self.drop_message(now, "late_reply");
             }
-            WorkerState::Idle { .. } => {
+            None => {
                 self.drop_message(now, "unexpected_reply");
                 self.disconnect_worker(now, &identity);
                 return;
             }
         }
-        self.make_idle(&identity);
+        let worker = self.workers.get_mut(&identity).expect("still there");
+        worker.in_flight.pop_front();
+        if worker.in_flight.is_empty() {
+            if let Some(entry) = self.services.get_mut(&service) {
+                entry.idle_workers += 1;
+            }
+        }
+        self.make_ready(&identity);
         self.dispatch(&service);
     }
 
@@ -498,18 +508,36 @@ impl Core {
         self.outbox.push(mdp::client_reply(&address, &service, [answer]));
     }
 
-    /// Gives queued requests of `service` to its idle workers, oldest
-    /// request to the least recently used worker.
+    /// Gives queued requests of `service` to its workers, oldest request
+    /// first: to the least recently used idle worker, or, when none is idle
+    /// and `worker_prefetch` allows, to a worker with room for more.
     fn dispatch(&mut self, service_name: &Bytes) {
+        let prefetch = self.settings.worker_prefetch.max(1);
         let Some(service) = self.services.get_mut(service_name) else {
             return;
         };
-        while service.queued > 0 && service.idle_workers > 0 {
-            let identity = loop {
-                let (identity, token) = service.idle.pop_front().expect("idle_workers counts live entries");
-                let live = matches!(self.workers.get(&identity), Some(w) if w.state == WorkerState::Idle { token });
-                if live {
-                    break identity;
+        while service.queued > 0 {
+            let live = |workers: &HashMap<Bytes, Worker>, (identity, token): &(Bytes, u64)| {
+                workers.get(identity).is_some_and(|w| w.ready_token == Some(*token))
+            };
+            let identity = if service.idle_workers > 0 {
+                loop {
+                    let entry = service.idle.pop_front().expect("idle_workers counts live entries");
+                    if live(&self.workers, &entry) {
+                        break entry.0;
+                    }
+                }
+            } else {
+                let mut found = None;
+                while let Some(entry) = service.spare.pop_front() {
+                    if live(&self.workers, &entry) {
+                        found = Some(entry.0);
+                        break;
+                    }
+                }
+                match found {
+                    Some(identity) => identity,
+                    None => break,
                 }
             };
             let id = loop {
@@ -518,7 +546,6 @@ impl Core {
                     break id;
                 }
             };
-            service.idle_workers -= 1;
             service.queued -= 1;
             let request = self.requests.get_mut(&id).expect("checked live");
             let body = std::mem::take(&mut request.body);
@@ -527,20 +554,39 @@ impl Core {
             request.state = RequestState::Dispatched {
                 worker: identity.clone(),
             };
-            self.workers.get_mut(&identity).expect("checked live").state = WorkerState::Busy(id);
+            let worker = self.workers.get_mut(&identity).expect("checked live");
+            if worker.in_flight.is_empty() {
+                service.idle_workers -= 1;
+            }
+            worker.in_flight.push_back(Some(id));
+            worker.ready_token = None;
+            if worker.in_flight.len() < prefetch {
+                self.next_token += 1;
+                worker.ready_token = Some(self.next_token);
+                service.spare.push_back((identity, self.next_token));
+            }
         }
     }
 
-    fn make_idle(&mut self, identity: &Bytes) {
+    /// Queues a worker as ready for work according to what it has in
+    /// flight: idle when nothing, spare when it has room, else nowhere.
+    /// `idle_workers` is kept by the callers, who know what changed.
+    fn make_ready(&mut self, identity: &Bytes) {
+        let prefetch = self.settings.worker_prefetch.max(1);
         let token = self.token();
         let worker = self.workers.get_mut(identity).expect("caller checked");
-        worker.state = WorkerState::Idle { token };
         let service = self
             .services
             .get_mut(&worker.service)
             .expect("a worker's service exists");
-        service.idle.push_back((identity.clone(), token));
-        service.idle_workers += 1;
+        worker.ready_token = None;
+        if worker.in_flight.is_empty() {
+            service.idle.push_back((identity.clone(), token));
+            worker.ready_token = Some(token);
+        } else if worker.in_flight.len() < prefetch {
+            service.spare.push_back((identity.clone(), token));
+            worker.ready_token = Some(token);
+        }
     }
 
     fn expire_request(&mut self, now: Instant, id: RequestId) {
@@ -556,8 +602,8 @@ impl Core {
             }
             RequestState::Dispatched { worker } => {
                 if let Some(worker) = self.workers.get_mut(worker) {
-                    if worker.state == WorkerState::Busy(id) {
-                        worker.state = WorkerState::Late;
+                    if let Some(slot) = worker.in_flight.iter_mut().find(|slot| **slot == Some(id)) {
+                        *slot = None;
                         worker.grace_from = now;
                     }
                 }
@@ -585,15 +631,15 @@ impl Core {
             return;
         }
         let expiry = self.settings.worker_expiry();
-        let next_check = match worker.state {
-            // A busy worker may be unable to heartbeat (the zguide's and
-            // Domogik's workers cannot); it lives while its request does,
-            // and its silence is counted from the request's expiry.
-            WorkerState::Busy(_) => Some(now + expiry),
-            WorkerState::Idle { .. } | WorkerState::Late => {
-                let due = worker.last_seen.max(worker.grace_from) + expiry;
-                (due > now).then_some(due)
-            }
+        // A busy worker may be unable to heartbeat (the zguide's and
+        // Domogik's workers cannot); it lives while a request it holds does,
+        // and its silence is counted from that request's expiry.
+        let busy = worker.in_flight.iter().any(Option::is_some);
+        let next_check = if busy {
+            Some(now + expiry)
+        } else {
+            let due = worker.last_seen.max(worker.grace_from) + expiry;
+            (due > now).then_some(due)
         };
         match next_check {
             Some(at) => self.worker_checks.push(Reverse((at, generation, identity))),
@@ -612,8 +658,8 @@ impl Core {
         self.remove_worker(now, identity);
     }
 
-    /// Forgets a worker; a request it held fails at once rather than at its
-    /// deadline, since nobody will answer it.
+    /// Forgets a worker; the requests it held fail at once rather than at
+    /// their deadline, since nobody will answer them.
     fn remove_worker(&mut self, now: Instant, identity: &Bytes) {
         let Some(worker) = self.workers.remove(identity) else {
             return;
@@ -621,11 +667,11 @@ impl Core {
         if let Some(service) = self.services.get_mut(&worker.service) {
             service.workers -= 1;
             service.last_active = now;
-            if matches!(worker.state, WorkerState::Idle { .. }) {
+            if worker.in_flight.is_empty() {
                 service.idle_workers -= 1;
             }
         }
-        if let WorkerState::Busy(id) = worker.state {
+        for id in worker.in_flight.into_iter().flatten() {
             if let Some(request) = self.requests.remove(&id) {
                 if let Some(service) = self.services.get_mut(&request.service) {
                     service.counters.expired += 1;

@@ -498,3 +498,75 @@ fn empty_and_overlong_service_names_are_dropped() {
     assert_eq!(stats.dropped["bad_service_name"], 3);
     assert!(stats.services.is_empty());
 }
+
+fn prefetch(n: usize) -> Settings {
+    Settings {
+        worker_prefetch: n,
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn with_prefetch_idle_workers_come_first_then_busy_ones_take_more() {
+    let mut h = Harness::with(prefetch(2));
+    h.ready("w1", "svc");
+    h.ready("w2", "svc");
+    let to: Vec<Bytes> = (0..4)
+        .map(|i| as_request(&h.request(&format!("c{i}"), "svc", &["x"])[0]).0)
+        .collect();
+    assert_eq!(
+        to,
+        vec![
+            Bytes::from("w1"),
+            Bytes::from("w2"),
+            Bytes::from("w1"),
+            Bytes::from("w2")
+        ]
+    );
+    assert!(
+        h.request("c4", "svc", &["x"]).is_empty(),
+        "both are full: c4 waits at the broker"
+    );
+    // Replies come in the order each worker was asked; w1's first reply
+    // frees room for c4.
+    let out = h.reply("w1", "c0", &["x"]);
+    assert_eq!(as_reply(&out[0]).0, "c0");
+    assert_eq!(as_request(&out[1]), ("w1".into(), "c4".into(), f(&["x"])));
+    assert_eq!(as_reply(&h.reply("w1", "c2", &["x"])[0]).0, "c2");
+    assert_eq!(as_reply(&h.reply("w1", "c4", &["x"])[0]).0, "c4");
+    // w1 is idle again and w2 still holds two: the next request goes to w1.
+    assert_eq!(as_request(&h.request("c5", "svc", &["x"])[0]).0, "w1");
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services["svc"].idle_workers, 0);
+    assert_eq!(stats.requests_in_flight, 3);
+}
+
+#[test]
+fn with_prefetch_an_expired_request_keeps_its_place_and_its_late_reply_is_dropped() {
+    let mut h = Harness::with(prefetch(2));
+    h.ready("w", "svc");
+    h.request("c1", "svc", &["1", "a.do", "{}"]);
+    h.request("c2", "svc", &["10", "b.do", "{}"]);
+    h.advance(Duration::from_secs(1));
+    assert!(h.out().iter().any(|m| m[0] == "c1"), "c1 is told it expired");
+    assert!(
+        h.reply("w", "c1", &["a.result", "{}"]).is_empty(),
+        "the late reply goes nowhere"
+    );
+    let out = h.reply("w", "c2", &["b.result", "{}"]);
+    assert_eq!(as_reply(&out[0]).0, "c2");
+    assert_eq!(h.core.stats(h.now).dropped["late_reply"], 1);
+}
+
+#[test]
+fn with_prefetch_a_worker_that_leaves_fails_everything_it_held() {
+    let mut h = Harness::with(prefetch(3));
+    h.ready("w", "svc");
+    for i in 0..3 {
+        h.request(&format!("c{i}"), "svc", &["10", "x.do", "{}"]);
+    }
+    let out = h.input(f(&["w", "", "MDPW01", "\x05"]));
+    let told: Vec<Bytes> = out.iter().map(|m| m[0].clone()).collect();
+    assert_eq!(told, vec![Bytes::from("c0"), Bytes::from("c1"), Bytes::from("c2")]);
+    assert_eq!(h.core.stats(h.now).requests_in_flight, 0);
+}

@@ -32,6 +32,13 @@ pub struct Settings {
     /// How long a service with no worker and no queue is kept (with its
     /// statistics) after its last activity.
     pub idle_service_retention: Duration,
+    /// Requests a worker may be given before it has answered the first.
+    /// 1 is RFC 7's one-at-a-time, and the default: a request never waits
+    /// behind another on a slow worker. Above 1, requests still go to idle
+    /// workers first, and only when none is idle are they queued at busy
+    /// workers (which all read their socket in order, the zguide's and
+    /// Domogik's included); this saves thread wake-ups under load.
+    pub worker_prefetch: usize,
     /// Recognise Domogik's timeout frame at the head of request bodies.
     pub domogik_timeout_frame: bool,
 }
@@ -50,6 +57,7 @@ impl Default for Settings {
             send_high_water_mark: 100_000,
             receive_high_water_mark: 100_000,
             idle_service_retention: Duration::from_secs(300),
+            worker_prefetch: 1,
             domogik_timeout_frame: true,
         }
     }

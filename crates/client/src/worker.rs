@@ -108,7 +108,6 @@ impl Worker {
         let mut generation: u64 = 0;
         let mut liveness = self.options.liveness;
         let mut next_heartbeat = Instant::now() + interval;
-        let mut busy = false;
         loop {
             let now = Instant::now();
             let wake = if socket.is_some() { next_heartbeat } else { reconnect_at };
@@ -141,7 +140,6 @@ impl Worker {
                 let frames = net::recv_all(to_handler)?;
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) if frames.len() >= 3 => {
-                        busy = false;
                         let reply_generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
                         match &socket {
                             // The request came on this connection: answer it.
@@ -158,8 +156,7 @@ impl Worker {
                     }
                     Some(TAG_PANICKED) => {
                         // The broker believes this worker is busy; starting
-                        // over makes it fail that request at once.
-                        busy = false;
+                        // over makes it fail what it gave at once.
                         if let Some(dealer) = socket.take() {
                             let _ = net::send_frames(&dealer, &mdp::disconnect(), zmq::DONTWAIT);
                         }
@@ -174,18 +171,15 @@ impl Worker {
                 liveness = self.options.liveness;
                 match mdp::parse_to_worker(frames) {
                     Ok(mdp::ToWorker::Request { client, body }) => {
-                        if busy {
-                            warn!("the broker sent a request while one is in progress; dropping it");
-                        } else {
-                            busy = true;
-                            let mut message = vec![
-                                Bytes::from_static(TAG_REQUEST),
-                                Bytes::copy_from_slice(&generation.to_be_bytes()),
-                                client,
-                            ];
-                            message.extend(body);
-                            net::send_frames(to_handler, &message, 0)?;
-                        }
+                        // A broker that prefetches may send more before the
+                        // first is answered: the handler takes them in order.
+                        let mut message = vec![
+                            Bytes::from_static(TAG_REQUEST),
+                            Bytes::copy_from_slice(&generation.to_be_bytes()),
+                            client,
+                        ];
+                        message.extend(body);
+                        net::send_frames(to_handler, &message, 0)?;
                     }
                     Ok(mdp::ToWorker::Heartbeat) => {}
                     Ok(mdp::ToWorker::Disconnect) => {

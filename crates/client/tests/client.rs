@@ -257,3 +257,31 @@ fn sync_client_reports_nothing_listening() {
         Err(ClientError::NotConnected { .. })
     ));
 }
+
+/// A broker that prefetches hands one worker several requests before the
+/// first is answered; the worker answers them all, in order.
+#[test]
+fn worker_answers_every_request_a_prefetching_broker_hands_it() {
+    let broker = Running::start(
+        "tcp://127.0.0.1:0",
+        Settings {
+            worker_prefetch: 4,
+            ..Settings::default()
+        },
+    );
+    let (stop, thread) = spawn_worker(&broker.endpoint, "echo", |body| {
+        std::thread::sleep(Duration::from_millis(2));
+        body
+    });
+    wait_for(&broker.endpoint, "echo");
+    let client = AsyncClient::connect(&broker.endpoint).unwrap();
+    let pending: Vec<_> = (0..100)
+        .map(|i| client.request("echo", vec![Bytes::from(format!("r{i}"))], Duration::from_secs(20)))
+        .collect();
+    for (i, reply) in pending.into_iter().enumerate() {
+        assert_eq!(reply.wait().unwrap(), vec![Bytes::from(format!("r{i}"))]);
+    }
+    assert_eq!(stats(&broker.endpoint)["services"]["echo"]["replies"], json!(100));
+    stop.trigger();
+    thread.join().unwrap();
+}

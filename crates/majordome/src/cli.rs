@@ -113,6 +113,9 @@ pub enum Bench {
         runs: usize,
         #[arg(long, default_value = "echo")]
         service: String,
+        /// `--worker-prefetch` for the broker the bench starts.
+        #[arg(long, default_value_t = 1)]
+        worker_prefetch: usize,
     },
 }
 
@@ -140,6 +143,10 @@ pub struct BrokerArgs {
     /// Requests waiting per service before new ones are rejected.
     #[arg(long, default_value_t = 10_000)]
     pub max_queue: usize,
+    /// Requests a worker may hold before answering the first (1: one at a
+    /// time, as RFC 7; more saves wake-ups under load, idle workers first).
+    #[arg(long, default_value_t = 1)]
+    pub worker_prefetch: usize,
     /// Frames per message; more is dropped and counted.
     #[arg(long, default_value_t = 64)]
     pub max_frames: usize,
@@ -157,12 +164,14 @@ impl BrokerArgs {
             "--request-timeout must be a positive number of seconds"
         );
         anyhow::ensure!(self.max_frames >= 4, "--max-frames must be at least 4");
+        anyhow::ensure!(self.worker_prefetch >= 1, "--worker-prefetch must be at least 1");
         Ok(Settings {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             liveness: self.liveness,
             request_timeout: Duration::from_secs_f64(self.request_timeout.min(86_400.0)),
             max_queue_per_service: self.max_queue,
             max_frames: self.max_frames,
+            worker_prefetch: self.worker_prefetch,
             max_message_bytes: self.max_message_bytes,
             ..Settings::default()
         })

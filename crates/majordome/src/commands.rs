@@ -228,6 +228,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             idle_services,
             runs,
             service,
+            worker_prefetch,
         } => {
             let options = majordome_bench::reqrep::ReqRepOptions {
                 broker,
@@ -241,6 +242,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                 baseline_proxy: baseline.is_some(),
                 idle_services,
                 runs,
+                broker_args: vec!["--worker-prefetch".into(), worker_prefetch.to_string()],
             };
             majordome_bench::reqrep::run(&options, &mut std::io::stdout())?;
         }
