@@ -45,6 +45,8 @@ pub struct ReqRepOptions {
     pub idle_services: usize,
     /// Runs of each target; figures are medians.
     pub runs: usize,
+    /// How often each idle worker heartbeats the broker.
+    pub idle_heartbeat: Duration,
     /// Extra arguments for the broker the bench starts (when `broker` is
     /// `None`), e.g. `--worker-prefetch 4`.
     pub broker_args: Vec<String>,
@@ -111,7 +113,7 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
     )?;
     let fleet = if options.idle_services > 0 {
         let started = Instant::now();
-        let fleet = IdleFleet::start(&endpoint, options.idle_services)?;
+        let fleet = IdleFleet::start(&endpoint, options.idle_services, options.idle_heartbeat)?;
         fleet.wait_registered(&endpoint)?;
         writeln!(
             out,
@@ -588,7 +590,7 @@ struct IdleFleet {
 }
 
 impl IdleFleet {
-    fn start(endpoint: &str, count: usize) -> Result<IdleFleet> {
+    fn start(endpoint: &str, count: usize, heartbeat: Duration) -> Result<IdleFleet> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let endpoint = endpoint.to_owned();
@@ -605,27 +607,22 @@ impl IdleFleet {
                 })
                 .collect::<Result<Vec<_>>>()
                 .context("cannot open the idle workers' sockets")?;
-            let mut last_heartbeat = Instant::now();
+            // One pass a second over all sockets, never a poll over them:
+            // waking on each of the broker's heartbeats would cost the bench
+            // an O(M) poll per message and steal CPU from the clients it
+            // measures.
             while !flag.load(Ordering::Relaxed) {
-                let mut items: Vec<zmq::PollItem> = sockets.iter().map(|(s, _)| s.as_poll_item(zmq::POLLIN)).collect();
-                zmq::poll(&mut items, 100)?;
-                let readable: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
-                drop(items);
-                for ((socket, service), readable) in sockets.iter().zip(readable) {
-                    if !readable {
-                        continue;
-                    }
+                for (socket, service) in &sockets {
                     while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
                         if frames.get(2).map(Vec::as_slice) == Some(&[mdp::command::DISCONNECT][..]) {
                             net::send_frames(socket, &mdp::ready(service), 0)?;
                         }
                     }
+                    net::send_frames(socket, &mdp::heartbeat(), zmq::DONTWAIT)?;
                 }
-                if last_heartbeat.elapsed() >= Duration::from_secs(1) {
-                    for (socket, _) in &sockets {
-                        net::send_frames(socket, &mdp::heartbeat(), zmq::DONTWAIT)?;
-                    }
-                    last_heartbeat = Instant::now();
+                let pass_started = Instant::now();
+                while pass_started.elapsed() < heartbeat && !flag.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(50));
                 }
             }
             for (socket, _) in &sockets {
@@ -692,6 +689,7 @@ mod tests {
             baseline_proxy: true,
             idle_services: 0,
             runs: 1,
+            idle_heartbeat: Duration::from_secs(1),
             broker_args: vec![],
         }
     }

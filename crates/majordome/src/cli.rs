@@ -116,6 +116,10 @@ pub enum Bench {
         /// `--worker-prefetch` for the broker the bench starts.
         #[arg(long, default_value_t = 1)]
         worker_prefetch: usize,
+        /// `--heartbeat-ms` for the broker the bench starts, and how often
+        /// the idle workers heartbeat.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
     },
 }
 

@@ -229,6 +229,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             runs,
             service,
             worker_prefetch,
+            heartbeat_ms,
         } => {
             let options = majordome_bench::reqrep::ReqRepOptions {
                 broker,
@@ -242,7 +243,13 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                 baseline_proxy: baseline.is_some(),
                 idle_services,
                 runs,
-                broker_args: vec!["--worker-prefetch".into(), worker_prefetch.to_string()],
+                idle_heartbeat: Duration::from_millis(heartbeat_ms.max(1)),
+                broker_args: vec![
+                    "--worker-prefetch".into(),
+                    worker_prefetch.to_string(),
+                    "--heartbeat-ms".into(),
+                    heartbeat_ms.max(1).to_string(),
+                ],
             };
             majordome_bench::reqrep::run(&options, &mut std::io::stdout())?;
         }
