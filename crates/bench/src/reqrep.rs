@@ -4,21 +4,26 @@
 //! The proxy is the physical limit for this pattern: it relays frames and
 //! does nothing else.
 //!
-//! Only standard MDP/0.1 frames are used, so `--broker` may point at any
-//! RFC 7 broker.
+//! Only standard MDP/0.1 frames (and RFC 8's `mmi.service`, to wait for the
+//! idle services) are used, so `--broker` may point at any RFC 7 broker.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
-use std::thread::{self, JoinHandle};
+mod idle;
+mod load;
+mod proxy;
+mod spawn;
+#[cfg(test)]
+mod test_broker;
+
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use bytes::Bytes;
-use majordome_mdp::mdp;
-use majordome_net as net;
+
+use idle::IdleFleet;
+use load::{run_load, Target};
+use proxy::Proxy;
+use spawn::SpawnedBroker;
 
 /// What `majordome bench reqrep` was asked to do.
 #[derive(Debug, Clone)]
@@ -75,27 +80,49 @@ pub struct ReqRepReport {
     /// Through the bare proxy, when asked for.
     pub proxy: Option<Figures>,
     /// Resident memory of the broker the bench started, after the idle
-    /// services registered.
+    /// services registered and before the load ran.
     pub broker_rss_kib: Option<u64>,
 }
 
 /// How long any single wait may last before the bench gives up with an error.
 const STALL: Duration = Duration::from_secs(10);
 
+/// How long the idle services may take to register, all together.
+const REGISTRATION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Writes one line to `out` and flushes it: runs can take a while, and
+/// whoever watches (or pipes the output to `tee`) should see each line as
+/// soon as it is known.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {{
+        writeln!($out, $($arg)*)?;
+        $out.flush()?;
+    }};
+}
+
 /// Runs the benchmark, printing progress and results to `out`.
+///
+/// For each of `options.runs` runs, loads the broker (and then the bare
+/// proxy, with `baseline_proxy`), printing one line per measured run, then
+/// prints the medians, the broker/proxy `ratio` line and the broker's RSS,
+/// and returns them. Fails with a readable error if the options make no
+/// sense, if the broker cannot be started or reached, or if any wait for a
+/// reply lasts more than 10 s: the bench never hangs.
 pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport> {
     validate(options)?;
-    raise_fd_limit();
+    // Each idle service costs two descriptors (its TCP connection and its
+    // socket's mailbox), and the default soft limit is often 1024.
+    spawn::raise_fd_limit();
     let spawned = match &options.broker {
         Some(_) => None,
         None => Some(SpawnedBroker::start(&options.majordome_exe, &options.broker_args)?),
     };
-    let endpoint = options
-        .broker
-        .clone()
-        .or_else(|| spawned.as_ref().map(|s| s.endpoint.clone()))
-        .expect("one or other");
-    writeln!(
+    let endpoint = match (&options.broker, &spawned) {
+        (Some(endpoint), _) => endpoint.clone(),
+        (None, Some(spawned)) => spawned.endpoint.clone(),
+        (None, None) => unreachable!("a broker is spawned when none is given"),
+    };
+    say!(
         out,
         "bench reqrep: {} clients x {} workers, {} requests of {} B, window {}, {} runs, broker {}{}",
         options.clients,
@@ -110,75 +137,67 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
         } else {
             ""
         }
-    )?;
+    );
     let fleet = if options.idle_services > 0 {
         let started = Instant::now();
-        let fleet = IdleFleet::start(&endpoint, options.idle_services, options.idle_heartbeat)?;
-        fleet.wait_registered(&endpoint)?;
-        writeln!(
+        let mut fleet = IdleFleet::start(&endpoint, options.idle_services, options.idle_heartbeat)?;
+        fleet.wait_registered(&endpoint, REGISTRATION_DEADLINE)?;
+        say!(
             out,
             "{} idle services registered in {:.2} s",
             options.idle_services,
             started.elapsed().as_secs_f64()
-        )?;
+        );
         Some(fleet)
     } else {
         None
     };
-    let broker_rss_kib = spawned.as_ref().and_then(|s| rss_kib(s.child.id()));
-    if let Some(rss) = broker_rss_kib {
-        writeln!(
-            out,
-            "broker RSS: {rss} KiB with {} idle services",
-            options.idle_services
-        )?;
-    }
-    out.flush()?;
-    let proxy = if options.baseline_proxy {
-        Some(Proxy::start()?)
-    } else {
-        None
+    // Measured now, with the idle services in and before any load, so that
+    // it shows what the registered services cost and not the queues.
+    let broker_rss_kib = spawned.as_ref().and_then(|s| spawn::rss_kib(s.pid()));
+
+    let broker_target = Target::Broker {
+        endpoint: endpoint.clone(),
+        service: Bytes::from(options.service.clone()),
     };
-    let mut broker_runs = Vec::new();
-    let mut proxy_runs = Vec::new();
+    let mut broker_runs = Vec::with_capacity(options.runs);
+    let mut proxy_runs = Vec::with_capacity(options.runs);
     for run_index in 1..=options.runs {
-        let target = Target::Broker {
-            endpoint: endpoint.clone(),
-            service: Bytes::from(options.service.clone()),
-        };
-        let figures = run_load(&target, options)?;
-        writeln!(out, "run {run_index}/{} broker: {}", options.runs, describe(&figures))?;
-        out.flush()?;
+        let figures = run_load(&broker_target, options)?;
+        say!(out, "run {run_index}/{} broker: {}", options.runs, describe(&figures));
         broker_runs.push(figures);
-        if let Some(proxy) = &proxy {
-            let target = Target::Proxy {
-                frontend: proxy.frontend.clone(),
-                backend: proxy.backend.clone(),
-            };
-            let figures = run_load(&target, options)?;
-            writeln!(out, "run {run_index}/{} proxy:  {}", options.runs, describe(&figures))?;
-            out.flush()?;
+        if options.baseline_proxy {
+            // A fresh proxy for each run: a proxy's DEALER forgets a worker
+            // of the previous run only when its I/O thread notices the
+            // closed connection, and a request routed there meanwhile would
+            // be lost.
+            let proxy = Proxy::start()?;
+            let figures = run_load(&proxy.target(), options)?;
+            drop(proxy);
+            say!(out, "run {run_index}/{} proxy:  {}", options.runs, describe(&figures));
             proxy_runs.push(figures);
         }
     }
     drop(fleet);
+
     let broker = median_figures(&broker_runs);
-    let proxy_figures = (!proxy_runs.is_empty()).then(|| median_figures(&proxy_runs));
-    writeln!(out, "median of {} runs:", options.runs)?;
-    writeln!(out, "  broker: {}", describe(&broker))?;
-    if let Some(proxy) = &proxy_figures {
-        writeln!(out, "  proxy:  {}", describe(proxy))?;
-        writeln!(
-            out,
-            "ratio broker/proxy: {:.2} (req/s), p50 latency {:.2}x the proxy's",
-            broker.requests_per_second / proxy.requests_per_second,
-            broker.p50_us / proxy.p50_us
-        )?;
+    let proxy = (!proxy_runs.is_empty()).then(|| median_figures(&proxy_runs));
+    say!(out, "median of {} runs:", options.runs);
+    say!(out, "  broker: {}", describe(&broker));
+    if let Some(proxy) = &proxy {
+        say!(out, "  proxy:  {}", describe(proxy));
+        say!(out, "{}", ratio_line(&broker, proxy));
     }
-    out.flush()?;
+    if let Some(rss) = broker_rss_kib {
+        say!(
+            out,
+            "broker RSS: {rss} KiB with {} idle services, before the load",
+            options.idle_services
+        );
+    }
     Ok(ReqRepReport {
         broker,
-        proxy: proxy_figures,
+        proxy,
         broker_rss_kib,
     })
 }
@@ -188,18 +207,26 @@ fn validate(options: &ReqRepOptions) -> Result<()> {
     ensure!(options.workers >= 1, "--workers must be at least 1");
     ensure!(
         options.requests >= options.clients,
-        "--requests must be at least --clients"
+        "--requests ({}) must be at least --clients ({}): each client sends at least one",
+        options.requests,
+        options.clients
     );
     ensure!(
         options.size >= 16,
-        "--size must be at least 16 bytes (the send time rides in the body)"
+        "--size must be at least 16 bytes (the send time rides in the body), not {}",
+        options.size
     );
     ensure!(options.window >= 1, "--window must be at least 1");
     ensure!(options.runs >= 1, "--runs must be at least 1");
     ensure!(!options.service.is_empty(), "--service must not be empty");
+    ensure!(
+        options.idle_services == 0 || !options.idle_heartbeat.is_zero(),
+        "the idle workers' heartbeat interval must be more than zero"
+    );
     Ok(())
 }
 
+/// One measured run or median, on one line: easy to read and to grep.
 fn describe(figures: &Figures) -> String {
     format!(
         "{:.0} req/s, latency p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us",
@@ -207,7 +234,21 @@ fn describe(figures: &Figures) -> String {
     )
 }
 
-/// The median of `values` (the mean of the two middle ones when even).
+fn ratio_line(broker: &Figures, proxy: &Figures) -> String {
+    let latency = if proxy.p50_us > 0.0 {
+        format!("{:.2}x", broker.p50_us / proxy.p50_us)
+    } else {
+        // Latencies are whole microseconds; a zero median cannot be divided by.
+        "n/a".to_owned()
+    };
+    format!(
+        "ratio broker/proxy: {:.2} (req/s), p50 {latency} (latency)",
+        broker.requests_per_second / proxy.requests_per_second
+    )
+}
+
+/// The median of `values` (the mean of the two middle ones when even; 0
+/// when empty).
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -221,6 +262,7 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Field by field median of several runs' figures.
 fn median_figures(runs: &[Figures]) -> Figures {
     let pick = |f: fn(&Figures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
     Figures {
@@ -232,443 +274,26 @@ fn median_figures(runs: &[Figures]) -> Figures {
     }
 }
 
-/// The `q` quantile (0..=1) of sorted values, nearest rank.
+/// The `q` quantile (0..=1) of ascending `sorted` values, by nearest rank
+/// (so always one of the values; 0 when there are none).
 pub fn percentile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64
+    f64::from(sorted[rank - 1])
 }
 
-/// Where the load goes, and how it is framed.
-#[derive(Debug, Clone)]
-enum Target {
-    /// An MDP/0.1 broker: clients and workers both connect to it.
-    Broker { endpoint: String, service: Bytes },
-    /// A bare proxy: clients connect to its ROUTER, workers to its DEALER.
-    Proxy { frontend: String, backend: String },
-}
-
-/// What one client measured: its latencies (µs) and when it finished.
-type ClientRun = (Vec<u32>, Instant);
-
-/// Runs one measured load against `target` and returns its figures.
-fn run_load(target: &Target, options: &ReqRepOptions) -> Result<Figures> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<JoinHandle<Result<()>>> = (0..options.workers)
-        .map(|_| {
-            let target = target.clone();
-            let stop = stop.clone();
-            thread::spawn(move || echo_worker(&target, &stop))
-        })
-        .collect();
-    let epoch = Instant::now();
-    let barrier = Arc::new(Barrier::new(options.clients + 1));
-    let clients: Vec<JoinHandle<Result<ClientRun>>> = (0..options.clients)
-        .map(|index| {
-            let share = options.requests / options.clients + usize::from(index < options.requests % options.clients);
-            let target = target.clone();
-            let barrier = barrier.clone();
-            let (size, window) = (options.size, options.window);
-            thread::spawn(move || client(&target, share, size, window, epoch, &barrier))
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    let mut latencies = Vec::with_capacity(options.requests);
-    let mut end = start;
-    let mut failure = None;
-    for client in clients {
-        match client.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))? {
-            Ok((mut client_latencies, finished)) => {
-                latencies.append(&mut client_latencies);
-                end = end.max(finished);
-            }
-            Err(e) => failure = Some(e),
-        }
-    }
-    stop.store(true, Ordering::SeqCst);
-    for worker in workers {
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+/// The figures of one run: `requests` answered in `elapsed`, with these
+/// latencies (microseconds, in any order).
+fn figures_of(mut latencies: Vec<u32>, requests: usize, elapsed: Duration) -> Figures {
     latencies.sort_unstable();
-    let elapsed = end.duration_since(start).as_secs_f64().max(1e-9);
-    Ok(Figures {
-        requests_per_second: options.requests as f64 / elapsed,
+    Figures {
+        requests_per_second: requests as f64 / elapsed.as_secs_f64().max(1e-9),
         p50_us: percentile(&latencies, 0.50),
         p90_us: percentile(&latencies, 0.90),
         p99_us: percentile(&latencies, 0.99),
         max_us: percentile(&latencies, 1.0),
-    })
-}
-
-fn bench_socket(kind: zmq::SocketType, endpoint: &str) -> Result<zmq::Socket> {
-    let socket = net::context().socket(kind)?;
-    socket.set_linger(0)?;
-    socket.set_sndhwm(100_000)?;
-    socket.set_rcvhwm(100_000)?;
-    socket
-        .connect(endpoint)
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
-    Ok(socket)
-}
-
-/// One client: a warm-up of `window` sequential round trips (so that every
-/// connection and worker registration is in place), the barrier, then
-/// `count` requests keeping `window` in flight. Latency comes from the send
-/// time carried in the echoed body, so replies may come in any order.
-fn client(
-    target: &Target,
-    count: usize,
-    size: usize,
-    window: usize,
-    epoch: Instant,
-    barrier: &Barrier,
-) -> Result<ClientRun> {
-    let endpoint = match target {
-        Target::Broker { endpoint, .. } => endpoint,
-        Target::Proxy { frontend, .. } => frontend,
-    };
-    let socket = match bench_socket(zmq::DEALER, endpoint) {
-        Ok(socket) => socket,
-        Err(e) => {
-            barrier.wait();
-            return Err(e);
-        }
-    };
-    let filler = vec![b'x'; size - 8];
-    let send = |socket: &zmq::Socket| -> Result<()> {
-        let mut body = Vec::with_capacity(size);
-        body.extend_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-        body.extend_from_slice(&filler);
-        let frames = match target {
-            Target::Broker { service, .. } => mdp::client_request(service, [Bytes::from(body)]),
-            Target::Proxy { .. } => vec![Bytes::new(), Bytes::from(body)],
-        };
-        net::send_frames(socket, &frames, 0)?;
-        Ok(())
-    };
-    let body_of = |frames: &[Bytes]| -> Option<u64> {
-        let body = match target {
-            Target::Broker { .. } => frames.get(3)?,
-            Target::Proxy { .. } => frames.get(1)?,
-        };
-        Some(u64::from_le_bytes(body.get(..8)?.try_into().ok()?))
-    };
-    let warm_up = (|| -> Result<()> {
-        for _ in 0..window.max(4) {
-            send(&socket)?;
-            wait_readable(&socket, endpoint)?;
-            net::recv_all(&socket)?;
-        }
-        Ok(())
-    })();
-    barrier.wait();
-    warm_up?;
-    let mut latencies = Vec::with_capacity(count);
-    let mut sent = 0;
-    while latencies.len() < count {
-        while sent < count && sent - latencies.len() < window {
-            send(&socket)?;
-            sent += 1;
-        }
-        wait_readable(&socket, endpoint)?;
-        loop {
-            let frames = match socket.recv_msg(zmq::DONTWAIT) {
-                Ok(first) => {
-                    let mut frames = vec![Bytes::copy_from_slice(&first)];
-                    let mut more = first.get_more();
-                    while more {
-                        let next = socket.recv_msg(0)?;
-                        more = next.get_more();
-                        frames.push(Bytes::copy_from_slice(&next));
-                    }
-                    frames
-                }
-                Err(zmq::Error::EAGAIN) => break,
-                Err(e) => return Err(e.into()),
-            };
-            let now = epoch.elapsed().as_nanos() as u64;
-            let sent_at = body_of(&frames).context("a reply without the echoed body")?;
-            latencies.push((now.saturating_sub(sent_at) / 1000) as u32);
-        }
-    }
-    Ok((latencies, Instant::now()))
-}
-
-fn wait_readable(socket: &zmq::Socket, endpoint: &str) -> Result<()> {
-    if socket.poll(zmq::POLLIN, STALL.as_millis() as i64)? == 0 {
-        bail!(
-            "no reply from {endpoint} within {} s: is a broker running there, and does it have echo workers?",
-            STALL.as_secs()
-        );
-    }
-    Ok(())
-}
-
-/// An echo worker: MDP/0.1 for a broker (with a HEARTBEAT whenever it has
-/// been quiet for a second), or a plain envelope echo behind the proxy.
-fn echo_worker(target: &Target, stop: &AtomicBool) -> Result<()> {
-    let (endpoint, service) = match target {
-        Target::Broker { endpoint, service } => (endpoint, Some(service)),
-        Target::Proxy { backend, .. } => (backend, None),
-    };
-    let socket = bench_socket(zmq::DEALER, endpoint)?;
-    if let Some(service) = service {
-        net::send_frames(&socket, &mdp::ready(service), 0)?;
-    }
-    let mut last_sent = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        if service.is_some() && last_sent.elapsed() >= Duration::from_secs(1) {
-            net::send_frames(&socket, &mdp::heartbeat(), 0)?;
-            last_sent = Instant::now();
-        }
-        if socket.poll(zmq::POLLIN, 100)? == 0 {
-            continue;
-        }
-        while let Ok(first) = socket.recv_msg(zmq::DONTWAIT) {
-            let mut frames = vec![Bytes::copy_from_slice(&first)];
-            let mut more = first.get_more();
-            while more {
-                let next = socket.recv_msg(0)?;
-                more = next.get_more();
-                frames.push(Bytes::copy_from_slice(&next));
-            }
-            match service {
-                None => net::send_frames(&socket, &frames, 0)?,
-                Some(service) => match mdp::parse_to_worker(frames) {
-                    Ok(mdp::ToWorker::Request { client, body }) => {
-                        net::send_frames(&socket, &mdp::reply(&client, body), 0)?;
-                        last_sent = Instant::now();
-                    }
-                    Ok(mdp::ToWorker::Disconnect) => net::send_frames(&socket, &mdp::ready(service), 0)?,
-                    _ => {}
-                },
-            }
-        }
-    }
-    if service.is_some() {
-        let _ = net::send_frames(&socket, &mdp::disconnect(), 0);
-    }
-    Ok(())
-}
-
-/// A bare libzmq proxy on its own context (so its own I/O thread, as a
-/// separate process would have).
-struct Proxy {
-    frontend: String,
-    backend: String,
-    control: zmq::Socket,
-    thread: Option<JoinHandle<()>>,
-    _context: zmq::Context,
-}
-
-impl Proxy {
-    fn start() -> Result<Proxy> {
-        let context = zmq::Context::new();
-        let frontend = context.socket(zmq::ROUTER)?;
-        let backend = context.socket(zmq::DEALER)?;
-        for socket in [&frontend, &backend] {
-            socket.set_linger(0)?;
-            socket.set_sndhwm(100_000)?;
-            socket.set_rcvhwm(100_000)?;
-            socket.bind("tcp://127.0.0.1:0")?;
-        }
-        let frontend_endpoint = net::bound_endpoint(&frontend)?;
-        let backend_endpoint = net::bound_endpoint(&backend)?;
-        let control_address = "inproc://bench-proxy-control";
-        let control_inside = context.socket(zmq::PAIR)?;
-        control_inside.bind(control_address)?;
-        let control = context.socket(zmq::PAIR)?;
-        control.connect(control_address)?;
-        let thread = thread::spawn(move || {
-            let (mut frontend, mut backend, mut control) = (frontend, backend, control_inside);
-            let _ = zmq::proxy_steerable(&mut frontend, &mut backend, &mut control);
-        });
-        Ok(Proxy {
-            frontend: frontend_endpoint,
-            backend: backend_endpoint,
-            control,
-            thread: Some(thread),
-            _context: context,
-        })
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.control.send("TERMINATE", 0);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// `majordome broker` started for the run, killed when dropped.
-struct SpawnedBroker {
-    child: Child,
-    endpoint: String,
-}
-
-impl SpawnedBroker {
-    fn start(exe: &Path, extra: &[String]) -> Result<SpawnedBroker> {
-        let mut child = Command::new(exe)
-            .args(["broker", "--bind", "tcp://127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let (line_tx, line_rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line_tx.send(line).is_err() {
-                    // Keep draining so the broker never blocks on stdout.
-                    continue;
-                }
-            }
-        });
-        let mut spawned = SpawnedBroker {
-            child,
-            endpoint: String::new(),
-        };
-        let deadline = Instant::now() + STALL;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = line_rx
-                .recv_timeout(left)
-                .map_err(|_| anyhow::anyhow!("the broker did not start within {STALL:?}"))?;
-            if line.contains("listening on ") {
-                spawned.endpoint = line.split_whitespace().last().unwrap_or_default().to_owned();
-                return Ok(spawned);
-            }
-        }
-    }
-}
-
-impl Drop for SpawnedBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Many sockets need many descriptors: raise the soft limit to the hard one.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-/// M idle workers, each on its own service `bench-idle-<i>`, all served by
-/// one thread on their own context (a context allows 1023 sockets).
-struct IdleFleet {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
-    count: usize,
-}
-
-impl IdleFleet {
-    fn start(endpoint: &str, count: usize, heartbeat: Duration) -> Result<IdleFleet> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let endpoint = endpoint.to_owned();
-        let thread = thread::spawn(move || -> Result<()> {
-            let mut context = zmq::Context::new();
-            let sockets = (0..count)
-                .map(|i| -> Result<(zmq::Socket, Bytes)> {
-                    let socket = context.socket(zmq::DEALER)?;
-                    socket.set_linger(0)?;
-                    socket.connect(&endpoint)?;
-                    let service = Bytes::from(format!("bench-idle-{i}"));
-                    net::send_frames(&socket, &mdp::ready(&service), 0)?;
-                    Ok((socket, service))
-                })
-                .collect::<Result<Vec<_>>>()
-                .context("cannot open the idle workers' sockets")?;
-            // One pass a second over all sockets, never a poll over them:
-            // waking on each of the broker's heartbeats would cost the bench
-            // an O(M) poll per message and steal CPU from the clients it
-            // measures.
-            while !flag.load(Ordering::Relaxed) {
-                for (socket, service) in &sockets {
-                    while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-                        if frames.get(2).map(Vec::as_slice) == Some(&[mdp::command::DISCONNECT][..]) {
-                            net::send_frames(socket, &mdp::ready(service), 0)?;
-                        }
-                    }
-                    net::send_frames(socket, &mdp::heartbeat(), zmq::DONTWAIT)?;
-                }
-                let pass_started = Instant::now();
-                while pass_started.elapsed() < heartbeat && !flag.load(Ordering::Relaxed) {
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-            for (socket, _) in &sockets {
-                let _ = net::send_frames(socket, &mdp::disconnect(), zmq::DONTWAIT);
-            }
-            drop(sockets);
-            let _ = context.destroy();
-            Ok(())
-        });
-        Ok(IdleFleet {
-            stop,
-            thread: Some(thread),
-            count,
-        })
-    }
-
-    /// Waits until `mmi.service` says 200 for every idle service.
-    fn wait_registered(&self, endpoint: &str) -> Result<()> {
-        let client = bench_socket(zmq::DEALER, endpoint)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for i in 0..self.count {
-            let name = Bytes::from(format!("bench-idle-{i}"));
-            loop {
-                net::send_frames(&client, &mdp::client_request(b"mmi.service", [name.clone()]), 0)?;
-                wait_readable(&client, endpoint)?;
-                let reply = net::recv_all(&client)?;
-                if reply.get(3).map(|f| f.as_ref()) == Some(&b"200"[..]) {
-                    break;
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "the idle services did not all register within 30 s"
-                );
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for IdleFleet {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -676,13 +301,13 @@ impl Drop for IdleFleet {
 mod tests {
     use super::*;
 
-    fn options() -> ReqRepOptions {
+    pub(super) fn options() -> ReqRepOptions {
         ReqRepOptions {
             broker: Some("tcp://127.0.0.1:1".into()),
             majordome_exe: "majordome".into(),
             clients: 2,
             workers: 2,
-            requests: 400,
+            requests: 200,
             size: 100,
             window: 4,
             service: "echo".into(),
@@ -695,35 +320,118 @@ mod tests {
     }
 
     #[test]
-    fn percentiles_and_medians() {
+    fn percentiles_are_nearest_rank() {
         let sorted: Vec<u32> = (1..=100).collect();
         assert_eq!(percentile(&sorted, 0.5), 50.0);
+        assert_eq!(percentile(&sorted, 0.9), 90.0);
         assert_eq!(percentile(&sorted, 0.99), 99.0);
         assert_eq!(percentile(&sorted, 1.0), 100.0);
+        assert_eq!(percentile(&sorted, 0.0), 1.0);
         assert_eq!(percentile(&[7], 0.5), 7.0);
+        assert_eq!(percentile(&[7], 0.99), 7.0);
+        assert_eq!(percentile(&[1, 2, 3], 0.5), 2.0);
+        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), 2.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn medians_take_the_middle_or_the_mean_of_the_two_middles() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[5.0]), 5.0);
+        assert_eq!(median(&[]), 0.0);
+        let run = |r: f64, p50: f64| Figures {
+            requests_per_second: r,
+            p50_us: p50,
+            p90_us: p50 * 2.0,
+            p99_us: p50 * 3.0,
+            max_us: p50 * 4.0,
+        };
+        // Each field is the median of that field, not the figures of the median run.
+        let median = median_figures(&[run(100.0, 30.0), run(300.0, 10.0), run(200.0, 20.0)]);
+        assert_eq!(median, run(200.0, 20.0));
+        let median = median_figures(&[run(100.0, 50.0), run(300.0, 10.0), run(200.0, 20.0)]);
+        assert_eq!(median.requests_per_second, 200.0);
+        assert_eq!(median.p50_us, 20.0);
+    }
+
+    #[test]
+    fn figures_sort_the_latencies_and_divide_by_the_elapsed_time() {
+        let latencies: Vec<u32> = (1..=1000).rev().collect();
+        let figures = figures_of(latencies, 1000, Duration::from_millis(500));
+        assert_eq!(
+            figures,
+            Figures {
+                requests_per_second: 2000.0,
+                p50_us: 500.0,
+                p90_us: 900.0,
+                p99_us: 990.0,
+                max_us: 1000.0,
+            }
+        );
+    }
+
+    #[test]
+    fn the_ratio_line_names_both_ratios() {
+        let broker = Figures {
+            requests_per_second: 830.0,
+            p50_us: 112.0,
+            p90_us: 0.0,
+            p99_us: 0.0,
+            max_us: 0.0,
+        };
+        let proxy = Figures {
+            requests_per_second: 1000.0,
+            p50_us: 100.0,
+            ..broker
+        };
+        assert_eq!(
+            ratio_line(&broker, &proxy),
+            "ratio broker/proxy: 0.83 (req/s), p50 1.12x (latency)"
+        );
+        let instant = Figures { p50_us: 0.0, ..proxy };
+        assert!(ratio_line(&broker, &instant).contains("p50 n/a"));
     }
 
     #[test]
     fn rejects_bad_options_with_a_reason() {
         type Change = fn(&mut ReqRepOptions);
         let cases: Vec<(Change, &str)> = vec![
-            (|o| o.clients = 0, "--clients"),
-            (|o| o.workers = 0, "--workers"),
-            (|o| o.requests = 1, "--requests"),
-            (|o| o.size = 8, "--size"),
-            (|o| o.window = 0, "--window"),
-            (|o| o.runs = 0, "--runs"),
+            (|o| o.clients = 0, "--clients must be at least 1"),
+            (|o| o.workers = 0, "--workers must be at least 1"),
+            (|o| o.requests = 1, "--requests (1) must be at least --clients (2)"),
+            (|o| o.size = 15, "--size must be at least 16 bytes"),
+            (|o| o.window = 0, "--window must be at least 1"),
+            (|o| o.runs = 0, "--runs must be at least 1"),
+            (|o| o.service.clear(), "--service must not be empty"),
+            (
+                |o| {
+                    o.idle_services = 3;
+                    o.idle_heartbeat = Duration::ZERO;
+                },
+                "heartbeat interval",
+            ),
         ];
-        for (change, flag) in cases {
+        for (change, reason) in cases {
             let mut o = options();
             change(&mut o);
             let error = validate(&o).unwrap_err().to_string();
-            assert!(error.contains(flag), "{error}");
+            assert!(error.contains(reason), "{error}");
+            // `run` refuses before touching the network or spawning anything.
+            let error = run(&o, &mut Vec::new()).unwrap_err().to_string();
+            assert!(error.contains(reason), "{error}");
         }
         assert!(validate(&options()).is_ok());
+        let edge = ReqRepOptions {
+            clients: 1,
+            workers: 1,
+            requests: 1,
+            size: 16,
+            window: 1,
+            runs: 1,
+            ..options()
+        };
+        assert!(validate(&edge).is_ok());
     }
 
     /// The proxy path end to end: every request is answered and the
@@ -731,33 +439,94 @@ mod tests {
     #[test]
     fn a_small_load_through_the_proxy_completes() {
         let proxy = Proxy::start().unwrap();
-        let target = Target::Proxy {
-            frontend: proxy.frontend.clone(),
-            backend: proxy.backend.clone(),
-        };
-        let figures = run_load(&target, &options()).unwrap();
-        assert!(figures.requests_per_second > 0.0);
+        let figures = run_load(&proxy.target(), &options()).unwrap();
+        assert!(figures.requests_per_second > 0.0, "{figures:?}");
         assert!(
-            figures.p50_us <= figures.p99_us && figures.p99_us <= figures.max_us,
+            0.0 <= figures.p50_us
+                && figures.p50_us <= figures.p90_us
+                && figures.p90_us <= figures.p99_us
+                && figures.p99_us <= figures.max_us,
             "{figures:?}"
         );
     }
 
+    /// Uneven shares, a window wider than a client's share, and more
+    /// workers than clients all complete.
     #[test]
-    fn an_absent_broker_is_a_clear_error_not_a_hang() {
-        let target = Target::Broker {
-            endpoint: "tcp://127.0.0.1:1".into(),
-            service: Bytes::from("echo"),
+    fn odd_shapes_through_the_proxy_complete() {
+        let proxy = Proxy::start().unwrap();
+        let options = ReqRepOptions {
+            clients: 3,
+            workers: 5,
+            requests: 7,
+            size: 16,
+            window: 10,
+            ..options()
         };
-        let error = run_load(
-            &target,
-            &ReqRepOptions {
-                clients: 1,
-                workers: 1,
-                ..options()
-            },
-        )
-        .unwrap_err();
-        assert!(error.to_string().contains("no reply from tcp://127.0.0.1:1"), "{error}");
+        let figures = run_load(&proxy.target(), &options).unwrap();
+        assert!(figures.requests_per_second > 0.0, "{figures:?}");
+        assert!(figures.p50_us <= figures.max_us, "{figures:?}");
+    }
+
+    /// The whole of `run` against a small RFC 7 broker: the MDP framing,
+    /// the idle services and their MMI check, several interleaved runs
+    /// (which only complete if each run's workers leave the broker with a
+    /// DISCONNECT, since the test broker never expires a silent worker),
+    /// and the output.
+    #[test]
+    fn run_against_a_minimal_mdp_broker_with_the_proxy_baseline() {
+        let broker = test_broker::TestBroker::start();
+        let options = ReqRepOptions {
+            broker: Some(broker.endpoint.clone()),
+            idle_services: 5,
+            idle_heartbeat: Duration::from_millis(100),
+            runs: 2,
+            ..options()
+        };
+        let mut out = Vec::new();
+        let report = run(&options, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        for figures in [report.broker, report.proxy.expect("the proxy was asked for")] {
+            assert!(figures.requests_per_second > 0.0, "{figures:?}");
+            assert!(
+                figures.p50_us <= figures.p99_us && figures.p99_us <= figures.max_us,
+                "{figures:?}"
+            );
+        }
+        assert_eq!(report.broker_rss_kib, None, "only a spawned broker is measured");
+        for expected in [
+            "5 idle services registered in ",
+            "run 1/2 broker: ",
+            "run 1/2 proxy: ",
+            "run 2/2 broker: ",
+            "run 2/2 proxy: ",
+            "median of 2 runs:",
+            "ratio broker/proxy: ",
+        ] {
+            assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+        }
+        assert!(!out.contains("RSS"), "{out}");
+        let stats = broker.stop();
+        assert_eq!(stats.idle_ready, 5, "{stats:?}");
+        // Every echo worker of both runs said goodbye.
+        assert_eq!(stats.echo_ready, 4, "{stats:?}");
+        assert_eq!(stats.echo_disconnects, 4, "{stats:?}");
+    }
+
+    #[test]
+    fn without_the_baseline_there_are_no_proxy_figures() {
+        let broker = test_broker::TestBroker::start();
+        let options = ReqRepOptions {
+            broker: Some(broker.endpoint.clone()),
+            baseline_proxy: false,
+            requests: 50,
+            ..options()
+        };
+        let mut out = Vec::new();
+        let report = run(&options, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(report.proxy.is_none());
+        assert!(!out.contains("proxy"), "{out}");
+        assert!(!out.contains("ratio"), "{out}");
     }
 }

@@ -57,6 +57,10 @@ pub enum Command {
         /// Wait this long before each reply (to play a slow service).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Heartbeat interval with the broker, in milliseconds; match the
+        /// broker's `--heartbeat-ms`.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
     },
     /// Show the broker's services, workers, queues and counters.
     Status {

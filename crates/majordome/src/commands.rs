@@ -31,7 +31,13 @@ pub fn run(command: Command) -> Result<ExitCode> {
             service,
             broker,
             delay_ms,
-        } => echo(&broker, &service, Duration::from_millis(delay_ms)),
+            heartbeat_ms,
+        } => echo(
+            &broker,
+            &service,
+            Duration::from_millis(delay_ms),
+            Duration::from_millis(heartbeat_ms),
+        ),
         Command::Status { broker, json } => status(&broker, json),
         Command::Bench { bench } => bench_command(bench),
     }
@@ -97,11 +103,16 @@ fn echo_body(delay: Duration) -> impl FnMut(Vec<Bytes>) -> Vec<Bytes> + Send + '
     }
 }
 
-fn echo(endpoint: &str, service: &str, delay: Duration) -> Result<ExitCode> {
+fn echo(endpoint: &str, service: &str, delay: Duration, heartbeat: Duration) -> Result<ExitCode> {
+    anyhow::ensure!(!heartbeat.is_zero(), "--heartbeat-ms must be above 0");
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
     println!("echo worker for service '{service}' on {endpoint}");
     std::io::stdout().flush()?;
-    Worker::new(endpoint, service, WorkerOptions::default()).run(echo_body(delay), &shutdown)?;
+    let options = WorkerOptions {
+        heartbeat_interval: heartbeat,
+        ..WorkerOptions::default()
+    };
+    Worker::new(endpoint, service, options).run(echo_body(delay), &shutdown)?;
     Ok(ExitCode::SUCCESS)
 }
 

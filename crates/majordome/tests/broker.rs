@@ -158,7 +158,16 @@ fn late_reply_is_dropped_and_counted_not_misdelivered() {
 #[test]
 fn worker_killed_with_sigkill_mid_request() {
     let broker = Process::broker(&["--heartbeat-ms", "100", "--liveness", "3"]);
-    let hung = Process::start(&["echo", "svc", "--delay-ms", "600000", "--broker", &broker.endpoint]);
+    let hung = Process::start(&[
+        "echo",
+        "svc",
+        "--delay-ms",
+        "600000",
+        "--heartbeat-ms",
+        "100",
+        "--broker",
+        &broker.endpoint,
+    ]);
     wait_for_service(&broker.endpoint, "svc", "200");
     let client = socket(zmq::REQ, &broker.endpoint);
     send(&client, &strings(&["MDPC01", "svc", "2", "x.do", "{}"]));
@@ -173,7 +182,7 @@ fn worker_killed_with_sigkill_mid_request() {
     assert!(data["reason"].as_str().unwrap().contains("'svc'"), "{data}");
     wait_for_service(&broker.endpoint, "svc", "404");
     assert_eq!(stats(&broker.endpoint)["workers_expired"], json!(1));
-    let _fresh = Process::start(&["echo", "svc", "--broker", &broker.endpoint]);
+    let _fresh = Process::start(&["echo", "svc", "--heartbeat-ms", "100", "--broker", &broker.endpoint]);
     wait_for_service(&broker.endpoint, "svc", "200");
     send(
         &client,
@@ -181,6 +190,8 @@ fn worker_killed_with_sigkill_mid_request() {
     );
     let reply = recv(&client, LIMIT);
     assert_eq!(json_of(&reply[3]), json!({"again": true}));
+    // Only the killed worker ever expired: the live ones never flapped.
+    assert_eq!(stats(&broker.endpoint)["workers_expired"], json!(1));
 }
 
 #[test]

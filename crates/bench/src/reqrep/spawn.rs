@@ -1,0 +1,188 @@
+//! The broker the bench starts when it is given none, and the process
+//! facts it reads.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+
+use super::STALL;
+
+/// What the broker prints, followed by its endpoint, once it listens.
+const LISTENING: &str = "listening on ";
+
+/// `majordome broker --bind tcp://127.0.0.1:0` started for the run, killed
+/// (and reaped) when dropped, whatever path the bench leaves by.
+pub(super) struct SpawnedBroker {
+    child: Child,
+    /// Where it listens, as it printed it.
+    pub(super) endpoint: String,
+}
+
+impl SpawnedBroker {
+    /// Starts `exe broker --bind tcp://127.0.0.1:0 extra…` and waits (up to
+    /// [`STALL`]) for the line that ends with its endpoint.
+    pub(super) fn start(exe: &Path, extra: &[String]) -> Result<SpawnedBroker> {
+        let mut child = Command::new(exe)
+            .args(["broker", "--bind", "tcp://127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // From here on, the guard kills the broker on every error path.
+        let mut spawned = SpawnedBroker {
+            child,
+            endpoint: String::new(),
+        };
+        let (line_tx, line_rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("bench-broker-stdout".into())
+            .spawn(move || {
+                // Read to the end even once nobody listens: a broker that
+                // writes to a full pipe would block.
+                let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+                for line in lines.by_ref() {
+                    if line_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+                lines.for_each(drop);
+            })
+            .context("cannot start the thread that reads the broker's output")?;
+        let deadline = Instant::now() + STALL;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match line_rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(anyhow!(
+                        "{} did not print \"{LISTENING}<endpoint>\" within {} s",
+                        exe.display(),
+                        STALL.as_secs()
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = spawned.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    return Err(anyhow!(
+                        "the broker ({} broker) stopped before saying where it listens ({status}); its errors are above",
+                        exe.display()
+                    ));
+                }
+            };
+            if line.contains(LISTENING) {
+                spawned.endpoint = line.split_whitespace().last().unwrap_or_default().to_owned();
+                return Ok(spawned);
+            }
+        }
+    }
+
+    /// The broker's process id.
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of process `pid` (`VmRSS` in `/proc/<pid>/status`), KiB.
+pub(super) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Many sockets need many descriptors: raises the soft limit to the hard one.
+pub(super) fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or fill the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    /// Held while writing and starting a script: a process forked by one
+    /// test while another still has its script open for writing would make
+    /// that script fail to start ("text file busy").
+    static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A stand-in for `majordome` that runs `script` whatever its arguments.
+    fn fake_exe(name: &str, script: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("majordome-bench-{}-{name}", std::process::id()));
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn alive(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[test]
+    fn reads_the_endpoint_measures_and_kills_the_broker() {
+        let guard = SPAWNING.lock().unwrap();
+        let exe = fake_exe(
+            "listening",
+            r#"echo "starting $1 $2 $3 $4 $5"; echo "majordome broker listening on tcp://127.0.0.1:41234"; exec sleep 60"#,
+        );
+        let broker = SpawnedBroker::start(&exe, &["--worker-prefetch".into(), "4".into()]).unwrap();
+        drop(guard);
+        assert_eq!(broker.endpoint, "tcp://127.0.0.1:41234");
+        let pid = broker.pid();
+        assert!(rss_kib(pid).is_some_and(|kib| kib > 0));
+        drop(broker);
+        assert!(!alive(pid), "the broker outlived the bench");
+        std::fs::remove_file(exe).unwrap();
+    }
+
+    #[test]
+    fn a_broker_that_exits_early_is_a_clear_error() {
+        let guard = SPAWNING.lock().unwrap();
+        let exe = fake_exe("exits", "echo 'cannot bind' >&2; exit 3");
+        let error = SpawnedBroker::start(&exe, &[]).err().unwrap().to_string();
+        drop(guard);
+        assert!(error.contains("stopped before saying where it listens"), "{error}");
+        assert!(error.contains("3"), "{error}");
+        std::fs::remove_file(exe).unwrap();
+    }
+
+    #[test]
+    fn a_missing_binary_is_a_clear_error() {
+        let _guard = SPAWNING.lock().unwrap();
+        let error = SpawnedBroker::start(Path::new("/nonexistent/majordome"), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("cannot start /nonexistent/majordome"), "{error}");
+    }
+
+    #[test]
+    fn reads_rss_of_this_process() {
+        assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+        assert_eq!(rss_kib(u32::MAX), None);
+    }
+}
