@@ -1,5 +1,5 @@
-use std::time::Duration;
 use majordome_bench::reqrep::*;
+use std::time::Duration;
 
 #[test]
 #[ignore]

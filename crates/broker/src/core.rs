@@ -756,5 +756,80 @@ impl Core {
 }
 
 #[cfg(test)]
+impl Core {
+    /// Recomputes every counter and cross-reference from the live state and
+    /// panics on the first mismatch. For tests that drive the core with
+    /// random inputs.
+    pub(crate) fn check_invariants(&self) {
+        for (name, service) in &self.services {
+            let workers: Vec<(&Bytes, &Worker)> = self.workers.iter().filter(|(_, w)| &w.service == name).collect();
+            assert_eq!(service.workers, workers.len(), "workers of {name:?}");
+            let idle = workers.iter().filter(|(_, w)| w.in_flight.is_empty()).count();
+            assert_eq!(service.idle_workers, idle, "idle workers of {name:?}");
+            for (identity, worker) in &workers {
+                if worker.in_flight.is_empty() {
+                    let token = worker.ready_token.expect("an idle worker is queued");
+                    assert!(
+                        service.idle.contains(&((*identity).clone(), token)),
+                        "idle entry of {identity:?}"
+                    );
+                }
+            }
+            let queued: Vec<RequestId> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| &r.service == name && r.state == RequestState::Queued)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(service.queued, queued.len(), "queued of {name:?}");
+            for id in queued {
+                assert!(service.queue.contains(&id), "request {id} is in its queue");
+            }
+            assert!(
+                service.queued == 0 || service.idle_workers == 0,
+                "{name:?}: work and an idle worker both wait"
+            );
+        }
+        for (id, request) in &self.requests {
+            assert!(
+                self.services.contains_key(&request.service),
+                "request {id} has its service"
+            );
+            assert!(
+                self.deadlines.iter().any(|Reverse((_, entry))| entry == id),
+                "request {id} has a deadline"
+            );
+            if let RequestState::Dispatched { worker } = &request.state {
+                let holder = self.workers.get(worker).expect("a dispatched request's worker exists");
+                assert!(
+                    holder.in_flight.contains(&Some(*id)),
+                    "request {id} is in its worker's list"
+                );
+            }
+        }
+        for (identity, worker) in &self.workers {
+            assert!(
+                worker.in_flight.len() <= self.settings.worker_prefetch.max(1),
+                "{identity:?} over prefetch"
+            );
+            for id in worker.in_flight.iter().flatten() {
+                let request = self.requests.get(id).expect("a request in flight exists");
+                assert_eq!(
+                    request.state,
+                    RequestState::Dispatched {
+                        worker: identity.clone()
+                    }
+                );
+            }
+            let checks = self
+                .worker_checks
+                .iter()
+                .filter(|Reverse((_, g, i))| *g == worker.generation && i == identity);
+            assert_eq!(checks.count(), 1, "{identity:?} has one liveness check");
+        }
+    }
+}
+
+#[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;
