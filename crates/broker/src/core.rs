@@ -762,7 +762,7 @@ impl Core {
     /// random inputs.
     pub(crate) fn check_invariants(&self) {
         for (name, service) in &self.services {
-            let workers: Vec<(&Bytes, &Worker)> = self.workers.iter().filter(|(_, w)| &w.service == name).collect();
+            let workers: Vec<(&Bytes, &Worker)> = self.workers.iter().filter(|(_, w)| w.service == name).collect();
             assert_eq!(service.workers, workers.len(), "workers of {name:?}");
             let idle = workers.iter().filter(|(_, w)| w.in_flight.is_empty()).count();
             assert_eq!(service.idle_workers, idle, "idle workers of {name:?}");
@@ -778,7 +778,7 @@ impl Core {
             let queued: Vec<RequestId> = self
                 .requests
                 .iter()
-                .filter(|(_, r)| &r.service == name && r.state == RequestState::Queued)
+                .filter(|(_, r)| r.service == name && r.state == RequestState::Queued)
                 .map(|(id, _)| *id)
                 .collect();
             assert_eq!(service.queued, queued.len(), "queued of {name:?}");

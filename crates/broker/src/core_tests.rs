@@ -622,7 +622,7 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
             let service = rng.pick(&services);
             let frames: Frames = match rng.below(12) {
                 0 | 1 => f(&[worker, "", "MDPW01", "\x01", service]),
-                2 | 3 | 4 => {
+                2..=4 => {
                     // A reply, usually to the request the worker holds.
                     let owed = asked
                         .get_mut(&Bytes::copy_from_slice(worker.as_bytes()))
@@ -635,7 +635,7 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
                 }
                 5 => f(&[worker, "", "MDPW01", "\x04"]),
                 6 => f(&[worker, "", "MDPW01", "\x05"]),
-                7 | 8 | 9 => match rng.below(4) {
+                7..=9 => match rng.below(4) {
                     0 => f(&[client, "", "MDPC01", service, "0.3", "a.get", "{}"]),
                     1 => f(&[client, "", "MDPC01", service, "a.do", "{}"]),
                     2 => f(&[client, "rid", "", "MDPC01", service, "raw"]),
