@@ -21,7 +21,9 @@ use anyhow::{ensure, Result};
 use bytes::Bytes;
 
 use idle::IdleFleet;
-use load::{run_load, Target};
+#[cfg(test)]
+use load::run_load;
+use load::{measure, EchoWorkers, Target};
 use proxy::Proxy;
 use spawn::SpawnedBroker;
 
@@ -133,7 +135,7 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
         options.runs,
         endpoint,
         if spawned.is_some() {
-            " (started for this run)"
+            " (started by the bench)"
         } else {
             ""
         }
@@ -160,23 +162,34 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
         endpoint: endpoint.clone(),
         service: Bytes::from(options.service.clone()),
     };
+    let mut broker_workers = EchoWorkers::start(&broker_target, options.workers)?;
+    // The workers of each target live through all its runs, so that no
+    // run starts while a broker still holds (and feeds) workers of the
+    // previous one, and a broker's bookkeeping of leaving workers is not
+    // part of the bench.
+    let mut baseline = if options.baseline_proxy {
+        let proxy = Proxy::start()?;
+        let workers = EchoWorkers::start(&proxy.target(), options.workers)?;
+        Some((proxy, workers))
+    } else {
+        None
+    };
     let mut broker_runs = Vec::with_capacity(options.runs);
     let mut proxy_runs = Vec::with_capacity(options.runs);
     for run_index in 1..=options.runs {
-        let figures = run_load(&broker_target, options)?;
+        let figures = measure(&broker_target, options, &mut broker_workers)?;
         say!(out, "run {run_index}/{} broker: {}", options.runs, describe(&figures));
         broker_runs.push(figures);
-        if options.baseline_proxy {
-            // A fresh proxy for each run: a proxy's DEALER forgets a worker
-            // of the previous run only when its I/O thread notices the
-            // closed connection, and a request routed there meanwhile would
-            // be lost.
-            let proxy = Proxy::start()?;
-            let figures = run_load(&proxy.target(), options)?;
-            drop(proxy);
+        if let Some((proxy, workers)) = &mut baseline {
+            let figures = measure(&proxy.target(), options, workers)?;
             say!(out, "run {run_index}/{} proxy:  {}", options.runs, describe(&figures));
             proxy_runs.push(figures);
         }
+    }
+    broker_workers.stop()?;
+    if let Some((proxy, workers)) = baseline {
+        workers.stop()?;
+        drop(proxy);
     }
     drop(fleet);
 
@@ -470,9 +483,7 @@ mod tests {
 
     /// The whole of `run` against a small RFC 7 broker: the MDP framing,
     /// the idle services and their MMI check, several interleaved runs
-    /// (which only complete if each run's workers leave the broker with a
-    /// DISCONNECT, since the test broker never expires a silent worker),
-    /// and the output.
+    /// sharing each target's workers, and the output.
     #[test]
     fn run_against_a_minimal_mdp_broker_with_the_proxy_baseline() {
         let broker = test_broker::TestBroker::start();
@@ -508,9 +519,9 @@ mod tests {
         assert!(!out.contains("RSS"), "{out}");
         let stats = broker.stop();
         assert_eq!(stats.idle_ready, 5, "{stats:?}");
-        // Every echo worker of both runs said goodbye.
-        assert_eq!(stats.echo_ready, 4, "{stats:?}");
-        assert_eq!(stats.echo_disconnects, 4, "{stats:?}");
+        // The same two echo workers served both runs, and said goodbye.
+        assert_eq!(stats.echo_ready, 2, "{stats:?}");
+        assert_eq!(stats.echo_disconnects, 2, "{stats:?}");
     }
 
     #[test]

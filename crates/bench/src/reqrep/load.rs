@@ -90,44 +90,100 @@ struct ClientRun {
     finished: Instant,
 }
 
-/// Runs one measured load against `target` and returns its figures.
-///
-/// The workers connect first (and, for a broker, send READY); then the
-/// clients connect and warm up; the clock starts when every client has
-/// warmed up and stops at the last reply of the last client.
+/// Runs one measured load against `target` with workers of its own, and
+/// returns its figures. [`EchoWorkers::start`] then [`measure`].
+#[cfg(test)]
 pub(super) fn run_load(target: &Target, options: &ReqRepOptions) -> Result<Figures> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let mut workers = Vec::with_capacity(options.workers);
-    for index in 0..options.workers {
-        let target = target.clone();
-        let flag = stop.clone();
-        let ready = ready_tx.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("bench-worker-{index}"))
-            .spawn(move || echo_worker(&target, &flag, ready));
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => {
-                return Err(stop_workers(
-                    &stop,
-                    workers,
-                    Some(anyhow!(e).context("cannot start a worker thread")),
-                ))
+    let mut workers = EchoWorkers::start(target, options.workers)?;
+    let figures = measure(target, options, &mut workers);
+    let stopped = workers.stop();
+    let figures = figures?;
+    stopped?;
+    Ok(figures)
+}
+
+/// W echo workers on one target, connected (and, on a broker, registered)
+/// for as long as this lives: all the runs of that target share them, so
+/// that no run starts while the broker still holds workers of the previous
+/// one. Stopped (each sending DISCONNECT to a broker) when dropped.
+pub(super) struct EchoWorkers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl EchoWorkers {
+    /// Starts `count` workers and returns once each is connected and has
+    /// sent READY (to a broker), or with the first one's error.
+    pub(super) fn start(target: &Target, count: usize) -> Result<EchoWorkers> {
+        let mut workers = EchoWorkers {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::with_capacity(count),
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        for index in 0..count {
+            let target = target.clone();
+            let stop = workers.stop.clone();
+            let ready = ready_tx.clone();
+            let thread = thread::Builder::new()
+                .name(format!("bench-worker-{index}"))
+                .spawn(move || echo_worker(&target, &stop, ready))
+                .context("cannot start an echo worker thread")?;
+            workers.threads.push(thread);
+        }
+        drop(ready_tx);
+        for _ in 0..count {
+            // Each worker reports once it is connected, or why it could not
+            // be; the connection wait is itself bounded by STALL.
+            match ready_rx.recv_timeout(STALL + Duration::from_secs(1)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("the echo workers did not start within {} s", STALL.as_secs()),
             }
         }
-    }
-    drop(ready_tx);
-    for _ in 0..options.workers {
-        // A worker reports once it is connected, or why it could not be.
-        let failure = match ready_rx.recv_timeout(STALL + Duration::from_secs(1)) {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e,
-            Err(_) => anyhow!("the echo workers did not start within {} s", STALL.as_secs()),
-        };
-        return Err(stop_workers(&stop, workers, Some(failure)));
+        Ok(workers)
     }
 
+    /// The error of a worker that stopped on its own, if any did.
+    fn failure(&mut self) -> Option<anyhow::Error> {
+        let index = self.threads.iter().position(JoinHandle::is_finished)?;
+        match self.threads.swap_remove(index).join() {
+            Ok(Err(e)) => Some(e.context("an echo worker failed")),
+            Ok(Ok(())) => Some(anyhow!("an echo worker stopped")),
+            Err(_) => Some(anyhow!("an echo worker panicked")),
+        }
+    }
+
+    /// Stops the workers (each sends DISCONNECT to a broker) and returns the
+    /// first error any of them had.
+    pub(super) fn stop(mut self) -> Result<()> {
+        self.stop_and_join().map_or(Ok(()), Err)
+    }
+
+    fn stop_and_join(&mut self) -> Option<anyhow::Error> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut first = None;
+        for thread in self.threads.drain(..) {
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("an echo worker panicked")));
+            if let Err(e) = outcome {
+                first = first.or(Some(e));
+            }
+        }
+        first
+    }
+}
+
+impl Drop for EchoWorkers {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// One measured run of C clients against `target`, whose `workers` are
+/// running. The clients connect and warm up; the clock starts when every
+/// client has warmed up and stops at the last reply of the last client.
+pub(super) fn measure(target: &Target, options: &ReqRepOptions, workers: &mut EchoWorkers) -> Result<Figures> {
     let epoch = Instant::now();
     let barrier = Arc::new(Barrier::new(options.clients + 1));
     let mut clients: Vec<JoinHandle<Result<ClientRun>>> = Vec::with_capacity(options.clients);
@@ -161,38 +217,13 @@ pub(super) fn run_load(target: &Target, options: &ReqRepOptions) -> Result<Figur
         }
     }
     if let Some(failure) = failure {
-        return Err(stop_workers(&stop, workers, Some(failure)));
-    }
-    if let Some(e) = stop_workers_checked(&stop, workers) {
-        return Err(e);
+        // A worker that died is why the clients got no reply: say so first.
+        return Err(match workers.failure() {
+            Some(worker) => worker.context(format!("{failure:#}")),
+            None => failure,
+        });
     }
     Ok(figures_of(latencies, options.requests, end.duration_since(start)))
-}
-
-/// Stops and joins the workers, and returns `failure` or else the first
-/// worker error. Only for paths that already failed.
-fn stop_workers(
-    stop: &AtomicBool,
-    workers: Vec<JoinHandle<Result<()>>>,
-    failure: Option<anyhow::Error>,
-) -> anyhow::Error {
-    let worker_failure = stop_workers_checked(stop, workers);
-    failure.or(worker_failure).unwrap_or_else(|| anyhow!("the run failed"))
-}
-
-/// Stops and joins the workers; the first error any of them had.
-fn stop_workers_checked(stop: &AtomicBool, workers: Vec<JoinHandle<Result<()>>>) -> Option<anyhow::Error> {
-    stop.store(true, Ordering::SeqCst);
-    let mut first = None;
-    for worker in workers {
-        let outcome = worker
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("a worker thread panicked")));
-        if let Err(e) = outcome {
-            first = first.or(Some(e));
-        }
-    }
-    first
 }
 
 /// A DEALER on the process-wide context, with the options every bench
@@ -348,8 +379,18 @@ fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()
         Target::Broker { service, .. } => Some(service),
         Target::Proxy { .. } => None,
     };
-    let connected = connect_worker(target, stop);
-    let socket = match connected {
+    // Connected, and registered with a broker; `None` if stopped meanwhile.
+    let setup = || -> Result<Option<zmq::Socket>> {
+        let Some(socket) = connect_worker(target, stop)? else {
+            return Ok(None);
+        };
+        if let Some(service) = service {
+            net::send_frames(&socket, &mdp::ready(service), 0)
+                .with_context(|| format!("cannot send READY to {}", target.worker_endpoint()))?;
+        }
+        Ok(Some(socket))
+    };
+    let socket = match setup() {
         Ok(Some(socket)) => socket,
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -359,9 +400,6 @@ fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()
         }
     };
     let mut last_sent = Instant::now();
-    if let Some(service) = service {
-        net::send_frames(&socket, &mdp::ready(service), 0)?;
-    }
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -398,7 +436,8 @@ fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()
     }
     if service.is_some() {
         // Without it the broker would keep the worker until its heartbeats
-        // run out, and give it the next run's requests meanwhile. LINGER 0
+        // run out, and give it requests (of another bench, say) meanwhile.
+        // LINGER 0
         // does not lose it: the send wakes the I/O thread before the close
         // does, and that thread writes waiting messages before it handles
         // the close.

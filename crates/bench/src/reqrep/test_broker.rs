@@ -1,7 +1,6 @@
 //! A minimal RFC 7 broker for the tests: one ROUTER, idle workers in FIFOs
-//! per service, `mmi.service`, and no heartbeat expiry at all, so that a
-//! worker that leaves without a DISCONNECT would swallow requests and fail
-//! the test.
+//! per service, `mmi.service`, and no heartbeat expiry at all (a worker
+//! that left without a DISCONNECT would keep getting requests).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
