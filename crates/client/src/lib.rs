@@ -5,11 +5,14 @@
 
 mod async_client;
 mod error;
+mod events;
 mod sync_client;
 mod worker;
 
 pub use async_client::{AsyncClient, PendingReply};
 pub use error::ClientError;
+pub use events::{Publisher, Subscriber};
+pub use majordome_mdp::domogik::Event;
 pub use majordome_mdp::domogik::Message;
 pub use majordome_mdp::{Bytes, Frames};
 pub use majordome_net::Shutdown;

@@ -22,6 +22,40 @@ pub enum Command {
     Up {
         #[command(flatten)]
         broker: BrokerArgs,
+        #[command(flatten)]
+        events: EventArgs,
+    },
+    /// Run only the event forwarder (Domogik pub/sub: XSUB/XPUB).
+    Forwarder {
+        #[command(flatten)]
+        events: EventArgs,
+    },
+    /// Publish one event: `pub CATEGORY JSON`, as Domogik's publishers do.
+    Pub {
+        /// Category, e.g. `plugin.status`.
+        category: String,
+        /// The event's JSON.
+        json: String,
+        /// Where publishers connect.
+        #[arg(long, default_value = DEFAULT_PUBLISH)]
+        endpoint: String,
+        /// Seconds to wait for a subscriber that wants the category.
+        #[arg(long, default_value_t = 2.0)]
+        wait: f64,
+    },
+    /// Print events as they come, one line each: time, category, JSON.
+    Sub {
+        /// Prefixes of the event id to subscribe to (categories); none: all.
+        prefixes: Vec<String>,
+        /// Where subscribers connect.
+        #[arg(long, default_value = DEFAULT_SUBSCRIBE)]
+        endpoint: String,
+        /// One JSON object per line: {"id", "category", "data"}.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Run only the broker (MDP/0.1 + MMI + the Domogik dialect).
     Broker {
@@ -80,7 +114,10 @@ pub enum Command {
 impl Command {
     /// Servers log at info by default; one-shot commands only warn.
     pub fn is_server(&self) -> bool {
-        matches!(self, Command::Up { .. } | Command::Broker { .. } | Command::Echo { .. })
+        matches!(
+            self,
+            Command::Up { .. } | Command::Broker { .. } | Command::Echo { .. } | Command::Forwarder { .. }
+        )
     }
 }
 
@@ -131,6 +168,38 @@ pub enum Bench {
 pub enum Baseline {
     /// A ROUTER↔DEALER `zmq_proxy` with the same clients and echo workers.
     Proxy,
+}
+
+/// Where events are published to (Domogik's port).
+pub const DEFAULT_PUBLISH: &str = "tcp://127.0.0.1:40411";
+/// Where events are subscribed from (Domogik's port).
+pub const DEFAULT_SUBSCRIBE: &str = "tcp://127.0.0.1:40412";
+
+/// Where the event forwarder listens and its bounds.
+#[derive(Debug, Args)]
+pub struct EventArgs {
+    /// Endpoint publishers connect to (the forwarder's XSUB).
+    #[arg(long, default_value = DEFAULT_PUBLISH)]
+    pub pub_bind: String,
+    /// Endpoint subscribers connect to (the forwarder's XPUB).
+    #[arg(long, default_value = DEFAULT_SUBSCRIBE)]
+    pub sub_bind: String,
+    /// Events queued per subscriber before a slow one loses some.
+    #[arg(long, default_value_t = 10_000)]
+    pub event_high_water_mark: i32,
+}
+
+impl EventArgs {
+    pub fn settings(&self) -> anyhow::Result<majordome_events::Settings> {
+        anyhow::ensure!(
+            self.event_high_water_mark > 0,
+            "--event-high-water-mark must be above 0"
+        );
+        Ok(majordome_events::Settings {
+            high_water_mark: self.event_high_water_mark,
+            ..majordome_events::Settings::default()
+        })
+    }
 }
 
 /// Where the broker listens and its bounds.

@@ -9,17 +9,33 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use majordome_broker::stats::Snapshot;
 use majordome_broker::Broker;
-use majordome_client::{domogik_handler, Bytes, Client, ClientOptions, Message, Shutdown, Worker, WorkerOptions};
+use majordome_client::{
+    domogik_handler, Bytes, Client, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
+};
 use majordome_mdp::domogik;
 use serde_json::Value;
 
-use crate::cli::{Bench, BrokerArgs, Command};
+use crate::cli::{Bench, BrokerArgs, Command, EventArgs};
+use majordome_events::Forwarder;
 
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Broker { broker } => broker_only(&broker),
-        Command::Up { broker } => up(&broker),
+        Command::Up { broker, events } => up(&broker, &events),
+        Command::Forwarder { events } => forwarder_only(&events),
+        Command::Pub {
+            category,
+            json,
+            endpoint,
+            wait,
+        } => publish(&endpoint, &category, &json, wait),
+        Command::Sub {
+            prefixes,
+            endpoint,
+            json,
+            count,
+        } => subscribe(&endpoint, &prefixes, json, count),
         Command::Call {
             service,
             args,
@@ -53,36 +69,135 @@ fn broker_only(args: &BrokerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(args: &BrokerArgs) -> Result<ExitCode> {
+fn up(args: &BrokerArgs, event_args: &EventArgs) -> Result<ExitCode> {
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
     let broker = Broker::bind(&args.bind, args.settings()?)?;
+    let forwarder = Forwarder::bind(&event_args.pub_bind, &event_args.sub_bind, event_args.settings()?)?;
     let endpoint = broker.endpoint().to_owned();
-    let broker_shutdown = shutdown.clone();
-    let broker_thread = thread::Builder::new()
-        .name("broker".into())
-        .spawn(move || broker.run(&broker_shutdown))?;
-    let echo_endpoint = endpoint.clone();
-    let echo_shutdown = shutdown.clone();
-    let echo_thread = thread::Builder::new().name("echo".into()).spawn(move || {
-        Worker::new(&echo_endpoint, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), &echo_shutdown)
-    })?;
+    let (publish_at, subscribe_at) = (
+        forwarder.publisher_endpoint().to_owned(),
+        forwarder.subscriber_endpoint().to_owned(),
+    );
+    let counters = forwarder.counters();
+    let mut threads: Vec<(&str, thread::JoinHandle<Result<()>>)> = Vec::new();
+    let stop = shutdown.clone();
+    threads.push((
+        "broker",
+        thread::Builder::new()
+            .name("broker".into())
+            .spawn(move || Ok(broker.run(&stop)?))?,
+    ));
+    let stop = shutdown.clone();
+    threads.push((
+        "forwarder",
+        thread::Builder::new()
+            .name("forwarder".into())
+            .spawn(move || Ok(forwarder.run(&stop)?))?,
+    ));
+    let (stop, at) = (shutdown.clone(), endpoint.clone());
+    threads.push((
+        "echo",
+        thread::Builder::new().name("echo".into()).spawn(move || {
+            Ok(Worker::new(&at, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), &stop)?)
+        })?,
+    ));
+    // The forwarder's counters, served on the bus like everything else.
+    let (stop, at) = (shutdown.clone(), endpoint.clone());
+    threads.push((
+        "events",
+        thread::Builder::new().name("events".into()).spawn(move || {
+            let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+                "stats.get" => Message::new(
+                    "stats.result",
+                    serde_json::to_value(counters.snapshot()).unwrap_or_default(),
+                ),
+                other => Message::failure(
+                    other,
+                    format!("unknown action '{other}': the events service answers stats.get"),
+                ),
+            });
+            Ok(Worker::new(&at, "events", WorkerOptions::default()).run(handler, &stop)?)
+        })?,
+    ));
     println!("majordome broker listening on {endpoint}");
     println!("  request/reply (MDP/0.1, MMI, Domogik dialect)  {endpoint}");
-    println!(
-        "  services                                       echo, mmi.service, mmi.services, mmi.discovery, mmi.stats"
-    );
+    println!("  events: publishers connect to                  {publish_at}");
+    println!("  events: subscribers connect to                 {subscribe_at}");
+    println!("  services                                       echo, events, mmi.service, mmi.services, mmi.discovery, mmi.stats");
     println!("try: majordome call echo ping.get '{{\"hello\": \"world\"}}' --broker {endpoint}");
     println!("stop with Ctrl-C");
     std::io::stdout().flush()?;
     shutdown.wait();
-    let echo_result = echo_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("the echo service panicked"))?;
-    let broker_result = broker_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("the broker panicked"))?;
-    broker_result?;
-    echo_result?;
+    for (name, thread) in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))??;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forwarder_only(args: &EventArgs) -> Result<ExitCode> {
+    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
+    let forwarder = Forwarder::bind(&args.pub_bind, &args.sub_bind, args.settings()?)?;
+    println!(
+        "majordome forwarder: publishers connect to {}",
+        forwarder.publisher_endpoint()
+    );
+    println!(
+        "majordome forwarder: subscribers listening on {}",
+        forwarder.subscriber_endpoint()
+    );
+    std::io::stdout().flush()?;
+    forwarder.run(&shutdown)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish(endpoint: &str, category: &str, json: &str, wait: f64) -> Result<ExitCode> {
+    if category.is_empty() || category.contains(char::is_whitespace) {
+        bail!("the category must be non-empty and without spaces, like plugin.status");
+    }
+    if !(wait.is_finite() && wait >= 0.0) {
+        bail!("--wait must be a number of seconds, not {wait}");
+    }
+    let data: Value =
+        serde_json::from_str(json).with_context(|| format!("the JSON argument is not valid JSON ({json})"))?;
+    let mut publisher = Publisher::connect(endpoint)?;
+    // A publisher only sends what somebody subscribed to: wait for one, so
+    // that the event is not published into the void unannounced.
+    if !publisher.wait_for_subscriber(category, Duration::from_secs_f64(wait.min(3600.0)))? {
+        eprintln!("note: nobody subscribed to '{category}' at {endpoint} within {wait} s; the event was not delivered");
+        return Ok(ExitCode::SUCCESS);
+    }
+    publisher.publish(category, &data)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn subscribe(endpoint: &str, prefixes: &[String], json: bool, count: Option<u64>) -> Result<ExitCode> {
+    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    let mut subscriber = Subscriber::connect(endpoint, &prefixes)?;
+    let mut seen = 0;
+    let mut out = std::io::stdout().lock();
+    while count.is_none_or(|limit| seen < limit) && !shutdown.is_triggered() {
+        let Some(event) = subscriber.recv(Duration::from_millis(200))? else {
+            continue;
+        };
+        seen += 1;
+        if json {
+            let line = serde_json::json!({"id": event.id, "category": event.category, "data": event.data});
+            writeln!(out, "{line}")?;
+        } else {
+            let time = event.id.rsplit('.').nth(1).unwrap_or("").replace('_', ".");
+            writeln!(out, "{time} {} {}", event.category, event.data)?;
+        }
+        out.flush()?;
+    }
+    if subscriber.malformed() > 0 {
+        eprintln!(
+            "skipped {} messages that were not Domogik events",
+            subscriber.malformed()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

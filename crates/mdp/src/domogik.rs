@@ -162,6 +162,68 @@ pub fn dialect_action(body: &[Bytes]) -> Option<&str> {
     (well_formed && object).then_some(action)
 }
 
+/// A Domogik event as it travels on pub/sub: `msg_id | JSON`, where
+/// `msg_id` is `<category>.<unix time with '.' as '_'>.0_1`, e.g.
+/// `plugin.status.1371476851_54.0_1`. Subscriptions are prefix matches on
+/// `msg_id`, so subscribing to a category gets its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The category, e.g. `plugin.status`.
+    pub category: String,
+    /// The whole message id as sent.
+    pub id: String,
+    /// The JSON payload.
+    pub data: Value,
+}
+
+/// Why a pub/sub message is not a Domogik event.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EventError {
+    /// Not exactly two frames.
+    #[error("a Domogik event has exactly two frames (msg_id, JSON), got {0}")]
+    FrameCount(usize),
+    /// The id is not UTF-8 or has no category before its time part.
+    #[error("the msg_id is not `<category>.<time>.0_1`")]
+    BadId,
+    /// The payload is not JSON.
+    #[error("the payload is not JSON: {0}")]
+    BadJson(String),
+}
+
+/// The `msg_id` for an event of `category` sent at `unix_seconds`.
+pub fn event_id(category: &str, unix_seconds: f64) -> String {
+    let time = format!("{unix_seconds:.2}").replace('.', "_");
+    format!("{category}.{time}.0_1")
+}
+
+impl Event {
+    /// The two frames of an event of `category` sent at `unix_seconds`.
+    pub fn frames(category: &str, unix_seconds: f64, data: &Value) -> Frames {
+        vec![
+            Bytes::from(event_id(category, unix_seconds)),
+            Bytes::from(data.to_string()),
+        ]
+    }
+
+    /// Reads a pub/sub message. The category is the id without its last two
+    /// dot-separated parts (the time and the `0_1` suffix).
+    pub fn from_frames(frames: &[Bytes]) -> Result<Self, EventError> {
+        if frames.len() != 2 {
+            return Err(EventError::FrameCount(frames.len()));
+        }
+        let id = std::str::from_utf8(&frames[0]).map_err(|_| EventError::BadId)?;
+        let mut parts = id.rsplitn(3, '.');
+        let (_suffix, _time, category) = (parts.next(), parts.next(), parts.next());
+        let category = category.filter(|c| !c.is_empty()).ok_or(EventError::BadId)?;
+        let data = serde_json::from_slice(&frames[1]).map_err(|e| EventError::BadJson(e.to_string()))?;
+        Ok(Event {
+            category: category.to_owned(),
+            id: id.to_owned(),
+            data,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +303,31 @@ mod tests {
         assert_eq!(failure.action, "config.result");
         assert_eq!(failure.status(), Some(false));
         assert_eq!(failure.reason(), Some("no worker"));
+    }
+
+    #[test]
+    fn events_as_domogik_sends_them() {
+        // From Domogik's manager dialogs (seed 001).
+        let frames = f(&[
+            "clients.list.1371071554_16.0_1",
+            r#"{"domogik-diskfree.darkstar": {"status": "unknown", "host": "darkstar", "type": "plugin", "id": "diskfree", "configured": null}}"#,
+        ]);
+        let event = Event::from_frames(&frames).unwrap();
+        assert_eq!(event.category, "clients.list");
+        assert_eq!(event.data["domogik-diskfree.darkstar"]["status"], json!("unknown"));
+        assert_eq!(
+            event_id("plugin.status", 1371476851.54),
+            "plugin.status.1371476851_54.0_1"
+        );
+        let built = Event::frames("plugin.status", 1371476851.54, &json!({"event": "alive"}));
+        assert_eq!(Event::from_frames(&built).unwrap().category, "plugin.status");
+        assert_eq!(Event::from_frames(&f(&["x"])), Err(EventError::FrameCount(1)));
+        assert_eq!(Event::from_frames(&f(&["nodots", "{}"])), Err(EventError::BadId));
+        assert_eq!(Event::from_frames(&f(&[".1_2.0_1", "{}"])), Err(EventError::BadId));
+        assert!(matches!(
+            Event::from_frames(&f(&["a.1_2.0_1", "{"])),
+            Err(EventError::BadJson(_))
+        ));
     }
 
     #[test]

@@ -51,6 +51,30 @@ impl Process {
         Process { child, endpoint }
     }
 
+    /// Starts a command and returns it with its first `count` lines of
+    /// output (where it says what listens where).
+    pub fn start_reading(args: &[&str], count: usize) -> (Process, Vec<String>) {
+        let mut child = majordome()
+            .args(args)
+            .env("MAJORDOME_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start majordome");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first: Vec<String> = (0..count)
+            .map(|_| lines.next().expect("majordome exited early").expect("read stdout"))
+            .collect();
+        std::thread::spawn(move || for _ in lines {});
+        (
+            Process {
+                child,
+                endpoint: String::new(),
+            },
+            first,
+        )
+    }
+
     /// Starts a command that needs no handshake (a worker).
     pub fn start(args: &[&str]) -> Process {
         let child = majordome()

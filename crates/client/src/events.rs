@@ -1,0 +1,138 @@
+//! Publishing and subscribing to events through the forwarder, in
+//! Domogik's `msg_id | JSON` format.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use majordome_mdp::domogik::Event;
+use majordome_net as net;
+use serde_json::Value;
+
+use crate::error::ClientError;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Publishes events; connects to the forwarder's publisher side (40411).
+///
+/// Like any ZeroMQ publisher, it sends only what somebody subscribed to,
+/// and events published before the subscriptions reach it are lost:
+/// [`Publisher::wait_for_subscriber`] waits until one covers a category.
+pub struct Publisher {
+    // Field order matters: the socket closes before its context ends.
+    socket: zmq::Socket,
+    topics: Vec<Vec<u8>>,
+    /// Its own context, so that dropping the publisher waits (up to the
+    /// linger) for what it published to leave. The process-wide context is
+    /// never closed, and a short-lived publisher such as `majordome pub`
+    /// could exit with its event still queued.
+    _context: zmq::Context,
+}
+
+impl Publisher {
+    /// Connects to the forwarder at `endpoint`.
+    pub fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        // An XPUB rather than a PUB: it behaves the same for the forwarder,
+        // and it lets this side see which subscriptions have arrived.
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::XPUB)?;
+        socket.set_linger(1000)?;
+        socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+        Ok(Publisher {
+            socket,
+            topics: Vec::new(),
+            _context: context,
+        })
+    }
+
+    /// Publishes `data` under `category`, stamped with the current time.
+    pub fn publish(&mut self, category: &str, data: &Value) -> Result<(), ClientError> {
+        self.absorb_subscriptions();
+        net::send_frames(&self.socket, &Event::frames(category, unix_now(), data), zmq::DONTWAIT)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` until some subscriber wants `category`. True
+    /// when one does.
+    pub fn wait_for_subscriber(&mut self, category: &str, timeout: Duration) -> Result<bool, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.absorb_subscriptions();
+            if self.topics.iter().any(|topic| category.as_bytes().starts_with(topic)) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.socket.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn absorb_subscriptions(&mut self) {
+        while let Ok(message) = self.socket.recv_bytes(zmq::DONTWAIT) {
+            match message.split_first() {
+                Some((1, topic)) => self.topics.push(topic.to_vec()),
+                Some((0, topic)) => self.topics.retain(|t| t != topic),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Receives events; connects to the forwarder's subscriber side (40412).
+pub struct Subscriber {
+    socket: zmq::Socket,
+    malformed: u64,
+}
+
+impl Subscriber {
+    /// Connects to `endpoint` and subscribes to each prefix of `msg_id`
+    /// (a category, or the start of one); no prefix means everything.
+    pub fn connect(endpoint: &str, prefixes: &[&str]) -> Result<Self, ClientError> {
+        let socket = net::context().socket(zmq::SUB)?;
+        socket.set_linger(0)?;
+        socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+        if prefixes.is_empty() {
+            socket.set_subscribe(b"")?;
+        }
+        for prefix in prefixes {
+            socket.set_subscribe(prefix.as_bytes())?;
+        }
+        Ok(Subscriber { socket, malformed: 0 })
+    }
+
+    /// The next well-formed event, or `None` after `timeout`. Messages that
+    /// are not Domogik events are skipped and counted.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.socket.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
+                return Ok(None);
+            }
+            let frames: Vec<Bytes> = net::recv_all(&self.socket)?;
+            match Event::from_frames(&frames) {
+                Ok(event) => return Ok(Some(event)),
+                Err(e) => {
+                    self.malformed += 1;
+                    tracing::debug!(error = %e, "skipped a malformed event");
+                }
+            }
+        }
+    }
+
+    /// How many malformed messages were skipped.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+}
