@@ -1,3 +1,4 @@
 //! Load generators for `majordome bench`.
 
+pub mod events;
 pub mod reqrep;

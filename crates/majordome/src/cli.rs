@@ -123,6 +123,30 @@ impl Command {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// Events from one publisher to many subscribers through the forwarder,
+    /// optionally against a bare libzmq XSUB/XPUB proxy in the same run.
+    Events {
+        /// An external forwarder: where publishers connect.
+        #[arg(long, requires = "subscribe")]
+        publish: Option<String>,
+        /// An external forwarder: where subscribers connect.
+        #[arg(long, requires = "publish")]
+        subscribe: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        /// Bytes of each event's payload.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long)]
+        baseline: Option<Baseline>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// High-water mark per subscriber, for both forwarders.
+        #[arg(long, default_value_t = 10_000)]
+        high_water_mark: i32,
+    },
     /// Request/reply through an MDP/0.1 broker, optionally against a bare
     /// libzmq proxy in the same run.
     Reqrep {

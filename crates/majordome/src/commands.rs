@@ -343,6 +343,27 @@ fn render_status(endpoint: &str, stats: &Snapshot) -> String {
 
 fn bench_command(bench: Bench) -> Result<ExitCode> {
     match bench {
+        Bench::Events {
+            publish,
+            subscribe,
+            subscribers,
+            events,
+            size,
+            baseline,
+            runs,
+            high_water_mark,
+        } => {
+            let options = majordome_bench::events::EventsOptions {
+                forwarder: publish.zip(subscribe),
+                subscribers,
+                events,
+                size,
+                baseline_proxy: baseline.is_some(),
+                runs,
+                high_water_mark,
+            };
+            majordome_bench::events::run(&options, &mut std::io::stdout())?;
+        }
         Bench::Reqrep {
             broker,
             clients,
