@@ -140,11 +140,15 @@ enum Failure {
     WorkerGone,
     QueueFull,
     TooManyServices,
+    BadServiceName,
 }
 
 impl Core {
     /// A broker with no peers, started at `now`.
-    pub fn new(settings: Settings, now: Instant) -> Self {
+    pub fn new(mut settings: Settings, now: Instant) -> Self {
+        // A zero interval would make every timer due at once, forever.
+        settings.heartbeat_interval = settings.heartbeat_interval.max(Duration::from_millis(1));
+        settings.liveness = settings.liveness.max(1);
         let next_heartbeat = now + settings.heartbeat_interval;
         Core {
             settings,
@@ -289,11 +293,18 @@ impl Core {
             self.on_mmi(now, address, service, body);
             return;
         }
+        let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
         if service.is_empty() || service.len() > MAX_SERVICE_NAME {
             self.drop_message(now, "bad_service_name");
+            self.fail(
+                &address,
+                &service,
+                dialect_action.as_ref(),
+                Failure::BadServiceName,
+                timeout,
+            );
             return;
         }
-        let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
         if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
             self.drop_message(now, "too_many_services");
             self.fail(
@@ -440,6 +451,7 @@ impl Core {
                     return;
                 }
                 let request = self.requests.remove(&id).expect("checked above");
+                self.compact_deadlines();
                 self.outbox.push(mdp::client_reply(&request.address, &service, body));
                 if let Some(entry) = self.services.get_mut(&service) {
                     entry.counters.replies += 1;
@@ -566,6 +578,7 @@ impl Core {
                 service.spare.push_back((identity, self.next_token));
             }
         }
+        self.compact(service_name);
     }
 
     /// Queues a worker as ready for work according to what it has in
@@ -586,6 +599,42 @@ impl Core {
         } else if worker.in_flight.len() < prefetch {
             service.spare.push_back((identity.clone(), token));
             worker.ready_token = Some(token);
+        }
+        let service = worker.service.clone();
+        self.compact(&service);
+    }
+
+    /// Drops stale entries from a service's FIFOs once they outnumber the
+    /// live ones. Each sweep leaves only live entries, so its cost is paid
+    /// by the pushes since the last one: amortised O(1), and the FIFOs stay
+    /// bounded by the live state whatever the traffic.
+    fn compact(&mut self, name: &Bytes) {
+        let Some(service) = self.services.get_mut(name) else {
+            return;
+        };
+        let workers = &self.workers;
+        let live =
+            |(identity, token): &(Bytes, u64)| workers.get(identity).is_some_and(|w| w.ready_token == Some(*token));
+        if service.idle.len() > 2 * service.workers + 8 {
+            service.idle.retain(|entry| live(entry));
+        }
+        if service.spare.len() > 2 * service.workers + 8 {
+            service.spare.retain(|entry| live(entry));
+        }
+        if service.queue.len() > 2 * service.queued + 8 {
+            let requests = &self.requests;
+            service
+                .queue
+                .retain(|id| matches!(requests.get(id), Some(r) if r.state == RequestState::Queued));
+        }
+    }
+
+    /// The same for the deadline heap, whose entries outlive the requests
+    /// answered before their deadline (which may be a year away).
+    fn compact_deadlines(&mut self) {
+        if self.deadlines.len() > 2 * self.requests.len() + 1024 {
+            let requests = &self.requests;
+            self.deadlines.retain(|Reverse((_, id))| requests.contains_key(id));
         }
     }
 
@@ -621,6 +670,7 @@ impl Core {
             failure,
             request.timeout,
         );
+        self.compact(&request.service);
     }
 
     fn check_worker(&mut self, now: Instant, generation: u64, identity: Bytes) {
@@ -685,6 +735,8 @@ impl Core {
                 );
             }
         }
+        self.compact(&worker.service);
+        self.compact_deadlines();
     }
 
     /// Tells a Domogik-dialect client that its request failed. A plain MDP
@@ -713,6 +765,9 @@ impl Core {
                 "service '{name}' has {} requests waiting already; try again later",
                 self.settings.max_queue_per_service
             ),
+            Failure::BadServiceName => {
+                format!("the service name must be 1 to {MAX_SERVICE_NAME} bytes long")
+            }
             Failure::TooManyServices => {
                 format!(
                     "the broker already knows {} services; refusing '{name}'",

@@ -490,9 +490,11 @@ fn next_wakeup_is_the_earliest_timer() {
 #[test]
 fn empty_and_overlong_service_names_are_dropped() {
     let mut h = Harness::new();
-    assert!(h.request("c", "", &["x.get", "{}"]).is_empty());
+    // Plain MDP bodies: dropped and counted (a dialect body is told why,
+    // see below).
+    assert!(h.request("c", "", &["x"]).is_empty());
     let long = "s".repeat(300);
-    assert!(h.request("c", &long, &["x.get", "{}"]).is_empty());
+    assert!(h.request("c", &long, &["x"]).is_empty());
     assert!(is_disconnect(&h.ready("w", &long)[0], "w"));
     let stats = h.core.stats(h.now);
     assert_eq!(stats.dropped["bad_service_name"], 3);
@@ -685,4 +687,94 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
         );
         assert_eq!(stats.workers, 0, "seed {seed}: silent workers expired");
     }
+}
+
+// Regressions found in review: each lazily cleaned structure stayed bounded
+// only while its front was being consumed. They must stay bounded by the
+// live state whatever the traffic.
+
+#[test]
+fn regression_spare_fifo_does_not_grow_with_prefetch() {
+    let mut h = Harness::with(prefetch(2));
+    h.ready("w", "svc");
+    for _ in 0..1000 {
+        h.request("c", "svc", &["x"]);
+        h.reply("w", "c", &["x"]);
+    }
+    let service = &h.core.services[&Bytes::from("svc")];
+    assert!(
+        service.spare.len() < 16,
+        "spare holds {} stale entries",
+        service.spare.len()
+    );
+    h.core.check_invariants();
+}
+
+#[test]
+fn regression_queue_does_not_keep_expired_ids_without_a_worker() {
+    let mut h = Harness::new();
+    for _ in 0..1000 {
+        h.request("c", "nobody", &["0", "a.get", "{}"]);
+        h.advance(Duration::from_millis(1));
+    }
+    let service = &h.core.services[&Bytes::from("nobody")];
+    assert!(
+        service.queue.len() < 32,
+        "queue holds {} stale ids",
+        service.queue.len()
+    );
+    h.core.check_invariants();
+}
+
+#[test]
+fn regression_idle_fifo_does_not_grow_with_ready_disconnect_churn() {
+    let mut h = Harness::new();
+    h.ready("stay", "svc");
+    for _ in 0..1000 {
+        h.ready("w", "svc");
+        h.input(f(&["w", "", "MDPW01", "\x05"]));
+    }
+    let service = &h.core.services[&Bytes::from("svc")];
+    assert!(
+        service.idle.len() < 16,
+        "idle holds {} stale entries",
+        service.idle.len()
+    );
+    h.core.check_invariants();
+}
+
+#[test]
+fn regression_answered_requests_do_not_stay_in_the_deadline_heap() {
+    let mut h = Harness::new();
+    h.ready("w", "echo");
+    for _ in 0..5000 {
+        h.request("c", "echo", &["31536000", "a.get", "{}"]);
+        h.reply("w", "c", &["a.result", "{}"]);
+    }
+    assert!(
+        h.core.deadlines.len() <= 2048,
+        "{} dead entries",
+        h.core.deadlines.len()
+    );
+    h.core.check_invariants();
+}
+
+#[test]
+fn a_zero_heartbeat_interval_cannot_make_tick_spin() {
+    let mut h = Harness::with(Settings {
+        heartbeat_interval: Duration::ZERO,
+        ..Settings::default()
+    });
+    h.ready("w", "svc");
+    h.request("c", "svc", &["5", "a.do", "{}"]);
+    h.advance(Duration::from_millis(10));
+    assert_eq!(h.core.stats(h.now).workers, 1);
+}
+
+#[test]
+fn a_dialect_request_with_a_bad_service_name_is_told_why() {
+    let mut h = Harness::new();
+    let out = h.request("c", "", &["5", "a.get", "{}"]);
+    let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
+    assert!(message.reason().unwrap().contains("service name"), "{message:?}");
 }

@@ -165,8 +165,9 @@ impl Worker {
                     _ => warn!("unexpected message from the handler thread"),
                 }
             }
-            if dealer_ready {
-                let dealer = socket.as_ref().expect("polled");
+            // The socket may be gone since the poll: a panicking handler
+            // makes the worker start over on a fresh one.
+            if let (true, Some(dealer)) = (dealer_ready, socket.as_ref()) {
                 let frames = net::recv_all(dealer)?;
                 liveness = self.options.liveness;
                 match mdp::parse_to_worker(frames) {
