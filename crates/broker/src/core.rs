@@ -9,7 +9,9 @@
 //!   wait in a per-service FIFO (so the least recently used one is served
 //!   first), requests in a per-service FIFO, and deadlines in binary heaps.
 //!   All three are cleaned lazily: an entry whose target has changed since it
-//!   was queued is skipped when it reaches the front. The only periodic
+//!   was queued is skipped when it reaches the front, and a structure is
+//!   swept once it holds twice its live content, so memory stays bounded by
+//!   the live state. The only periodic
 //!   sweep is the heartbeat to every worker, once per heartbeat interval,
 //!   which the protocol itself asks for.
 //! - A worker holds at most one request. A reply is matched to the request
