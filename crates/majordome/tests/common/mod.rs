@@ -29,14 +29,7 @@ impl Process {
 
     /// Starts a command that prints `… listening on ENDPOINT` first.
     pub fn start_listening(args: &[&str]) -> Process {
-        let mut child = majordome()
-            .args(args)
-            .env("MAJORDOME_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start majordome");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (child, mut lines) = spawn_reading(args);
         let endpoint = loop {
             let line = lines
                 .next()
@@ -46,26 +39,18 @@ impl Process {
                 break line[at + "listening on ".len()..].trim().to_owned();
             }
         };
-        // Keep reading so that the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        drain(lines);
         Process { child, endpoint }
     }
 
     /// Starts a command and returns it with its first `count` lines of
     /// output (where it says what listens where).
     pub fn start_reading(args: &[&str], count: usize) -> (Process, Vec<String>) {
-        let mut child = majordome()
-            .args(args)
-            .env("MAJORDOME_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start majordome");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (child, mut lines) = spawn_reading(args);
         let first: Vec<String> = (0..count)
             .map(|_| lines.next().expect("majordome exited early").expect("read stdout"))
             .collect();
-        std::thread::spawn(move || for _ in lines {});
+        drain(lines);
         (
             Process {
                 child,
@@ -114,6 +99,27 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts `majordome ARGS…` with its output readable line by line.
+fn spawn_reading(args: &[&str]) -> (Child, Lines) {
+    let mut child = majordome()
+        .args(args)
+        .env("MAJORDOME_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start majordome");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
+}
+
+/// Keeps reading in the background so that the child never blocks on a
+/// full pipe.
+fn drain(lines: Lines) {
+    std::thread::spawn(move || for _ in lines {});
 }
 
 /// Runs `majordome ARGS…` to completion.
