@@ -602,8 +602,7 @@ impl Core {
             service.spare.push_back((identity.clone(), token));
             worker.ready_token = Some(token);
         }
-        let service = worker.service.clone();
-        self.compact(&service);
+        // No sweep here: every caller dispatches the service next, which does.
     }
 
     /// Drops stale entries from a service's FIFOs once they outnumber the
