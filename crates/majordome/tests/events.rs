@@ -107,28 +107,60 @@ fn malformed_events_are_forwarded_but_the_library_skips_and_counts_them() {
 /// get every event, in order.
 #[test]
 fn a_slow_subscriber_does_not_slow_the_others() {
-    let (_forwarder, publish_at, subscribe_at) = forwarder(&["--event-high-water-mark", "100"]);
+    const HWM: usize = 100;
+    const BATCH: usize = 20; // well under the HWM: a fast reader never overflows
+    const BATCHES: usize = 250;
+    let (_forwarder, publish_at, subscribe_at) = forwarder(&["--event-high-water-mark", &HWM.to_string()]);
     let stuck = majordome_net::context().socket(zmq::SUB).unwrap();
     stuck.set_rcvhwm(10).unwrap();
+    // A fixed kernel buffer (no autotuning), so that what the stuck reader
+    // can hold is small next to what is published.
+    stuck.set_rcvbuf(64 * 1024).unwrap();
     stuck.set_linger(0).unwrap();
     stuck.connect(&subscribe_at).unwrap();
     stuck.set_subscribe(b"").unwrap();
     let mut fast = Subscriber::connect(&subscribe_at, &["sensor"]).unwrap();
     let mut publisher = Publisher::connect(&publish_at).unwrap();
-    assert!(publisher.wait_for_subscriber("sensor.value", LIMIT).unwrap());
-    // Both subscriptions must have reached the publisher before counting.
-    assert!(publisher.wait_for_subscriber("anything", LIMIT).unwrap());
-    for batch in 0..50 {
-        for i in 0..100 {
+    // The stuck subscriber's "" matches everything, so a subscription seen
+    // at the publisher does not prove that `fast`'s has arrived: probe
+    // until `fast` itself gets one.
+    let start = Instant::now();
+    loop {
+        publisher.publish("sensor.probe", &json!({})).unwrap();
+        if fast.recv(Duration::from_millis(20)).unwrap().is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the fast subscription never reached the publisher"
+        );
+    }
+    // 8 KB events, 40 MB in all: far more than the stuck reader's queues
+    // and socket buffers can hold.
+    let padding = "x".repeat(8 * 1024);
+    for batch in 0..BATCHES {
+        for i in 0..BATCH {
+            let n = batch * BATCH + i;
             publisher
-                .publish("sensor.value", &json!({"n": batch * 100 + i}))
+                .publish("sensor.value", &json!({"n": n, "pad": padding}))
                 .unwrap();
         }
-        for i in 0..100 {
+        let mut i = 0;
+        while i < BATCH {
             let event = fast.recv(LIMIT).unwrap().expect("the fast subscriber gets every event");
-            assert_eq!(event.data, json!({"n": batch * 100 + i}));
+            if event.category == "sensor.probe" {
+                continue; // probes still in flight when the path opened
+            }
+            assert_eq!(event.data["n"], json!(batch * BATCH + i));
+            i += 1;
         }
     }
+    // The stuck subscriber now reads what it was left: far from everything.
+    let mut kept = 0;
+    while try_recv(&stuck, Duration::from_millis(500)).is_some() {
+        kept += 1;
+    }
+    assert!(kept < BATCH * BATCHES / 2, "the stuck subscriber kept {kept} events");
 }
 
 #[test]
