@@ -136,6 +136,7 @@ struct Request {
 }
 
 /// Why a request failed, as told to a Domogik-dialect client.
+#[derive(Clone, Copy)]
 enum Failure {
     NoWorker,
     NoAnswer,
@@ -143,6 +144,20 @@ enum Failure {
     QueueFull,
     TooManyServices,
     BadServiceName,
+}
+
+impl Failure {
+    /// The `error` field of the failure reply.
+    fn name(self) -> &'static str {
+        match self {
+            Failure::NoWorker => "no_worker",
+            Failure::NoAnswer => "no_answer",
+            Failure::WorkerGone => "worker_gone",
+            Failure::QueueFull => "queue_full",
+            Failure::TooManyServices => "too_many_services",
+            Failure::BadServiceName => "bad_service_name",
+        }
+    }
 }
 
 impl Core {
@@ -248,6 +263,13 @@ impl Core {
 
     /// The statistics `mmi.stats` serves.
     pub fn stats(&self, now: Instant) -> Snapshot {
+        // Not on the hot path: one pass over the workers for the late ones.
+        let mut late: HashMap<&Bytes, usize> = HashMap::new();
+        for worker in self.workers.values() {
+            if worker.in_flight.iter().any(Option::is_none) {
+                *late.entry(&worker.service).or_default() += 1;
+            }
+        }
         let services = self
             .services
             .iter()
@@ -257,6 +279,7 @@ impl Core {
                     queued: service.queued,
                     workers: service.workers,
                     idle_workers: service.idle_workers,
+                    late_workers: late.get(name).copied().unwrap_or(0),
                 };
                 (String::from_utf8_lossy(name).into_owned(), stats)
             })
@@ -777,11 +800,12 @@ impl Core {
             }
         };
         let action = String::from_utf8_lossy(action);
-        self.outbox.push(mdp::client_reply(
-            address,
-            service,
-            Message::failure(&action, reason).to_frames(),
-        ));
+        let mut message = Message::failure(&action, reason);
+        // Machine-readable, so that a client (Titanic) can tell the
+        // broker's failure from the service's own `status: false`.
+        message.data["error"] = failure.name().into();
+        self.outbox
+            .push(mdp::client_reply(address, service, message.to_frames()));
     }
 
     fn forget_idle_services(&mut self, now: Instant) {

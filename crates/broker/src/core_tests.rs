@@ -171,6 +171,10 @@ fn regression_unanswered_request_does_not_block_the_service() {
     let message = Message::from_frames(&as_reply(failure).2).unwrap();
     assert_eq!(message.action, "a.result");
     assert!(message.reason().unwrap().contains("did not answer"), "{message:?}");
+    // Machine-readable too: Titanic retries on it rather than store it.
+    assert_eq!(message.data["error"], "no_answer");
+    // w still holds c1's request, and may still be running it.
+    assert_eq!(h.core.stats(h.now).services["svc"].late_workers, 1);
     // The worker finally answers c1: dropped and counted, not given to c2.
     let out = h.reply("w", "c1", &["a.result", "{\"status\":true}"]);
     assert_eq!(out.len(), 1);
@@ -180,6 +184,7 @@ fn regression_unanswered_request_does_not_block_the_service() {
     let stats = h.core.stats(h.now);
     assert_eq!(stats.services["svc"].counters.late_replies, 1);
     assert_eq!(stats.dropped["late_reply"], 1);
+    assert_eq!(stats.services["svc"].late_workers, 0, "w answered: no longer late");
 }
 
 /// Domogik's broker: a request to an unknown service got no reply at all.
@@ -195,6 +200,7 @@ fn regression_unknown_service_gets_a_clear_error_at_its_deadline() {
         message.reason().unwrap().contains("no worker for service 'nothere'"),
         "{message:?}"
     );
+    assert_eq!(message.data["error"], "no_worker");
 }
 
 /// Domogik's broker: plugins that started before their service gave up,

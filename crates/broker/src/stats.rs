@@ -31,6 +31,10 @@ pub struct ServiceStats {
     pub workers: usize,
     /// Of those, workers waiting for a request.
     pub idle_workers: usize,
+    /// Of those, workers still holding a request that expired at them:
+    /// they may still be running it.
+    #[serde(default)]
+    pub late_workers: usize,
 }
 
 /// The broker's statistics as `mmi.stats` returns them.

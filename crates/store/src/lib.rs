@@ -84,7 +84,9 @@ pub fn open(path: &Path, durability: Durability) -> Result<Connection, StoreErro
         Durability::Process => "NORMAL",
     };
     connection
-        .execute_batch(&format!("PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"))
+        .execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"
+        ))
         .map_err(fail)?;
     Ok(connection)
 }
