@@ -2,3 +2,5 @@
 
 pub mod events;
 pub mod reqrep;
+pub mod state;
+pub mod titanic;

@@ -24,6 +24,10 @@ pub enum Command {
         broker: BrokerArgs,
         #[command(flatten)]
         events: EventArgs,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        data: DataArgs,
     },
     /// Run only the event forwarder (Domogik pub/sub: XSUB/XPUB).
     Forwarder {
@@ -96,6 +100,15 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
     },
+    /// Shared state (the Clone server, RFC 12): print a subtree, or set,
+    /// delete and watch keys; `state serve` runs the server alone.
+    State(StateCommand),
+    /// Durable requests (Titanic, RFC 9): `titanic request`, `reply`,
+    /// `close`, `list`; `titanic serve` runs the service alone.
+    Titanic {
+        #[command(subcommand)]
+        action: TitanicAction,
+    },
     /// Show the broker's services, workers, queues and counters.
     Status {
         #[arg(long, default_value = DEFAULT_BROKER)]
@@ -116,7 +129,17 @@ impl Command {
     pub fn is_server(&self) -> bool {
         matches!(
             self,
-            Command::Up { .. } | Command::Broker { .. } | Command::Echo { .. } | Command::Forwarder { .. }
+            Command::Up { .. }
+                | Command::Broker { .. }
+                | Command::Echo { .. }
+                | Command::Forwarder { .. }
+                | Command::State(StateCommand {
+                    action: Some(StateAction::Serve { .. }),
+                    ..
+                })
+                | Command::Titanic {
+                    action: TitanicAction::Serve { .. }
+                }
         )
     }
 }
@@ -146,6 +169,50 @@ pub enum Bench {
         /// High-water mark per subscriber, for both forwarders.
         #[arg(long, default_value_t = 10_000)]
         high_water_mark: i32,
+    },
+    /// The Clone server: load K keys, time a whole snapshot to a new
+    /// client, and update → mirror latency.
+    State {
+        /// A running server's snapshot endpoint; by default one is started
+        /// in this process on a fresh database.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Update round trips timed.
+        #[arg(long, default_value_t = 2_000)]
+        updates: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        baseline: Option<RelayBaseline>,
+        /// Folder for the bench's database (default: a temporary one).
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+    },
+    /// Titanic end to end: request, dispatch to an echo service, reply,
+    /// close; in this process, on a fresh database.
+    Titanic {
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Requests per run, shared among the clients.
+        #[arg(long, default_value_t = 10_000)]
+        requests: usize,
+        /// Requests each client keeps in flight.
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        baseline: Option<DirectBaseline>,
+        /// Folder for the bench's database (default: a temporary one).
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
     },
     /// Request/reply through an MDP/0.1 broker, optionally against a bare
     /// libzmq proxy in the same run.
@@ -186,6 +253,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RelayBaseline {
+    /// A bare libzmq SUB→PUB relay: the Clone path's two hops, no storage.
+    Relay,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DirectBaseline {
+    /// The same requests straight to the service through the broker, not
+    /// stored.
+    Direct,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -277,4 +357,133 @@ impl BrokerArgs {
             ..Settings::default()
         })
     }
+}
+
+/// Where the Clone server's snapshot socket listens (RFC 12: updates on the
+/// next port, the collector on the one after).
+pub const DEFAULT_STATE: &str = "tcp://127.0.0.1:40413";
+/// Where `majordome up` keeps its database.
+pub const DEFAULT_DATA: &str = "./majordome-data";
+
+/// The data folder.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Folder of the SQLite database (`majordome.db`); created if missing.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: std::path::PathBuf,
+}
+
+/// Where the Clone server listens.
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// Snapshot endpoint P; updates are published on P+1 and the
+    /// collector listens on P+2. Port 0 picks three free ports in a row.
+    #[arg(long, default_value = DEFAULT_STATE)]
+    pub state_bind: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct StateCommand {
+    #[command(subcommand)]
+    pub action: Option<StateAction>,
+    /// Print the keys under this subtree (e.g. `/device/`); none: all.
+    pub subtree: Option<String>,
+    /// The Clone server's snapshot endpoint (updates and collector follow).
+    #[arg(long, default_value = DEFAULT_STATE)]
+    pub endpoint: String,
+    /// One JSON object: {"sequence", "keys": {key: {value, sequence, properties}}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateAction {
+    /// Set KEY to VALUE and wait until the server has stored and published it.
+    Set {
+        key: String,
+        value: String,
+        /// Seconds after which the server deletes the key.
+        #[arg(long)]
+        ttl: Option<f64>,
+        #[arg(long, default_value = DEFAULT_STATE)]
+        endpoint: String,
+        /// Seconds to wait for the server to confirm.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Delete KEY (an empty value, as RFC 12 says).
+    Delete {
+        key: String,
+        #[arg(long, default_value = DEFAULT_STATE)]
+        endpoint: String,
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Print the subtree, then every change to it as it happens.
+    Watch {
+        /// e.g. `/device/`; none: everything.
+        subtree: Option<String>,
+        #[arg(long, default_value = DEFAULT_STATE)]
+        endpoint: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many changes (not counting the snapshot).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Run only the Clone server.
+    Serve {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TitanicAction {
+    /// Store a request for SERVICE durably and print its uuid. Domogik
+    /// dialect by default (`ACTION [JSON]`); with --raw, body frames.
+    Request {
+        service: String,
+        args: Vec<String>,
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Print the reply to a request; exit code 2 while it is pending.
+    Reply {
+        uuid: String,
+        /// Keep asking for up to this many seconds while it is pending.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+        /// Print the reply's frames one per line instead of as Domogik JSON.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Forget a request and its reply.
+    Close {
+        uuid: String,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Pending and done requests.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Run only the Titanic service, on a broker that runs elsewhere.
+    Serve {
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }

@@ -15,14 +15,21 @@ use majordome_client::{
 use majordome_mdp::domogik;
 use serde_json::Value;
 
-use crate::cli::{Bench, BrokerArgs, Command, EventArgs};
+use crate::cli::{Bench, BrokerArgs, Command, DataArgs, EventArgs, StateArgs};
 use majordome_events::Forwarder;
 
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Broker { broker } => broker_only(&broker),
-        Command::Up { broker, events } => up(&broker, &events),
+        Command::Up {
+            broker,
+            events,
+            state,
+            data,
+        } => up(&broker, &events, &state, &data),
+        Command::State(command) => crate::state_cmd::run(command),
+        Command::Titanic { action } => crate::titanic_cmd::run(action),
         Command::Forwarder { events } => forwarder_only(&events),
         Command::Pub {
             category,
@@ -69,10 +76,16 @@ fn broker_only(args: &BrokerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(args: &BrokerArgs, event_args: &EventArgs) -> Result<ExitCode> {
+fn up(args: &BrokerArgs, event_args: &EventArgs, state_args: &StateArgs, data: &DataArgs) -> Result<ExitCode> {
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
     let broker = Broker::bind(&args.bind, args.settings()?)?;
     let forwarder = Forwarder::bind(&event_args.pub_bind, &event_args.sub_bind, event_args.settings()?)?;
+    let database = majordome_store::database_path(&data.data);
+    let state = majordome_state::Server::bind(&state_args.state_bind, &database, majordome_state::Settings::default())?;
+    let state_endpoints = state.endpoints().clone();
+    let state_counters = state.counters();
+    let titanic =
+        majordome_titanic::Titanic::start(broker.endpoint(), &database, majordome_titanic::Settings::default())?;
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
         forwarder.publisher_endpoint().to_owned(),
@@ -93,6 +106,20 @@ fn up(args: &BrokerArgs, event_args: &EventArgs) -> Result<ExitCode> {
         thread::Builder::new()
             .name("forwarder".into())
             .spawn(move || Ok(forwarder.run(&stop)?))?,
+    ));
+    let stop = shutdown.clone();
+    threads.push((
+        "state",
+        thread::Builder::new()
+            .name("state".into())
+            .spawn(move || Ok(state.run(&stop)?))?,
+    ));
+    let stop = shutdown.clone();
+    threads.push((
+        "titanic",
+        thread::Builder::new()
+            .name("titanic".into())
+            .spawn(move || Ok(titanic.run(&stop)?))?,
     ));
     let (stop, at) = (shutdown.clone(), endpoint.clone());
     threads.push((
@@ -119,11 +146,34 @@ fn up(args: &BrokerArgs, event_args: &EventArgs) -> Result<ExitCode> {
             Ok(Worker::new(&at, "events", WorkerOptions::default()).run(handler, &stop)?)
         })?,
     ));
+    // The same for the Clone server's counters.
+    let (stop, at) = (shutdown.clone(), endpoint.clone());
+    threads.push((
+        "state-stats",
+        thread::Builder::new().name("state-stats".into()).spawn(move || {
+            let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+                "stats.get" => Message::new(
+                    "stats.result",
+                    serde_json::to_value(state_counters.snapshot()).unwrap_or_default(),
+                ),
+                other => Message::failure(
+                    other,
+                    format!("unknown action '{other}': the state service answers stats.get"),
+                ),
+            });
+            Ok(Worker::new(&at, "state", WorkerOptions::default()).run(handler, &stop)?)
+        })?,
+    ));
     println!("majordome broker listening on {endpoint}");
     println!("  request/reply (MDP/0.1, MMI, Domogik dialect)  {endpoint}");
     println!("  events: publishers connect to                  {publish_at}");
     println!("  events: subscribers connect to                 {subscribe_at}");
-    println!("  services                                       echo, events, mmi.service, mmi.services, mmi.discovery, mmi.stats");
+    crate::state_cmd::print_endpoints(&state_endpoints);
+    println!(
+        "  database                                       {}",
+        database.display()
+    );
+    println!("  services                                       echo, events, state, titanic.request, titanic.reply, titanic.close, titanic.list, mmi.*");
     println!("try: majordome call echo ping.get '{{\"hello\": \"world\"}}' --broker {endpoint}");
     println!("stop with Ctrl-C");
     std::io::stdout().flush()?;
@@ -399,6 +449,46 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                 ],
             };
             majordome_bench::reqrep::run(&options, &mut std::io::stdout())?;
+        }
+        Bench::State {
+            endpoint,
+            keys,
+            size,
+            updates,
+            runs,
+            baseline,
+            data,
+        } => {
+            let options = majordome_bench::state::StateOptions {
+                endpoint,
+                keys,
+                size,
+                updates,
+                runs,
+                baseline_relay: baseline.is_some(),
+                data,
+            };
+            majordome_bench::state::run(&options, &mut std::io::stdout())?;
+        }
+        Bench::Titanic {
+            clients,
+            requests,
+            window,
+            size,
+            runs,
+            baseline,
+            data,
+        } => {
+            let options = majordome_bench::titanic::TitanicOptions {
+                clients,
+                requests,
+                window,
+                size,
+                runs,
+                baseline_direct: baseline.is_some(),
+                data,
+            };
+            majordome_bench::titanic::run(&options, &mut std::io::stdout())?;
         }
     }
     Ok(ExitCode::SUCCESS)

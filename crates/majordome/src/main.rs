@@ -3,6 +3,8 @@
 
 mod cli;
 mod commands;
+mod state_cmd;
+mod titanic_cmd;
 
 use std::process::ExitCode;
 

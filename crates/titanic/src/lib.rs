@@ -1,0 +1,385 @@
+//! Titanic (ZeroMQ RFC 9, TSP): durable requests over the broker.
+//!
+//! Four services, each a worker on the bus like any plugin:
+//! - `titanic.request`: `service | body…` → `200 | uuid` once the request
+//!   is committed to SQLite (group commit shares fsyncs between workers);
+//! - `titanic.reply`: `uuid` → `200 | reply…`, `300` (pending), `400`
+//!   (unknown); it does not delete;
+//! - `titanic.close`: `uuid` → `200` (also for an unknown uuid): forgets
+//!   the request and its reply;
+//! - `titanic.list` (not in the RFC): `200 | JSON`, for `majordome titanic
+//!   list`.
+//!
+//! A malformed request is answered `400 <why>` (retrying cannot help); a
+//! failure to store is `500 <why>` (retry later). The [`dispatcher`] sends
+//! each stored request to its service once a worker is there, and stores
+//! the reply.
+
+pub mod client;
+mod dispatcher;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use majordome_client::{Frames, Worker, WorkerOptions};
+use majordome_net::Shutdown;
+use majordome_store::{Committer, Durability, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub use client::ReplyStatus;
+pub use store::ListEntry;
+
+/// Titanic's settings, each with its default.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Worker threads for `titanic.request`; their writes share commits.
+    pub request_workers: usize,
+    /// Deadline of one attempt at the service (sent as the Domogik timeout
+    /// frame, so the broker enforces it).
+    pub attempt_timeout: Duration,
+    /// Backoff after a failed attempt: first, and at most.
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+    /// How often a service with no worker is asked about again: first, and
+    /// at most.
+    pub service_backoff: Duration,
+    pub max_service_backoff: Duration,
+    /// Attempts in flight per service, and in all.
+    pub max_in_flight_per_service: usize,
+    pub max_in_flight: usize,
+    /// Bytes in one stored request (service name and body).
+    pub max_request_bytes: usize,
+    /// Entries of each kind (pending, done) `titanic.list` returns.
+    pub list_limit: usize,
+    pub durability: Durability,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            request_workers: 4,
+            attempt_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(60),
+            service_backoff: Duration::from_millis(250),
+            max_service_backoff: Duration::from_secs(10),
+            max_in_flight_per_service: 64,
+            max_in_flight: 1024,
+            max_request_bytes: 1024 * 1024,
+            list_limit: 1000,
+            durability: Durability::Full,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TitanicError {
+    #[error("titanic database: {0}")]
+    Store(#[from] StoreError),
+    #[error("titanic database: {0}")]
+    Sqlite(#[from] majordome_store::rusqlite::Error),
+    #[error(transparent)]
+    Client(#[from] majordome_client::ClientError),
+    #[error("titanic answered {0}")]
+    Status(String),
+    #[error("malformed answer from titanic: {0}")]
+    Protocol(String),
+    #[error("cannot start a titanic thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Counters, readable while Titanic runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub stored: AtomicU64,
+    pub attempts: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub done: AtomicU64,
+    pub closed: AtomicU64,
+    pub malformed: AtomicU64,
+    pub pending: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// A snapshot of the [`Counters`] and the committer's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// Requests stored (answered 200).
+    pub stored: u64,
+    /// Attempts sent to services.
+    pub attempts: u64,
+    /// Attempts that failed (no answer, no worker, worker gone…).
+    pub failed_attempts: u64,
+    /// Replies stored.
+    pub done: u64,
+    /// `titanic.close` calls.
+    pub closed: u64,
+    /// Malformed titanic requests answered 400.
+    pub malformed: u64,
+    /// Requests waiting for their reply now.
+    pub pending: u64,
+    /// Attempts in flight now.
+    pub in_flight: u64,
+    /// SQLite commits, and writes they carried (writes/commits is the mean
+    /// group).
+    pub commits: u64,
+    pub writes: u64,
+}
+
+/// A new request for the dispatcher, handed over after its commit.
+pub(crate) struct NewRequest {
+    pub uuid: String,
+    pub service: String,
+    pub body: Frames,
+}
+
+/// Titanic, ready to run.
+pub struct Titanic {
+    broker: String,
+    database: PathBuf,
+    settings: Settings,
+    committer: Arc<Committer>,
+    counters: Arc<Counters>,
+}
+
+impl Titanic {
+    /// Opens (or creates) Titanic's table in the database at `database`.
+    /// Nothing talks to the broker until [`Titanic::run`].
+    pub fn start(broker: &str, database: &Path, settings: Settings) -> Result<Titanic, TitanicError> {
+        let connection = majordome_store::open(database, settings.durability)?;
+        connection.execute_batch(store::SCHEMA)?;
+        Ok(Titanic {
+            broker: broker.to_owned(),
+            database: database.to_owned(),
+            settings,
+            committer: Arc::new(Committer::start(connection)),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// The database writer's counters (commits, and writes they carried).
+    pub fn commit_stats(&self) -> Arc<majordome_store::CommitStats> {
+        self.committer.stats()
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> Stats {
+        stats(&self.counters, &self.committer)
+    }
+
+    /// Serves until `shutdown` fires.
+    pub fn run(self, shutdown: &Shutdown) -> Result<(), TitanicError> {
+        let (events, inbox) = mpsc::channel::<dispatcher::Event>();
+        let mut threads: Vec<thread::JoinHandle<Result<(), TitanicError>>> = Vec::new();
+        for i in 0..self.settings.request_workers.max(1) {
+            let handler = request_handler(
+                self.committer.clone(),
+                self.counters.clone(),
+                events.clone(),
+                &self.settings,
+            );
+            threads.push(self.spawn_worker(&format!("titanic-req-{i}"), "titanic.request", handler, shutdown)?);
+        }
+        let reader = majordome_store::open(&self.database, self.settings.durability)?;
+        threads.push(self.spawn_worker("titanic-reply", "titanic.reply", reply_handler(reader), shutdown)?);
+        let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
+        threads.push(self.spawn_worker("titanic-close", "titanic.close", close, shutdown)?);
+        let reader = majordome_store::open(&self.database, self.settings.durability)?;
+        let list = list_handler(reader, self.settings.list_limit);
+        threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);
+        let reader = majordome_store::open(&self.database, self.settings.durability)?;
+        let pending = store::load_pending(&reader)?;
+        drop(reader);
+        let dispatcher = dispatcher::Dispatcher::new(
+            &self.broker,
+            self.committer.clone(),
+            self.counters.clone(),
+            self.settings.clone(),
+            pending,
+            events,
+        )?;
+        let stop = shutdown.clone();
+        threads.push(
+            thread::Builder::new()
+                .name("titanic-dispatch".into())
+                .spawn(move || dispatcher.run(inbox, &stop))?,
+        );
+        let mut result = Ok(());
+        for thread in threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(TitanicError::Protocol("a titanic thread panicked".into())),
+            }
+        }
+        result
+    }
+
+    fn spawn_worker<H>(
+        &self,
+        name: &str,
+        service: &str,
+        handler: H,
+        shutdown: &Shutdown,
+    ) -> Result<thread::JoinHandle<Result<(), TitanicError>>, TitanicError>
+    where
+        H: FnMut(Frames) -> Frames + Send + 'static,
+    {
+        let worker = Worker::new(&self.broker, service, WorkerOptions::default());
+        let stop = shutdown.clone();
+        Ok(thread::Builder::new()
+            .name(name.into())
+            .spawn(move || Ok(worker.run(handler, &stop)?))?)
+    }
+}
+
+pub(crate) fn stats(counters: &Counters, committer: &Committer) -> Stats {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let commits = committer.stats();
+    Stats {
+        stored: load(&counters.stored),
+        attempts: load(&counters.attempts),
+        failed_attempts: load(&counters.failed_attempts),
+        done: load(&counters.done),
+        closed: load(&counters.closed),
+        malformed: load(&counters.malformed),
+        pending: load(&counters.pending),
+        in_flight: load(&counters.in_flight),
+        commits: load(&commits.commits),
+        writes: load(&commits.jobs),
+    }
+}
+
+fn status(text: &str) -> Frames {
+    vec![Bytes::copy_from_slice(text.as_bytes())]
+}
+
+/// `400 <why>`: a malformed request, not worth retrying.
+fn malformed(counters: &Counters, why: &str) -> Frames {
+    counters.malformed.fetch_add(1, Ordering::Relaxed);
+    status(&format!("400 {why}"))
+}
+
+/// A uuid as `titanic.request` hands them out: 32 hex digits (any case).
+fn parse_uuid(body: &[Bytes]) -> Result<String, &'static str> {
+    let [uuid] = body else {
+        return Err("expected one frame: the uuid");
+    };
+    let text = std::str::from_utf8(uuid).map_err(|_| "the uuid is not 32 hex digits")?;
+    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("the uuid is not 32 hex digits");
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
+/// Longest service name the broker accepts.
+const MAX_SERVICE_NAME: usize = 255;
+
+fn request_handler(
+    committer: Arc<Committer>,
+    counters: Arc<Counters>,
+    dispatcher: mpsc::Sender<dispatcher::Event>,
+    settings: &Settings,
+) -> impl FnMut(Frames) -> Frames + Send + 'static {
+    let max_bytes = settings.max_request_bytes;
+    move |body: Frames| {
+        let Some((service, request)) = body.split_first() else {
+            return malformed(&counters, "expected the service name, then the request body");
+        };
+        let Ok(service) = std::str::from_utf8(service) else {
+            return malformed(&counters, "the service name is not UTF-8");
+        };
+        if service.is_empty() || service.len() > MAX_SERVICE_NAME {
+            return malformed(&counters, "the service name must be 1 to 255 bytes long");
+        }
+        if service.starts_with("titanic.") || service.starts_with("mmi.") {
+            return malformed(
+                &counters,
+                "titanic does not store requests for titanic.* or mmi.* services",
+            );
+        }
+        if body.iter().map(|f| f.len()).sum::<usize>() > max_bytes {
+            return malformed(&counters, &format!("the request is larger than {max_bytes} bytes"));
+        }
+        let uuid = uuid::Uuid::new_v4().simple().to_string();
+        let (row_uuid, row_service, row_body) = (uuid.clone(), service.to_owned(), request.to_vec());
+        match committer.submit(move |c| store::insert(c, &row_uuid, &row_service, &row_body)) {
+            Ok(()) => {
+                counters.stored.fetch_add(1, Ordering::Relaxed);
+                let _ = dispatcher.send(dispatcher::Event::New(NewRequest {
+                    uuid: uuid.clone(),
+                    service: service.to_owned(),
+                    body: request.to_vec(),
+                }));
+                vec![Bytes::from_static(b"200"), Bytes::from(uuid)]
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not store a titanic request");
+                status(&format!("500 could not store the request: {e}"))
+            }
+        }
+    }
+}
+
+fn reply_handler(reader: majordome_store::rusqlite::Connection) -> impl FnMut(Frames) -> Frames + Send + 'static {
+    move |body: Frames| {
+        let uuid = match parse_uuid(&body) {
+            Ok(uuid) => uuid,
+            Err(why) => return status(&format!("400 {why}")),
+        };
+        match store::lookup(&reader, &uuid) {
+            Ok(store::Lookup::Done(reply)) => {
+                let mut frames = vec![Bytes::from_static(b"200")];
+                frames.extend(reply);
+                frames
+            }
+            Ok(store::Lookup::Pending) => status("300"),
+            Ok(store::Lookup::Unknown) => status("400"),
+            Err(e) => status(&format!("500 could not read the request: {e}")),
+        }
+    }
+}
+
+fn close_handler(
+    committer: Arc<Committer>,
+    counters: Arc<Counters>,
+    dispatcher: mpsc::Sender<dispatcher::Event>,
+) -> impl FnMut(Frames) -> Frames + Send + 'static {
+    move |body: Frames| {
+        let uuid = match parse_uuid(&body) {
+            Ok(uuid) => uuid,
+            Err(why) => return malformed(&counters, why),
+        };
+        let row = uuid.clone();
+        match committer.submit(move |c| store::delete(c, &row)) {
+            Ok(_) => {
+                let _ = dispatcher.send(dispatcher::Event::Closed(uuid));
+                counters.closed.fetch_add(1, Ordering::Relaxed);
+                status("200")
+            }
+            Err(e) => status(&format!("500 could not close the request: {e}")),
+        }
+    }
+}
+
+fn list_handler(
+    reader: majordome_store::rusqlite::Connection,
+    limit: usize,
+) -> impl FnMut(Frames) -> Frames + Send + 'static {
+    move |_body: Frames| match store::list(&reader, limit) {
+        Ok(entries) => vec![
+            Bytes::from_static(b"200"),
+            Bytes::from(serde_json::to_vec(&entries).unwrap_or_default()),
+        ],
+        Err(e) => status(&format!("500 could not list the requests: {e}")),
+    }
+}
