@@ -42,6 +42,8 @@ pub struct TitanicOptions {
     pub baseline_direct: bool,
     /// Folder for the database; `None`: a temporary one.
     pub data: Option<PathBuf>,
+    /// What a commit survives (the default syncs every commit).
+    pub durability: majordome_store::Durability,
 }
 
 /// Median figures of one target.
@@ -65,7 +67,7 @@ struct Stack {
 }
 
 impl Stack {
-    fn start(data: Option<&PathBuf>) -> Result<Stack> {
+    fn start(data: Option<&PathBuf>, durability: majordome_store::Durability) -> Result<Stack> {
         let (folder, path) = match data {
             Some(path) => (None, path.clone()),
             None => {
@@ -82,15 +84,18 @@ impl Stack {
         let endpoint = broker.endpoint().to_owned();
         let mut threads = Vec::new();
         let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
+        threads.push(thread::Builder::new().name("bench-broker".into()).spawn(move || {
             if let Err(e) = broker.run(&stop) {
                 eprintln!("broker: {e}");
             }
-        }));
+        })?);
         let titanic = Titanic::start(
             &endpoint,
             &majordome_store::database_path(&path),
-            majordome_titanic::Settings::default(),
+            majordome_titanic::Settings {
+                durability,
+                ..majordome_titanic::Settings::default()
+            },
         )?;
         let commits = titanic.commit_stats();
         let stop = shutdown.clone();
@@ -137,11 +142,14 @@ fn client(broker: &str) -> Client {
     )
 }
 
-/// One request through Titanic, from `titanic.request` to `titanic.close`.
-fn durable_round(client_: &mut Client, body: &Bytes) -> Result<()> {
+/// One request through Titanic, from `titanic.request` to `titanic.close`;
+/// returns how many times it asked `titanic.reply`.
+fn durable_round(client_: &mut Client, body: &Bytes) -> Result<u32> {
     let uuid = client::request(client_, SERVICE, vec![body.clone()])?;
-    let mut wait = Duration::from_micros(200);
+    let mut wait = Duration::from_micros(500);
+    let mut polls = 0;
     loop {
+        polls += 1;
         match client::reply(client_, &uuid)? {
             ReplyStatus::Done(reply) => {
                 ensure!(reply.first() == Some(body), "the reply is not the echo of the request");
@@ -155,12 +163,12 @@ fn durable_round(client_: &mut Client, body: &Bytes) -> Result<()> {
         }
     }
     client::close(client_, &uuid)?;
-    Ok(())
+    Ok(polls)
 }
 
 /// Runs `requests` rounds over `clients × window` threads; returns
-/// (requests/s, latencies in µs).
-fn load(options: &TitanicOptions, broker: &str, durable: bool) -> Result<(f64, Vec<u32>)> {
+/// (requests/s, latencies in µs, `titanic.reply` polls).
+fn load(options: &TitanicOptions, broker: &str, durable: bool) -> Result<(f64, Vec<u32>, u64)> {
     let threads = options.clients * options.window;
     let barrier = Arc::new(Barrier::new(threads + 1));
     let body = Bytes::from(vec![b'x'; options.size]);
@@ -168,36 +176,38 @@ fn load(options: &TitanicOptions, broker: &str, durable: bool) -> Result<(f64, V
     for t in 0..threads {
         let share = options.requests / threads + usize::from(t < options.requests % threads);
         let (barrier, broker, body) = (barrier.clone(), broker.to_owned(), body.clone());
-        handles.push(thread::spawn(move || -> Result<Vec<u32>> {
+        handles.push(thread::spawn(move || -> Result<(Vec<u32>, u64)> {
             let mut client_ = client(&broker);
             barrier.wait();
             let mut latencies = Vec::with_capacity(share);
+            let mut polls = 0;
             for _ in 0..share {
                 let start = Instant::now();
                 if durable {
-                    durable_round(&mut client_, &body)?;
+                    polls += u64::from(durable_round(&mut client_, &body)?);
                 } else {
                     let reply = client_.request(SERVICE, vec![body.clone()])?;
                     ensure!(reply.first() == Some(&body), "the reply is not the echo of the request");
                 }
                 latencies.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
-            Ok(latencies)
+            Ok((latencies, polls))
         }));
     }
     barrier.wait();
     let start = Instant::now();
     let mut latencies = Vec::with_capacity(options.requests);
+    let mut polls = 0;
     for handle in handles {
-        latencies.extend(
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("a bench client panicked"))??,
-        );
+        let (some, their_polls) = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("a bench client panicked"))??;
+        latencies.extend(some);
+        polls += their_polls;
     }
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
-    Ok((options.requests as f64 / elapsed, latencies))
+    Ok((options.requests as f64 / elapsed, latencies, polls))
 }
 
 /// Runs the benchmark and prints progress and results to `out`.
@@ -208,10 +218,10 @@ pub fn run(options: &TitanicOptions, out: &mut dyn Write) -> Result<(TitanicFigu
     ensure!(options.runs >= 1, "--runs must be at least 1");
     writeln!(
         out,
-        "bench titanic: {} clients x window {}, {} requests of {} B per run, {} runs; {ECHO_WORKERS} echo workers",
-        options.clients, options.window, options.requests, options.size, options.runs
+        "bench titanic: {} clients x window {}, {} requests of {} B per run, {} runs; {ECHO_WORKERS} echo workers; durability {:?}",
+        options.clients, options.window, options.requests, options.size, options.runs, options.durability
     )?;
-    let stack = Stack::start(options.data.as_ref())?;
+    let stack = Stack::start(options.data.as_ref(), options.durability)?;
     // Warm up: the workers must be registered before timing.
     durable_round(&mut client(&stack.broker), &Bytes::from_static(b"warm-up"))?;
     let mut figures: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
@@ -226,7 +236,7 @@ pub fn run(options: &TitanicOptions, out: &mut dyn Write) -> Result<(TitanicFigu
                 stack.commits.commits.load(Ordering::Relaxed),
                 stack.commits.jobs.load(Ordering::Relaxed),
             );
-            let (rate, latencies) = load(options, &stack.broker, durable)?;
+            let (rate, latencies, polls) = load(options, &stack.broker, durable)?;
             let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
             let name = if durable { "titanic" } else { "direct" };
             let mut line = format!("run {run} {name}: {rate:.0} req/s, p50 {p50:.0} us, p99 {p99:.0} us");
@@ -234,8 +244,9 @@ pub fn run(options: &TitanicOptions, out: &mut dyn Write) -> Result<(TitanicFigu
                 let commits = stack.commits.commits.load(Ordering::Relaxed) - commits;
                 let writes = stack.commits.jobs.load(Ordering::Relaxed) - writes;
                 line.push_str(&format!(
-                    "; {writes} writes in {commits} commits ({:.1} per fsync)",
-                    writes as f64 / commits.max(1) as f64
+                    "; {writes} writes in {commits} commits ({:.1} per commit); {:.1} titanic.reply polls per request",
+                    writes as f64 / commits.max(1) as f64,
+                    polls as f64 / options.requests as f64
                 ));
             }
             writeln!(out, "{line}")?;
@@ -280,6 +291,7 @@ mod tests {
             runs: 1,
             baseline_direct: true,
             data: None,
+            durability: majordome_store::Durability::Full,
         };
         let mut out = Vec::new();
         let (titanic, direct) = run(&options, &mut out).unwrap();

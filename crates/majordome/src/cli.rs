@@ -213,6 +213,10 @@ pub enum Bench {
         /// Folder for the bench's database (default: a temporary one).
         #[arg(long)]
         data: Option<std::path::PathBuf>,
+        /// `full` syncs every commit (survives power loss, the default);
+        /// `process` survives a crash of the process only.
+        #[arg(long, default_value = "full")]
+        durability: DurabilityArg,
     },
     /// Request/reply through an MDP/0.1 broker, optionally against a bare
     /// libzmq proxy in the same run.
@@ -253,6 +257,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DurabilityArg {
+    Full,
+    Process,
+}
+
+impl From<DurabilityArg> for majordome_store::Durability {
+    fn from(value: DurabilityArg) -> Self {
+        match value {
+            DurabilityArg::Full => majordome_store::Durability::Full,
+            DurabilityArg::Process => majordome_store::Durability::Process,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -478,8 +478,10 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             runs,
             baseline,
             data,
+            durability,
         } => {
             let options = majordome_bench::titanic::TitanicOptions {
+                durability: durability.into(),
                 clients,
                 requests,
                 window,

@@ -37,8 +37,13 @@ pub use store::ListEntry;
 /// Titanic's settings, each with its default.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Worker threads for `titanic.request`; their writes share commits.
+    /// Worker threads for `titanic.request`, `titanic.close` and
+    /// `titanic.reply`. A request or close waits for its commit, and the
+    /// writes of all the workers waiting at once share one fsync: more
+    /// workers, bigger groups.
     pub request_workers: usize,
+    pub close_workers: usize,
+    pub reply_workers: usize,
     /// Deadline of one attempt at the service (sent as the Domogik timeout
     /// frame, so the broker enforces it).
     pub attempt_timeout: Duration,
@@ -62,7 +67,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            request_workers: 4,
+            request_workers: 16,
+            close_workers: 8,
+            reply_workers: 2,
             attempt_timeout: Duration::from_secs(60),
             retry_backoff: Duration::from_secs(1),
             max_retry_backoff: Duration::from_secs(60),
@@ -189,10 +196,19 @@ impl Titanic {
             );
             threads.push(self.spawn_worker(&format!("titanic-req-{i}"), "titanic.request", handler, shutdown)?);
         }
-        let reader = majordome_store::open(&self.database, self.settings.durability)?;
-        threads.push(self.spawn_worker("titanic-reply", "titanic.reply", reply_handler(reader), shutdown)?);
-        let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
-        threads.push(self.spawn_worker("titanic-close", "titanic.close", close, shutdown)?);
+        for i in 0..self.settings.reply_workers.max(1) {
+            let reader = majordome_store::open(&self.database, self.settings.durability)?;
+            threads.push(self.spawn_worker(
+                &format!("titanic-reply-{i}"),
+                "titanic.reply",
+                reply_handler(reader),
+                shutdown,
+            )?);
+        }
+        for i in 0..self.settings.close_workers.max(1) {
+            let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
+            threads.push(self.spawn_worker(&format!("titanic-close-{i}"), "titanic.close", close, shutdown)?);
+        }
         let reader = majordome_store::open(&self.database, self.settings.durability)?;
         let list = list_handler(reader, self.settings.list_limit);
         threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);

@@ -118,7 +118,9 @@ fn a_request_waits_for_its_service_then_completes_and_closes() {
     // No worker yet: pending, and listed as such.
     assert_eq!(client::reply(&mut c, &uuid).unwrap(), ReplyStatus::Pending);
     let listed = client::list(&mut c).unwrap();
-    assert!(listed.iter().any(|e| e.uuid == uuid && e.state == "pending" && e.service == "lights"));
+    assert!(listed
+        .iter()
+        .any(|e| e.uuid == uuid && e.state == "pending" && e.service == "lights"));
     // The service comes up: the request reaches it unchanged.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -216,7 +218,11 @@ fn a_slow_service_never_runs_a_request_twice_at_the_same_time() {
         let body = Message::new("work.do", json!({"id": format!("r{i}")})).to_frames();
         let uuid = client::request(&mut c, "slow", body).unwrap();
         let reply = Message::from_frames(&wait_done(&mut c, &uuid)).unwrap();
-        assert_eq!(reply.status(), Some(true), "the service's answer, not the broker's expiry: {reply:?}");
+        assert_eq!(
+            reply.status(),
+            Some(true),
+            "the service's answer, not the broker's expiry: {reply:?}"
+        );
     }
     let state = state.lock().unwrap();
     assert_eq!(state.len(), 2);
