@@ -28,6 +28,8 @@ pub enum Command {
         state: StateArgs,
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Run only the event forwarder (Domogik pub/sub: XSUB/XPUB).
     Forwarder {
@@ -390,6 +392,15 @@ pub struct DataArgs {
     /// Folder of the SQLite database (`majordome.db`); created if missing.
     #[arg(long, default_value = DEFAULT_DATA)]
     pub data: std::path::PathBuf,
+}
+
+/// Where plugin manifests are read from.
+#[derive(Debug, Args)]
+pub struct PluginArgs {
+    /// Folder of plugin manifests (`*.json`); the config service checks
+    /// values against them. A missing folder means none.
+    #[arg(long, default_value = "./plugins")]
+    pub plugins: std::path::PathBuf,
 }
 
 /// Where the Clone server listens.

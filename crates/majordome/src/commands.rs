@@ -15,7 +15,7 @@ use majordome_client::{
 use majordome_mdp::domogik;
 use serde_json::Value;
 
-use crate::cli::{Bench, BrokerArgs, Command, DataArgs, EventArgs, StateArgs};
+use crate::cli::{Bench, BrokerArgs, Command, DataArgs, EventArgs, PluginArgs, StateArgs};
 use majordome_events::Forwarder;
 
 /// Runs one command.
@@ -27,7 +27,8 @@ pub fn run(command: Command) -> Result<ExitCode> {
             events,
             state,
             data,
-        } => up(&broker, &events, &state, &data),
+            plugins,
+        } => up(&broker, &events, &state, &data, &plugins),
         Command::State(command) => crate::state_cmd::run(command),
         Command::Titanic { action } => crate::titanic_cmd::run(action),
         Command::Forwarder { events } => forwarder_only(&events),
@@ -76,7 +77,13 @@ fn broker_only(args: &BrokerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(args: &BrokerArgs, event_args: &EventArgs, state_args: &StateArgs, data: &DataArgs) -> Result<ExitCode> {
+fn up(
+    args: &BrokerArgs,
+    event_args: &EventArgs,
+    state_args: &StateArgs,
+    data: &DataArgs,
+    plugins: &PluginArgs,
+) -> Result<ExitCode> {
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
     let broker = Broker::bind(&args.bind, args.settings()?)?;
     let forwarder = Forwarder::bind(&event_args.pub_bind, &event_args.sub_bind, event_args.settings()?)?;
@@ -86,6 +93,13 @@ fn up(args: &BrokerArgs, event_args: &EventArgs, state_args: &StateArgs, data: &
     let state_counters = state.counters();
     let titanic =
         majordome_titanic::Titanic::start(broker.endpoint(), &database, majordome_titanic::Settings::default())?;
+    let manifests = majordome_services::load_folder(&plugins.plugins);
+    for (path, why) in &manifests.invalid {
+        tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
+    }
+    let manifest_count = manifests.manifests.len();
+    let config =
+        majordome_services::ConfigService::open(&database, manifests.manifests, majordome_store::Durability::Full)?;
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
         forwarder.publisher_endpoint().to_owned(),
@@ -113,6 +127,13 @@ fn up(args: &BrokerArgs, event_args: &EventArgs, state_args: &StateArgs, data: &
         thread::Builder::new()
             .name("state".into())
             .spawn(move || Ok(state.run(&stop)?))?,
+    ));
+    let (stop, at, publish) = (shutdown.clone(), endpoint.clone(), publish_at.clone());
+    threads.push((
+        "config",
+        thread::Builder::new()
+            .name("config".into())
+            .spawn(move || Ok(config.run(&at, Some(&publish), &stop)?))?,
     ));
     let stop = shutdown.clone();
     threads.push((
@@ -173,7 +194,11 @@ fn up(args: &BrokerArgs, event_args: &EventArgs, state_args: &StateArgs, data: &
         "  database                                       {}",
         database.display()
     );
-    println!("  services                                       echo, events, state, titanic.request, titanic.reply, titanic.close, titanic.list, mmi.*");
+    println!("  services                                       config (dbmgr, admin, dbmanager), echo, events, state, titanic.*, mmi.*");
+    println!(
+        "  plugin manifests                               {manifest_count} from {}",
+        plugins.plugins.display()
+    );
     println!("try: majordome call echo ping.get '{{\"hello\": \"world\"}}' --broker {endpoint}");
     println!("stop with Ctrl-C");
     std::io::stdout().flush()?;

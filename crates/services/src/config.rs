@@ -1,0 +1,371 @@
+//! The config service: `config.get`, `config.set`, `config.delete` →
+//! `config.result`, with Domogik's keys (`type`, `name`, `host`, `key`),
+//! served as `config` and under Domogik's names `dbmgr`, `admin` and
+//! `dbmanager` (seed 002).
+//!
+//! Values are JSON, stored in the `config` table of the one database;
+//! writes are durable before the reply. When the plugin has a manifest,
+//! keys and values are checked against it (a clear `reason` when wrong) and
+//! its defaults fill unset keys. An unknown key is JSON `null` with status
+//! true and a reason that says so (Domogik answered the string "None").
+//! Every change is published as a `plugin.configuration` event.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use majordome_client::{domogik_handler, Message, Publisher, Shutdown, Worker, WorkerOptions};
+use majordome_store::rusqlite::{params, Connection};
+use majordome_store::{Committer, Durability, StoreError};
+use serde_json::{json, Map, Value};
+
+use crate::manifest::Manifest;
+
+/// The names the service answers on.
+pub const SERVICE_NAMES: &[&str] = &["config", "dbmgr", "admin", "dbmanager"];
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS config (
+    type    TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    host    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (type, name, host, key)
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config database: {0}")]
+    Store(#[from] StoreError),
+    #[error("config database: {0}")]
+    Sqlite(#[from] majordome_store::rusqlite::Error),
+    #[error(transparent)]
+    Client(#[from] majordome_client::ClientError),
+    #[error("cannot start a config thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Which client a request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    kind: String,
+    name: String,
+    host: String,
+}
+
+impl Target {
+    fn json(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        map.insert("type".into(), self.kind.clone().into());
+        map.insert("name".into(), self.name.clone().into());
+        map.insert("host".into(), self.host.clone().into());
+        map
+    }
+}
+
+/// The config service, shared by its worker threads.
+pub struct ConfigService {
+    committer: Committer,
+    database: std::path::PathBuf,
+    durability: Durability,
+    manifests: HashMap<(String, String), Manifest>,
+}
+
+/// A reply: `config.result` with `status`, `reason` and the rest.
+fn result(status: bool, reason: impl Into<String>, mut fields: Map<String, Value>) -> Message {
+    fields.insert("status".into(), status.into());
+    fields.insert("reason".into(), Value::String(reason.into()));
+    Message::new("config.result", Value::Object(fields))
+}
+
+fn fail(reason: impl Into<String>) -> Message {
+    result(false, reason, Map::new())
+}
+
+impl ConfigService {
+    /// Opens the `config` table in the database at `database`.
+    pub fn open(
+        database: &Path,
+        manifests: Vec<Manifest>,
+        durability: Durability,
+    ) -> Result<ConfigService, ConfigError> {
+        let connection = majordome_store::open(database, durability)?;
+        connection.execute_batch(SCHEMA)?;
+        Ok(ConfigService {
+            committer: Committer::start(connection),
+            database: database.to_owned(),
+            durability,
+            manifests: manifests
+                .into_iter()
+                .map(|m| ((m.kind.clone(), m.name.clone()), m))
+                .collect(),
+        })
+    }
+
+    /// Serves on every name of [`SERVICE_NAMES`] at `broker` until
+    /// `shutdown`; publishes `plugin.configuration` to `publish_at` (the
+    /// forwarder's publisher side) when given.
+    pub fn run(self, broker: &str, publish_at: Option<&str>, shutdown: &Shutdown) -> Result<(), ConfigError> {
+        let service = Arc::new(self);
+        let mut threads = Vec::new();
+        for name in SERVICE_NAMES {
+            let reader = majordome_store::open(&service.database, service.durability)?;
+            let mut publisher = publish_at.map(Publisher::connect).transpose()?;
+            let service = service.clone();
+            let handler = domogik_handler(move |message: Message| service.handle(&reader, publisher.as_mut(), message));
+            let worker = Worker::new(broker, name, WorkerOptions::default());
+            let stop = shutdown.clone();
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("config-{name}"))
+                    .spawn(move || worker.run(handler, &stop))?,
+            );
+        }
+        for thread in threads {
+            thread
+                .join()
+                .map_err(|_| std::io::Error::other("a config thread panicked"))??;
+        }
+        Ok(())
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, reader: &Connection, publisher: Option<&mut Publisher>, message: Message) -> Message {
+        let target = match target(&message.data) {
+            Ok(target) => target,
+            Err(reason) => return fail(reason),
+        };
+        let outcome =
+            match message.action.as_str() {
+                "config.get" => self.get(reader, &target, &message.data),
+                "config.set" => self.set(reader, &target, &message.data),
+                "config.delete" => self.delete(reader, &target, &message.data),
+                other => return Message::failure(
+                    other,
+                    format!(
+                        "unknown action '{other}': the config service answers config.get, config.set, config.delete"
+                    ),
+                ),
+            };
+        match outcome {
+            Ok((reply, event)) => {
+                if let (Some(publisher), Some(event)) = (publisher, event) {
+                    if let Err(e) = publisher.publish("plugin.configuration", &event) {
+                        tracing::warn!(error = %e, "could not publish plugin.configuration");
+                    }
+                }
+                reply
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config service");
+                fail(format!("the config store failed: {e}"))
+            }
+        }
+    }
+
+    fn manifest(&self, target: &Target) -> Option<&Manifest> {
+        self.manifests.get(&(target.kind.clone(), target.name.clone()))
+    }
+
+    /// Stored values of `target`, by key.
+    fn stored(&self, reader: &Connection, target: &Target) -> Result<Map<String, Value>, ConfigError> {
+        let mut statement = reader
+            .prepare_cached("SELECT key, value FROM config WHERE type = ?1 AND name = ?2 AND host = ?3 ORDER BY key")?;
+        let rows = statement.query_map(params![target.kind, target.name, target.host], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut values = Map::new();
+        for row in rows {
+            let (key, text) = row?;
+            values.insert(key, serde_json::from_str(&text).unwrap_or(Value::String(text)));
+        }
+        Ok(values)
+    }
+
+    /// Every required key of the manifest has a value (stored or default);
+    /// with no manifest, any key is set.
+    fn configured(&self, target: &Target, stored: &Map<String, Value>) -> bool {
+        match self.manifest(target) {
+            Some(manifest) => manifest
+                .config
+                .iter()
+                .filter(|k| k.required)
+                .all(|k| stored.contains_key(&k.key) || k.default.is_some()),
+            None => !stored.is_empty(),
+        }
+    }
+
+    fn get(&self, reader: &Connection, target: &Target, data: &Value) -> Result<(Message, Option<Value>), ConfigError> {
+        let stored = self.stored(reader, target)?;
+        let mut fields = target.json();
+        fields.insert("configured".into(), self.configured(target, &stored).into());
+        let who = format!("{}-{}.{}", target.kind, target.name, target.host);
+        match data.get("key") {
+            Some(Value::String(key)) => {
+                fields.insert("key".into(), key.clone().into());
+                let default = self
+                    .manifest(target)
+                    .and_then(|m| m.key(key))
+                    .and_then(|k| k.default.clone());
+                let (value, reason) = match (stored.get(key), default) {
+                    (Some(value), _) => (value.clone(), String::new()),
+                    (None, Some(default)) => {
+                        fields.insert("default".into(), true.into());
+                        (default, String::new())
+                    }
+                    (None, None) => (Value::Null, format!("no value for '{key}' of {who}")),
+                };
+                fields.insert("value".into(), value);
+                Ok((result(true, reason, fields), None))
+            }
+            Some(_) => Ok((fail("'key' must be a string"), None)),
+            None => {
+                let mut values = Map::new();
+                if let Some(manifest) = self.manifest(target) {
+                    for key in &manifest.config {
+                        if let Some(default) = &key.default {
+                            values.insert(key.key.clone(), default.clone());
+                        }
+                    }
+                }
+                values.extend(stored);
+                fields.insert("data".into(), Value::Object(values));
+                Ok((result(true, "", fields), None))
+            }
+        }
+    }
+
+    fn set(&self, reader: &Connection, target: &Target, data: &Value) -> Result<(Message, Option<Value>), ConfigError> {
+        // One key (`key` + `value`) or several (`data`: {key: value}).
+        let mut values: Vec<(String, Value)> = match (data.get("key"), data.get("value"), data.get("data")) {
+            (Some(Value::String(key)), Some(value), None) => vec![(key.clone(), value.clone())],
+            (None, None, Some(Value::Object(map))) if !map.is_empty() => {
+                map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            }
+            _ => {
+                return Ok((
+                    fail("config.set needs 'key' and 'value', or 'data' with {key: value, …}"),
+                    None,
+                ))
+            }
+        };
+        for (key, value) in values.iter_mut() {
+            if key.is_empty() || key.len() > 255 {
+                return Ok((fail("a config key must be 1 to 255 bytes long"), None));
+            }
+            if value.is_null() {
+                return Ok((
+                    fail(format!("'{key}' has no value; use config.delete to remove it")),
+                    None,
+                ));
+            }
+            if let Some(manifest) = self.manifest(target) {
+                let Some(spec) = manifest.key(key) else {
+                    let known: Vec<&str> = manifest.config.iter().map(|k| k.key.as_str()).collect();
+                    return Ok((
+                        fail(format!(
+                            "{} '{}' has no config key '{key}' (it has: {})",
+                            target.kind,
+                            target.name,
+                            known.join(", ")
+                        )),
+                        None,
+                    ));
+                };
+                match spec.check(value) {
+                    Ok(checked) => *value = checked,
+                    Err(reason) => return Ok((fail(reason), None)),
+                }
+            }
+        }
+        let rows: Vec<(String, String)> = values.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let t = target.clone();
+        let now = unix_now();
+        self.committer.submit(move |c| {
+            for (key, value) in &rows {
+                c.execute(
+                    "INSERT INTO config (type, name, host, key, value, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (type, name, host, key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                    params![t.kind, t.name, t.host, key, value, now],
+                )?;
+            }
+            Ok(())
+        })?;
+        let stored = self.stored(reader, target)?;
+        let configured = self.configured(target, &stored);
+        let keys: Vec<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
+        let mut fields = target.json();
+        fields.insert("configured".into(), configured.into());
+        fields.insert("keys".into(), json!(keys));
+        let mut event = target.json();
+        event.insert("event".into(), "updated".into());
+        event.insert("keys".into(), json!(keys));
+        event.insert("configured".into(), configured.into());
+        Ok((result(true, "", fields), Some(Value::Object(event))))
+    }
+
+    fn delete(
+        &self,
+        reader: &Connection,
+        target: &Target,
+        data: &Value,
+    ) -> Result<(Message, Option<Value>), ConfigError> {
+        let key = match data.get("key") {
+            None => None,
+            Some(Value::String(key)) => Some(key.clone()),
+            Some(_) => return Ok((fail("'key' must be a string"), None)),
+        };
+        let t = target.clone();
+        let one = key.clone();
+        let deleted = self.committer.submit(move |c| match &one {
+            Some(key) => c.execute(
+                "DELETE FROM config WHERE type = ?1 AND name = ?2 AND host = ?3 AND key = ?4",
+                params![t.kind, t.name, t.host, key],
+            ),
+            None => c.execute(
+                "DELETE FROM config WHERE type = ?1 AND name = ?2 AND host = ?3",
+                params![t.kind, t.name, t.host],
+            ),
+        })?;
+        let stored = self.stored(reader, target)?;
+        let configured = self.configured(target, &stored);
+        let mut fields = target.json();
+        fields.insert("configured".into(), configured.into());
+        fields.insert("deleted".into(), deleted.into());
+        if let Some(key) = &key {
+            fields.insert("key".into(), key.clone().into());
+        }
+        let mut event = target.json();
+        event.insert("event".into(), "deleted".into());
+        event.insert("key".into(), key.map_or(Value::Null, Value::String));
+        event.insert("configured".into(), configured.into());
+        let event = (deleted > 0).then_some(Value::Object(event));
+        Ok((result(true, "", fields), event))
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// `type` (default `plugin`), `name` (or Domogik's `id`, or the seed's
+/// `plugin`), `host`.
+fn target(data: &Value) -> Result<Target, String> {
+    let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let name = text("name").or_else(|| text("id")).or_else(|| text("plugin"));
+    let (Some(name), Some(host)) = (name, text("host")) else {
+        return Err("the request needs 'name' (or 'id') and 'host', e.g. {\"type\": \"plugin\", \"name\": \"fake\", \"host\": \"box\"}".into());
+    };
+    Ok(Target {
+        kind: text("type").unwrap_or("plugin").to_owned(),
+        name: name.to_owned(),
+        host: host.to_owned(),
+    })
+}
