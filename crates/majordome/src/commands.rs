@@ -149,40 +149,18 @@ fn up(
             Ok(Worker::new(&at, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), &stop)?)
         })?,
     ));
-    // The forwarder's counters, served on the bus like everything else.
-    let (stop, at) = (shutdown.clone(), endpoint.clone());
+    // The forwarder's and the Clone server's counters, served on the bus
+    // like everything else.
     threads.push((
         "events",
-        thread::Builder::new().name("events".into()).spawn(move || {
-            let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-                "stats.get" => Message::new(
-                    "stats.result",
-                    serde_json::to_value(counters.snapshot()).unwrap_or_default(),
-                ),
-                other => Message::failure(
-                    other,
-                    format!("unknown action '{other}': the events service answers stats.get"),
-                ),
-            });
-            Ok(Worker::new(&at, "events", WorkerOptions::default()).run(handler, &stop)?)
+        stats_service(&endpoint, "events", &shutdown, move || {
+            serde_json::to_value(counters.snapshot())
         })?,
     ));
-    // The same for the Clone server's counters.
-    let (stop, at) = (shutdown.clone(), endpoint.clone());
     threads.push((
-        "state-stats",
-        thread::Builder::new().name("state-stats".into()).spawn(move || {
-            let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-                "stats.get" => Message::new(
-                    "stats.result",
-                    serde_json::to_value(state_counters.snapshot()).unwrap_or_default(),
-                ),
-                other => Message::failure(
-                    other,
-                    format!("unknown action '{other}': the state service answers stats.get"),
-                ),
-            });
-            Ok(Worker::new(&at, "state", WorkerOptions::default()).run(handler, &stop)?)
+        "state",
+        stats_service(&endpoint, "state", &shutdown, move || {
+            serde_json::to_value(state_counters.snapshot())
         })?,
     ));
     println!("majordome broker listening on {endpoint}");
@@ -209,6 +187,29 @@ fn up(
             .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))??;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A worker for `service` that answers `stats.get` with `snapshot()`.
+fn stats_service<F>(
+    broker: &str,
+    service: &'static str,
+    shutdown: &Shutdown,
+    snapshot: F,
+) -> std::io::Result<thread::JoinHandle<Result<()>>>
+where
+    F: Fn() -> serde_json::Result<Value> + Send + 'static,
+{
+    let (stop, at) = (shutdown.clone(), broker.to_owned());
+    thread::Builder::new().name(format!("{service}-stats")).spawn(move || {
+        let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+            "stats.get" => Message::new("stats.result", snapshot().unwrap_or_default()),
+            other => Message::failure(
+                other,
+                format!("unknown action '{other}': the {service} service answers stats.get"),
+            ),
+        });
+        Ok(Worker::new(&at, service, WorkerOptions::default()).run(handler, &stop)?)
+    })
 }
 
 fn forwarder_only(args: &EventArgs) -> Result<ExitCode> {

@@ -325,19 +325,8 @@ fn sigterm_stops_the_broker_cleanly() {
 #[test]
 fn up_starts_the_broker_and_an_echo_service() {
     let data = tempfile::tempdir().unwrap();
-    let mut up = Process::start_listening(&[
-        "up",
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--pub-bind",
-        "tcp://127.0.0.1:0",
-        "--sub-bind",
-        "tcp://127.0.0.1:0",
-        "--state-bind",
-        "tcp://127.0.0.1:0",
-        "--data",
-        data.path().to_str().unwrap(),
-    ]);
+    let (mut up, lines) = Process::up(data.path(), &[], 1);
+    up.endpoint = last_word(&lines[0]);
     wait_for_service(&up.endpoint, "echo", "200");
     let out = run(&[
         "call",

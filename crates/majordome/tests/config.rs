@@ -7,26 +7,12 @@ use common::*;
 use serde_json::{json, Value};
 
 fn up(data: &std::path::Path, plugins: &std::path::Path) -> (Process, String) {
-    let (process, lines) = Process::start_reading(
-        &[
-            "up",
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--pub-bind",
-            "tcp://127.0.0.1:0",
-            "--sub-bind",
-            "tcp://127.0.0.1:0",
-            "--state-bind",
-            "tcp://127.0.0.1:0",
-            "--data",
-            data.to_str().unwrap(),
-            "--plugins",
-            plugins.to_str().unwrap(),
-        ],
-        10,
+    let (process, lines) = Process::up(data, &["--plugins", plugins.to_str().unwrap()], 10);
+    assert!(
+        lines[9].contains("plugin manifests") && lines[9].contains(" 1 from "),
+        "{lines:?}"
     );
-    assert!(lines[9].contains("plugin manifests") && lines[9].contains(" 1 from "), "{lines:?}");
-    let broker = lines[0].split_whitespace().last().unwrap().to_owned();
+    let broker = last_word(&lines[0]);
     (process, broker)
 }
 
@@ -54,18 +40,36 @@ fn config_set_through_the_bus_survives_a_restart() {
 
     let (mut first, broker) = up(data.path(), plugins.path());
     wait_for_service(&broker, "config", "200");
-    let out = call(&broker, "config.set", json!({"name": "fake", "host": "box", "key": "interval", "value": 30}));
+    let out = call(
+        &broker,
+        "config.set",
+        json!({"name": "fake", "host": "box", "key": "interval", "value": 30}),
+    );
     assert!(out.status.success(), "{out:?}");
     // A value the manifest refuses: one clear line, exit 1.
-    let out = call(&broker, "config.set", json!({"name": "fake", "host": "box", "key": "interval", "value": 0}));
+    let out = call(
+        &broker,
+        "config.set",
+        json!({"name": "fake", "host": "box", "key": "interval", "value": 0}),
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'interval' must be between 1"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("'interval' must be between 1"),
+        "{out:?}"
+    );
     first.signal(libc::SIGTERM);
-    assert!(first.wait_exit(std::time::Duration::from_secs(20)).expect("up stops").success());
+    assert!(first
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect("up stops")
+        .success());
 
     let (_second, broker) = up(data.path(), plugins.path());
     wait_for_service(&broker, "dbmgr", "200");
-    let out = call(&broker, "config.get", json!({"name": "fake", "host": "box", "key": "interval"}));
+    let out = call(
+        &broker,
+        "config.get",
+        json!({"name": "fake", "host": "box", "key": "interval"}),
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(reply(&out)["value"], 30);
 }

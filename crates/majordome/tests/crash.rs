@@ -28,23 +28,8 @@ struct Up {
 }
 
 fn up(data: &std::path::Path) -> Up {
-    let (process, lines) = Process::start_reading(
-        &[
-            "up",
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--pub-bind",
-            "tcp://127.0.0.1:0",
-            "--sub-bind",
-            "tcp://127.0.0.1:0",
-            "--state-bind",
-            "tcp://127.0.0.1:0",
-            "--data",
-            data.to_str().unwrap(),
-        ],
-        7,
-    );
-    let last = |i: usize| lines[i].split_whitespace().last().unwrap().to_owned();
+    let (process, lines) = Process::up(data, &[], 7);
+    let last = |i: usize| last_word(&lines[i]);
     assert!(lines[4].contains("state: snapshots"), "{lines:?}");
     Up {
         process,

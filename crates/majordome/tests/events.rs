@@ -29,8 +29,7 @@ fn forwarder(extra: &[&str]) -> (Process, String, String) {
     ]
     .concat();
     let (process, lines) = Process::start_reading(&args, 2);
-    let last = |line: &str| line.split_whitespace().last().unwrap().to_owned();
-    (process, last(&lines[0]), last(&lines[1]))
+    (process, last_word(&lines[0]), last_word(&lines[1]))
 }
 
 fn sub_socket(endpoint: &str, prefix: &str) -> zmq::Socket {
@@ -216,20 +215,9 @@ fn pub_and_sub_commands() {
 
 #[test]
 fn up_serves_events_and_their_counters() {
-    let (mut up, lines) = Process::start_reading(
-        &[
-            "up",
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--pub-bind",
-            "tcp://127.0.0.1:0",
-            "--sub-bind",
-            "tcp://127.0.0.1:0",
-        ],
-        4,
-    );
-    let last = |line: &String| line.split_whitespace().last().unwrap().to_owned();
-    let (broker, publish_at, subscribe_at) = (last(&lines[0]), last(&lines[2]), last(&lines[3]));
+    let data = tempfile::tempdir().unwrap();
+    let (mut up, lines) = Process::up(data.path(), &[], 4);
+    let (broker, publish_at, subscribe_at) = (last_word(&lines[0]), last_word(&lines[2]), last_word(&lines[3]));
     let mut subscriber = Subscriber::connect(&subscribe_at, &["device"]).unwrap();
     let mut publisher = Publisher::connect(&publish_at).unwrap();
     assert!(publisher.wait_for_subscriber("device.update", LIMIT).unwrap());

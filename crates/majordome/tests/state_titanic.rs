@@ -20,23 +20,8 @@ struct Up {
 
 fn up() -> Up {
     let data = tempfile::tempdir().unwrap();
-    let (process, lines) = Process::start_reading(
-        &[
-            "up",
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--pub-bind",
-            "tcp://127.0.0.1:0",
-            "--sub-bind",
-            "tcp://127.0.0.1:0",
-            "--state-bind",
-            "tcp://127.0.0.1:0",
-            "--data",
-            data.path().to_str().unwrap(),
-        ],
-        8,
-    );
-    let last = |i: usize| lines[i].split_whitespace().last().unwrap().to_owned();
+    let (process, lines) = Process::up(data.path(), &[], 8);
+    let last = |i: usize| last_word(&lines[i]);
     assert!(lines[7].contains("database"), "{lines:?}");
     assert!(lines[7].ends_with("majordome.db"), "{lines:?}");
     Up {

@@ -60,6 +60,27 @@ impl Process {
         )
     }
 
+    /// Starts `majordome up` with every port free (0) and its data in
+    /// `data`, plus `extra` arguments; returns its first `count` lines
+    /// (what listens where: broker 0, publishers 2, subscribers 3, state
+    /// snapshot 4, updates 5, collector 6, database 7).
+    pub fn up(data: &std::path::Path, extra: &[&str], count: usize) -> (Process, Vec<String>) {
+        let base = [
+            "up",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--pub-bind",
+            "tcp://127.0.0.1:0",
+            "--sub-bind",
+            "tcp://127.0.0.1:0",
+            "--state-bind",
+            "tcp://127.0.0.1:0",
+            "--data",
+            data.to_str().expect("a UTF-8 path"),
+        ];
+        Self::start_reading(&[&base[..], extra].concat(), count)
+    }
+
     /// Starts a command that needs no handshake (a worker).
     pub fn start(args: &[&str]) -> Process {
         let child = majordome()
@@ -133,6 +154,11 @@ pub fn run(args: &[&str]) -> Output {
 
 pub fn frames(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+}
+
+/// The last word of a line: where `up` says something listens.
+pub fn last_word(line: &str) -> String {
+    line.split_whitespace().last().unwrap_or_default().to_owned()
 }
 
 pub fn strings(parts: &[&str]) -> Vec<Bytes> {
