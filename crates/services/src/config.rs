@@ -139,18 +139,19 @@ impl ConfigService {
             Ok(target) => target,
             Err(reason) => return fail(reason),
         };
-        let outcome =
-            match message.action.as_str() {
-                "config.get" => self.get(reader, &target, &message.data),
-                "config.set" => self.set(reader, &target, &message.data),
-                "config.delete" => self.delete(reader, &target, &message.data),
-                other => return Message::failure(
+        let outcome = match message.action.as_str() {
+            "config.get" => self.get(reader, &target, &message.data),
+            "config.set" => self.set(reader, &target, &message.data),
+            "config.delete" => self.delete(reader, &target, &message.data),
+            other => {
+                return Message::failure(
                     other,
                     format!(
                         "unknown action '{other}': the config service answers config.get, config.set, config.delete"
                     ),
-                ),
-            };
+                )
+            }
+        };
         match outcome {
             Ok((reply, event)) => {
                 if let (Some(publisher), Some(event)) = (publisher, event) {
