@@ -394,13 +394,17 @@ pub struct DataArgs {
     pub data: std::path::PathBuf,
 }
 
-/// Where plugin manifests are read from.
+/// Where plugin manifests are read from, and how plugins are watched.
 #[derive(Debug, Args)]
 pub struct PluginArgs {
     /// Folder of plugin manifests (`*.json`); the config service checks
     /// values against them. A missing folder means none.
     #[arg(long, default_value = "./plugins")]
     pub plugins: std::path::PathBuf,
+    /// Seconds without a `plugin.status` after which a running client is
+    /// declared dead (clients send one every 15 s).
+    #[arg(long, default_value_t = 30.0)]
+    pub dead_after: f64,
 }
 
 /// Where the Clone server listens.

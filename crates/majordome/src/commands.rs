@@ -98,6 +98,16 @@ fn up(
         tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
     }
     let manifest_count = manifests.manifests.len();
+    if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
+        bail!("--dead-after must be a positive number of seconds");
+    }
+    let registry = majordome_services::manager::Registry::new(
+        manifests.manifests.clone(),
+        majordome_services::manager::ManagerSettings {
+            dead_after: Duration::from_secs_f64(plugins.dead_after.min(86_400.0)),
+            ..Default::default()
+        },
+    );
     let config =
         majordome_services::ConfigService::open(&database, manifests.manifests, majordome_store::Durability::Full)?;
     let endpoint = broker.endpoint().to_owned();
@@ -134,6 +144,20 @@ fn up(
         thread::Builder::new()
             .name("config".into())
             .spawn(move || Ok(config.run(&at, Some(&publish), &stop)?))?,
+    ));
+    let (stop, at, publish, subscribe) = (
+        shutdown.clone(),
+        endpoint.clone(),
+        publish_at.clone(),
+        subscribe_at.clone(),
+    );
+    threads.push((
+        "manager",
+        thread::Builder::new().name("manager".into()).spawn(move || {
+            Ok(majordome_services::manager::run(
+                registry, &at, &subscribe, &publish, &stop,
+            )?)
+        })?,
     ));
     let stop = shutdown.clone();
     threads.push((
@@ -172,7 +196,7 @@ fn up(
         "  database                                       {}",
         database.display()
     );
-    println!("  services                                       config (dbmgr, admin, dbmanager), echo, events, state, titanic.*, mmi.*");
+    println!("  services                                       config (dbmgr, admin, dbmanager), manager, echo, events, state, titanic.*, mmi.*");
     println!(
         "  plugin manifests                               {manifest_count} from {}",
         plugins.plugins.display()

@@ -1,9 +1,10 @@
 //! majordome's core services. Each is a worker on the bus that uses the
 //! same library as any plugin and keeps what must last in the one SQLite
-//! database. So far: the config service, and the plugin manifests it
-//! checks values against.
+//! database. So far: the config service, the manager's client registry,
+//! and the plugin manifests both read.
 
 pub mod config;
+pub mod manager;
 pub mod manifest;
 
 pub use config::{ConfigError, ConfigService, SERVICE_NAMES};
