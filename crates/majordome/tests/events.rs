@@ -229,7 +229,9 @@ fn up_serves_events_and_their_counters() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stats: serde_json::Value = serde_json::from_str(stdout.split_once('\n').unwrap().1).unwrap();
     assert_eq!(stats["messages"], json!(1));
-    assert_eq!(stats["subscriptions"], json!(1));
+    // Ours, and the manager's `plugin.status` (which may still be on its way).
+    let subscriptions = stats["subscriptions"].as_u64().unwrap();
+    assert!((1..=2).contains(&subscriptions), "{stats}");
     up.signal(libc::SIGTERM);
     assert!(up.wait_exit(LIMIT).expect("up exits").success());
 }
