@@ -3,34 +3,47 @@
 //!
 //! One thread owns all of its state. Events come through one channel: a new
 //! request (after its commit), a closed one, a reply ready (the waker of
-//! each in-flight request names it), or stop. Per service, requests wait in
-//! a FIFO; the service is asked about with `mmi.service` before any is
-//! sent, and asked again with a growing backoff while it has no worker.
+//! each in-flight request names it), attempts marked in the database, or
+//! stop. Per service, requests wait in creation order; the service is asked
+//! about with `mmi.service` before any is sent, and asked again with a
+//! growing backoff while it has no worker.
 //!
 //! **One attempt at a time per request, and never two copies running.**
 //! An attempt carries a Domogik timeout frame, so the broker itself expires
 //! it at `attempt_timeout`. If it expired while a worker held it (the
 //! broker says `no_answer`, or nothing came back at all), that worker may
-//! still be running it: the retry then waits until the broker's `mmi.stats`
-//! shows no *late* worker for the service (a late worker is one still
-//! holding an expired request; it stops being late when its reply comes,
-//! or when it is declared dead). Other failures (no worker, worker gone,
-//! queue full) retry after the backoff alone.
+//! still be running it: the retry then waits until a `mmi.stats` asked
+//! after the failure shows no *late* worker for the service (a late worker
+//! is one still holding an expired request; it stops being late when its
+//! reply comes, or when it is declared dead). Other failures (no worker,
+//! worker gone, queue full) retry after the backoff alone.
+//!
+//! Across a restart: before an attempt is sent, its deadline is committed
+//! to the request's row (one commit for all the attempts of a round,
+//! shared with the other writes; a first attempt sent within
+//! `FIRST_ATTEMPT_WINDOW` of `titanic.request` is covered by the deadline
+//! stored with the request, so the common case waits for no commit). A restarted Titanic holds back every
+//! pending request that has such a deadline until either the deadline has
+//! passed and the broker shows no late worker for its service, as above,
+//! or the broker shows the service quiet (no worker holding a request,
+//! none queued), which it checks from one `DEADLINE_MARGIN` after its
+//! start: then no copy from the previous run can be running or waiting.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::task::{Context, Poll, Wake, Waker};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use majordome_client::{AsyncClient, ClientError, Frames, PendingReply};
 use majordome_mdp::domogik::{self, Message};
 use majordome_net::Shutdown;
-use majordome_store::Committer;
+use majordome_store::{Committer, Ticket};
 
 use crate::{store, Counters, NewRequest, Settings, TitanicError};
 
@@ -39,6 +52,8 @@ pub(crate) enum Event {
     New(NewRequest),
     Closed(String),
     Ready(u64),
+    /// The attempts of a batch are marked in the database (or could not be).
+    Marked(u64, Result<(), String>),
     Stop,
 }
 
@@ -64,40 +79,138 @@ const BROKER_FAILURES: &[&str] = &[
     "bad_service_name",
 ];
 
+/// The deadline stored for an attempt is this much later than the one the
+/// broker enforces: room for the attempt's way to the broker.
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+/// `titanic.request` stores a deadline that covers a first attempt sent
+/// within this of the request's commit.
+pub(crate) const FIRST_ATTEMPT_WINDOW: Duration = Duration::from_secs(1);
+/// The client waits this much longer than the broker's deadline, so that
+/// it hears the broker's failure rather than time out first.
+const CLIENT_GRACE: Duration = Duration::from_secs(5);
+/// An attempt left with less than this of its deadline once marked (a very
+/// slow commit) is marked again rather than sent.
+const MIN_ATTEMPT: Duration = Duration::from_millis(10);
+
+#[derive(PartialEq, Eq)]
+enum JobState {
+    /// In its service's `ready` or `gated`, or waiting out a backoff.
+    Waiting,
+    /// Its attempt's deadline is being committed.
+    Marking,
+    /// Its attempt is at the broker (or at a worker).
+    Running,
+}
+
 struct Job {
+    /// Creation order.
+    seq: u64,
     service: String,
     body: Frames,
     attempts: u32,
-    running: bool,
+    state: JobState,
+    /// Closed while marking or running: forgotten once that attempt ends.
+    closed: bool,
+    /// A first attempt sent by then needs no mark: the stored row covers it.
+    sendable_until: Option<Instant>,
 }
 
 #[derive(Default)]
 struct ServiceState {
-    /// Requests ready to go, oldest first.
-    ready: VecDeque<String>,
-    /// Requests waiting until no worker of the service is late.
-    gated: Vec<String>,
+    /// Requests ready to go, by creation order.
+    ready: BTreeMap<u64, String>,
+    /// Requests a worker may still be running, until a `mmi.stats` frees
+    /// them (see [`Gate`]).
+    gated: Vec<Gate>,
+    /// Attempts being marked or sent.
     in_flight: usize,
     /// A worker was there as of the last `mmi.service`, until then.
     up_until: Option<Instant>,
     next_check: Option<Instant>,
     backoff: Duration,
     checking: bool,
-    next_late_check: Option<Instant>,
+    /// After a `mmi.stats` that showed late workers: no new one before.
+    late_check_after: Option<Instant>,
     late_backoff: Duration,
     checking_late: bool,
+}
+
+impl ServiceState {
+    /// When to ask `mmi.stats` for the gated requests.
+    fn next_late_check(&self) -> Option<Instant> {
+        if self.checking_late {
+            return None;
+        }
+        let earliest = self.gated.iter().map(Gate::first_chance).min()?;
+        Some(self.late_check_after.map_or(earliest, |after| after.max(earliest)))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.ready.is_empty() && self.gated.is_empty() && self.in_flight == 0 && !self.checking && !self.checking_late
+    }
+}
+
+/// A request held back because a worker may still be running it.
+struct Gate {
+    uuid: String,
+    /// Freed by a `mmi.stats` asked at or after this that shows no late
+    /// worker for the service.
+    at: Instant,
+    /// Freed sooner by one asked at or after this that shows the service
+    /// quiet: no worker holding a request, none queued (for requests the
+    /// previous run may have sent).
+    quiet_at: Option<Instant>,
+}
+
+impl Gate {
+    fn first_chance(&self) -> Instant {
+        self.quiet_at.map_or(self.at, |quiet| quiet.min(self.at))
+    }
+}
+
+/// What `mmi.stats` says about a service, for the gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ServiceView {
+    late: usize,
+    quiet: bool,
+}
+
+impl ServiceView {
+    fn of(stats: Option<&majordome_broker::stats::ServiceStats>) -> ServiceView {
+        match stats {
+            // Unknown to the broker: no worker, nothing queued.
+            None => ServiceView { late: 0, quiet: true },
+            Some(s) => ServiceView {
+                late: s.late_workers,
+                quiet: s.late_workers == 0 && s.queued == 0 && s.idle_workers >= s.workers,
+            },
+        }
+    }
+
+    /// Whether `gate` may go, by a `mmi.stats` asked at `asked_at`.
+    fn frees(self, gate: &Gate, asked_at: Instant) -> bool {
+        let deadline_passed = gate.at <= asked_at && self.late == 0;
+        deadline_passed || (self.quiet && gate.quiet_at.is_some_and(|at| at <= asked_at))
+    }
 }
 
 enum Purpose {
     Attempt(String),
     ServiceCheck(String),
-    LateCheck(String),
+    /// `mmi.stats` about a service, asked at that time.
+    LateCheck(String, Instant),
 }
 
 struct InFlight {
     purpose: Purpose,
     reply: PendingReply,
     waker: Waker,
+}
+
+/// Attempts whose deadline is being committed.
+struct Batch {
+    deadline: Instant,
+    uuids: Vec<String>,
 }
 
 pub(crate) struct Dispatcher {
@@ -111,6 +224,13 @@ pub(crate) struct Dispatcher {
     backoff: BinaryHeap<Reverse<(Instant, String)>>,
     in_flight: HashMap<u64, InFlight>,
     next_id: u64,
+    next_seq: u64,
+    /// Attempts being marked or sent, all services.
+    attempts_in_flight: usize,
+    marking: HashMap<u64, Batch>,
+    /// Waits for each batch's commit and reports it as [`Event::Marked`].
+    marker: Option<mpsc::Sender<(u64, Ticket<()>)>>,
+    marker_thread: Option<JoinHandle<()>>,
     events: mpsc::Sender<Event>,
 }
 
@@ -128,8 +248,18 @@ impl Dispatcher {
         pending: Vec<store::Pending>,
         events: mpsc::Sender<Event>,
     ) -> Result<Dispatcher, TitanicError> {
+        let client = AsyncClient::connect(broker)?;
+        let (marker, marks) = mpsc::channel::<(u64, Ticket<()>)>();
+        let marked = events.clone();
+        let marker_thread = std::thread::Builder::new()
+            .name("titanic-marks".into())
+            .spawn(move || {
+                for (id, ticket) in marks {
+                    let _ = marked.send(Event::Marked(id, ticket.wait().map_err(|e| e.to_string())));
+                }
+            })?;
         let mut dispatcher = Dispatcher {
-            client: AsyncClient::connect(broker)?,
+            client,
             committer,
             counters,
             settings,
@@ -138,30 +268,73 @@ impl Dispatcher {
             backoff: BinaryHeap::new(),
             in_flight: HashMap::new(),
             next_id: 0,
+            next_seq: 0,
+            attempts_in_flight: 0,
+            marking: HashMap::new(),
+            marker: Some(marker),
+            marker_thread: Some(marker_thread),
             events,
         };
+        let held = pending.iter().filter(|p| p.attempt_deadline.is_some()).count();
         if !pending.is_empty() {
-            tracing::info!(pending = pending.len(), "titanic resumes pending requests");
+            tracing::info!(
+                pending = pending.len(),
+                held,
+                "titanic resumes pending requests (held: sent before, they wait until their last deadline and no late worker)"
+            );
         }
+        let (now, wall) = (Instant::now(), store::unix_now());
+        let longest = dispatcher.settings.attempt_timeout + DEADLINE_MARGIN;
         for request in pending {
-            dispatcher.add(request.uuid, request.service, request.body, request.attempts);
+            // The previous run may have sent it: a copy may run until the
+            // stored deadline (at most one attempt_timeout away, whatever
+            // the wall clock did meanwhile), or wait at the broker.
+            let hold = request.attempt_deadline.map(|deadline| {
+                let left = Duration::try_from_secs_f64((deadline - wall).max(0.0)).unwrap_or(longest);
+                Gate {
+                    uuid: request.uuid.clone(),
+                    at: now + left.min(longest),
+                    quiet_at: Some(now + DEADLINE_MARGIN),
+                }
+            });
+            dispatcher.add(request.uuid, request.service, request.body, request.attempts, hold);
         }
         Ok(dispatcher)
     }
 
-    fn add(&mut self, uuid: String, service: String, body: Frames, attempts: u32) {
-        self.services
-            .entry(service.clone())
-            .or_default()
-            .ready
-            .push_back(uuid.clone());
+    /// A request to send: at once, or once its `hold` frees it.
+    fn add(&mut self, uuid: String, service: String, body: Frames, attempts: u32, hold: Option<Gate>) {
+        self.add_job(uuid, service, body, attempts, hold, None);
+    }
+
+    fn add_job(
+        &mut self,
+        uuid: String,
+        service: String,
+        body: Frames,
+        attempts: u32,
+        hold: Option<Gate>,
+        sendable_until: Option<Instant>,
+    ) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let state = self.services.entry(service.clone()).or_default();
+        match hold {
+            Some(gate) => state.gated.push(gate),
+            None => {
+                state.ready.insert(seq, uuid.clone());
+            }
+        }
         self.jobs.insert(
             uuid,
             Job {
+                seq,
                 service,
                 body,
                 attempts,
-                running: false,
+                state: JobState::Waiting,
+                closed: false,
+                sendable_until,
             },
         );
     }
@@ -173,13 +346,24 @@ impl Dispatcher {
             stop.wait();
             let _ = stopper.send(Event::Stop);
         })?;
+        self.serve(&events);
+        // Marks handed in are committed (the committer finishes its queue);
+        // their requests wait out that deadline after a restart.
+        self.marker = None;
+        if let Some(thread) = self.marker_thread.take() {
+            let _ = thread.join();
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, events: &mpsc::Receiver<Event>) {
         loop {
             let now = Instant::now();
             self.dispatch(now);
             self.counters.pending.store(self.jobs.len() as u64, Ordering::Relaxed);
             self.counters
                 .in_flight
-                .store(self.in_flight.len() as u64, Ordering::Relaxed);
+                .store(self.attempts_in_flight as u64, Ordering::Relaxed);
             let wait = self
                 .next_timer()
                 .map_or(Duration::from_secs(1), |at| at.saturating_duration_since(now))
@@ -187,30 +371,45 @@ impl Dispatcher {
             let mut event = match events.recv_timeout(wait) {
                 Ok(event) => Some(event),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
             // Everything that is waiting, before dispatching again.
             while let Some(next) = event {
                 match next {
-                    Event::New(request) => self.add(request.uuid, request.service, request.body, 0),
+                    Event::New(request) => self.add_job(
+                        request.uuid,
+                        request.service,
+                        request.body,
+                        0,
+                        None,
+                        Some(request.sendable_until),
+                    ),
                     Event::Closed(uuid) => self.forget(&uuid),
                     Event::Ready(id) => self.collect(id),
-                    Event::Stop => return Ok(()),
+                    Event::Marked(id, outcome) => self.marked(id, outcome),
+                    Event::Stop => return,
                 }
                 event = events.try_recv().ok();
             }
         }
     }
 
-    /// A closed request that is not running is not sent at all.
+    /// A closed request is not sent again; one being marked or running is
+    /// forgotten when that attempt ends.
     fn forget(&mut self, uuid: &str) {
-        if self.jobs.get(uuid).is_some_and(|job| !job.running) {
-            let job = self.jobs.remove(uuid).expect("just seen");
-            if let Some(service) = self.services.get_mut(&job.service) {
-                service.ready.retain(|u| u != uuid);
-                service.gated.retain(|u| u != uuid);
-            }
+        let Some(job) = self.jobs.get_mut(uuid) else {
+            return;
+        };
+        if job.state != JobState::Waiting {
+            job.closed = true;
+            return;
         }
+        let job = self.jobs.remove(uuid).expect("just seen");
+        if let Some(service) = self.services.get_mut(&job.service) {
+            service.ready.remove(&job.seq);
+            service.gated.retain(|gate| gate.uuid != uuid);
+        }
+        // A backoff entry left behind is skipped when it comes up.
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -220,9 +419,7 @@ impl Dispatcher {
             if wants_check {
                 next = earliest(next, service.next_check);
             }
-            if !service.gated.is_empty() && !service.checking_late {
-                next = earliest(next, service.next_late_check);
-            }
+            next = earliest(next, service.next_late_check());
             if !service.ready.is_empty() {
                 next = earliest(next, service.up_until);
             }
@@ -255,7 +452,7 @@ impl Dispatcher {
         match entry.purpose {
             Purpose::Attempt(uuid) => self.attempt_done(uuid, outcome),
             Purpose::ServiceCheck(name) => self.service_checked(name, outcome),
-            Purpose::LateCheck(name) => self.late_checked(name, outcome),
+            Purpose::LateCheck(name, asked_at) => self.late_checked(name, asked_at, outcome),
         }
     }
 
@@ -268,7 +465,7 @@ impl Dispatcher {
             let Reverse((_, uuid)) = self.backoff.pop().expect("peeked");
             if let Some(job) = self.jobs.get(&uuid) {
                 let service = self.services.entry(job.service.clone()).or_default();
-                service.ready.push_front(uuid);
+                service.ready.insert(job.seq, uuid);
             }
         }
         let names: Vec<String> = self
@@ -277,22 +474,34 @@ impl Dispatcher {
             .filter(|(_, s)| !s.ready.is_empty() || !s.gated.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
+        let (mut marks, mut covered) = (Vec::new(), Vec::new());
         for name in names {
-            self.dispatch_service(&name, now);
+            self.dispatch_service(&name, now, &mut marks, &mut covered);
         }
-        self.services.retain(|_, s| {
-            !s.ready.is_empty() || !s.gated.is_empty() || s.in_flight > 0 || s.checking || s.checking_late
-        });
+        if !marks.is_empty() {
+            self.mark(marks);
+        }
+        for uuid in covered {
+            self.start_attempt(uuid, self.settings.attempt_timeout);
+        }
+        self.services.retain(|_, s| !s.is_idle());
     }
 
-    fn dispatch_service(&mut self, name: &str, now: Instant) {
-        let attempt_timeout = self.settings.attempt_timeout;
+    /// Takes the requests of `name` that may go now, up to the limits: into
+    /// `marks`, or `covered` for a first attempt its stored row covers.
+    fn dispatch_service(
+        &mut self,
+        name: &str,
+        now: Instant,
+        marks: &mut Vec<(String, u32)>,
+        covered: &mut Vec<String>,
+    ) {
         let (per_service, total) = (self.settings.max_in_flight_per_service, self.settings.max_in_flight);
         let service = self.services.get_mut(name).expect("listed");
-        if !service.gated.is_empty() && !service.checking_late && service.next_late_check.is_none_or(|at| at <= now) {
+        if service.next_late_check().is_some_and(|at| at <= now) {
             service.checking_late = true;
             self.send(
-                Purpose::LateCheck(name.to_owned()),
+                Purpose::LateCheck(name.to_owned(), now),
                 "mmi.stats",
                 Vec::new(),
                 MMI_TIMEOUT,
@@ -313,84 +522,181 @@ impl Dispatcher {
             }
             return;
         }
-        let timeout_frame = Bytes::from(format!("{}", attempt_timeout.as_secs_f64()));
-        let client_timeout = attempt_timeout + Duration::from_secs(5);
-        loop {
-            let service = self.services.get_mut(name).expect("listed");
-            if service.in_flight >= per_service || self.in_flight.len() >= total {
-                return;
-            }
-            let Some(uuid) = service.ready.pop_front() else {
+        while service.in_flight < per_service && self.attempts_in_flight < total {
+            let Some((_, uuid)) = service.ready.pop_first() else {
                 return;
             };
             let Some(job) = self.jobs.get_mut(&uuid) else {
                 continue; // closed meanwhile
             };
             service.in_flight += 1;
-            job.running = true;
+            self.attempts_in_flight += 1;
             job.attempts += 1;
-            // The broker strips the timeout frame when a frame follows it;
-            // an empty body keeps the broker's default deadline.
-            let mut body = Vec::with_capacity(job.body.len() + 1);
-            if !job.body.is_empty() {
-                body.push(timeout_frame.clone());
+            if job.sendable_until.take().is_some_and(|until| now < until) {
+                job.state = JobState::Running;
+                covered.push(uuid);
+            } else {
+                job.state = JobState::Marking;
+                marks.push((uuid, job.attempts));
             }
-            body.extend(job.body.iter().cloned());
-            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            self.send(Purpose::Attempt(uuid), name, body, client_timeout);
         }
     }
 
-    fn attempt_done(&mut self, uuid: String, outcome: Result<Frames, ClientError>) {
+    /// Commits the deadline of these attempts; they are sent once it is
+    /// durable ([`Dispatcher::marked`]).
+    fn mark(&mut self, marks: Vec<(String, u32)>) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let timeout = self.settings.attempt_timeout;
+        let deadline = store::unix_now() + (timeout + DEADLINE_MARGIN).as_secs_f64();
+        let uuids = marks.iter().map(|(uuid, _)| uuid.clone()).collect();
+        let ticket = self
+            .committer
+            .enqueue(move |c| store::mark_attempts(c, &marks, deadline));
+        self.marking.insert(
+            id,
+            Batch {
+                deadline: Instant::now() + timeout,
+                uuids,
+            },
+        );
+        if let Some(marker) = &self.marker {
+            let _ = marker.send((id, ticket));
+        }
+    }
+
+    fn marked(&mut self, id: u64, outcome: Result<(), String>) {
+        let Some(batch) = self.marking.remove(&id) else {
+            return;
+        };
+        let left = batch.deadline.saturating_duration_since(Instant::now());
+        for uuid in batch.uuids {
+            if let Err(e) = &outcome {
+                if self.end_attempt(&uuid) {
+                    let failure = Failure {
+                        kind: "database",
+                        reason: format!("could not record the attempt: {e}"),
+                        maybe_running: false,
+                    };
+                    self.attempt_failed(uuid, failure);
+                }
+                continue;
+            }
+            if left < MIN_ATTEMPT {
+                // The commit took (nearly) the whole deadline: mark again.
+                if self.end_attempt(&uuid) {
+                    let job = &self.jobs[&uuid];
+                    let seq = job.seq;
+                    self.services
+                        .entry(job.service.clone())
+                        .or_default()
+                        .ready
+                        .insert(seq, uuid);
+                }
+                continue;
+            }
+            self.start_attempt(uuid, left);
+        }
+    }
+
+    /// Sends the attempt of `uuid`, with a deadline of `timeout` (covered
+    /// by the one stored in its row).
+    fn start_attempt(&mut self, uuid: String, timeout: Duration) {
         let Some(job) = self.jobs.get_mut(&uuid) else {
             return;
         };
-        job.running = false;
-        let service_name = job.service.clone();
-        if let Some(service) = self.services.get_mut(&service_name) {
+        if job.closed {
+            self.end_attempt(&uuid);
+            return;
+        }
+        job.state = JobState::Running;
+        // The broker strips the timeout frame when a frame follows it (and
+        // only then: an empty body, which titanic.request no longer takes,
+        // keeps the broker's default deadline).
+        let mut body = Vec::with_capacity(job.body.len() + 1);
+        if !job.body.is_empty() {
+            body.push(Bytes::from(format!("{:.3}", timeout.as_secs_f64())));
+        }
+        body.extend(job.body.iter().cloned());
+        let service = job.service.clone();
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        self.send(Purpose::Attempt(uuid), &service, body, timeout + CLIENT_GRACE);
+    }
+
+    /// The attempt of `uuid` is over (or never left): frees its slot.
+    /// False when the request is gone (closed meanwhile).
+    fn end_attempt(&mut self, uuid: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(uuid) else {
+            return false;
+        };
+        job.state = JobState::Waiting;
+        self.attempts_in_flight = self.attempts_in_flight.saturating_sub(1);
+        if let Some(service) = self.services.get_mut(&job.service) {
             service.in_flight = service.in_flight.saturating_sub(1);
         }
-        match classify(&job.body, outcome) {
+        if job.closed {
+            self.jobs.remove(uuid);
+            return false;
+        }
+        true
+    }
+
+    fn attempt_done(&mut self, uuid: String, outcome: Result<Frames, ClientError>) {
+        if !self.end_attempt(&uuid) {
+            return;
+        }
+        match classify(&self.jobs[&uuid].body, outcome) {
             Ok(reply) => {
-                let attempts = job.attempts;
                 self.jobs.remove(&uuid);
                 self.counters.done.fetch_add(1, Ordering::Relaxed);
-                let ticket = self
-                    .committer
-                    .enqueue(move |c| store::store_reply(c, &uuid, &reply, attempts));
+                let ticket = self.committer.enqueue(move |c| store::store_reply(c, &uuid, &reply));
                 // Not waited for: the reply is readable once committed, and
                 // if the commit fails the request stays pending in the
                 // database and runs again after a restart.
                 drop(ticket);
             }
-            Err(failure) => {
-                self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                let attempts = job.attempts;
-                tracing::debug!(
-                    uuid,
-                    service = service_name,
-                    error = failure.kind,
-                    "titanic attempt failed"
-                );
-                let (record_uuid, error) = (uuid.clone(), format!("{}: {}", failure.kind, failure.reason));
-                drop(
-                    self.committer
-                        .enqueue(move |c| store::record_failure(c, &record_uuid, attempts, &error)),
-                );
-                let service = self.services.entry(service_name).or_default();
-                if failure.kind != "no_answer" {
-                    // Whatever it was, ask MMI again before the next try.
-                    service.up_until = None;
-                }
-                let backoff = backoff(self.settings.retry_backoff, self.settings.max_retry_backoff, attempts);
-                if failure.maybe_running {
-                    service.gated.push(uuid.clone());
-                    let at = Instant::now() + backoff;
-                    service.next_late_check = Some(service.next_late_check.map_or(at, |t| t.min(at)));
-                } else {
-                    self.backoff.push(Reverse((Instant::now() + backoff, uuid)));
-                }
-            }
+            Err(failure) => self.attempt_failed(uuid, failure),
+        }
+    }
+
+    /// Schedules the next attempt of `uuid` after a failed one.
+    fn attempt_failed(&mut self, uuid: String, failure: Failure) {
+        self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let job = &self.jobs[&uuid];
+        tracing::debug!(
+            uuid,
+            service = job.service,
+            error = failure.kind,
+            "titanic attempt failed"
+        );
+        // Never zero: a gated request must wait for a `mmi.stats` asked
+        // after this failure, not one already on its way.
+        let wait = backoff(
+            self.settings.retry_backoff,
+            self.settings.max_retry_backoff,
+            job.attempts,
+        )
+        .max(Duration::from_millis(1));
+        let (record_uuid, error) = (uuid.clone(), format!("{}: {}", failure.kind, failure.reason));
+        let next = store::unix_now() + wait.as_secs_f64();
+        drop(
+            self.committer
+                .enqueue(move |c| store::record_failure(c, &record_uuid, &error, next)),
+        );
+        let service = self.services.entry(job.service.clone()).or_default();
+        if failure.kind != "no_answer" {
+            // Whatever it was, ask MMI again before the next try.
+            service.up_until = None;
+        }
+        let at = Instant::now() + wait;
+        if failure.maybe_running {
+            service.gated.push(Gate {
+                uuid,
+                at,
+                quiet_at: None,
+            });
+        } else {
+            self.backoff.push(Reverse((at, uuid)));
         }
     }
 
@@ -417,28 +723,38 @@ impl Dispatcher {
         }
     }
 
-    fn late_checked(&mut self, name: String, outcome: Result<Frames, ClientError>) {
+    fn late_checked(&mut self, name: String, asked_at: Instant, outcome: Result<Frames, ClientError>) {
         let settings = &self.settings;
         let service = self.services.entry(name.clone()).or_default();
         service.checking_late = false;
-        let late = outcome.ok().and_then(|frames| {
+        let view = outcome.ok().and_then(|frames| {
             let stats: majordome_broker::stats::Snapshot = serde_json::from_slice(frames.first()?).ok()?;
-            Some(stats.services.get(&name).map_or(0, |s| s.late_workers))
+            Some(ServiceView::of(stats.services.get(&name)))
         });
-        if late == Some(0) {
-            // Nobody can still be running them: retry, oldest first.
-            service.late_backoff = Duration::ZERO;
-            service.next_late_check = None;
-            for uuid in service.gated.drain(..).rev() {
-                service.ready.push_front(uuid);
+        // Those freed go back in creation order; a gate that was due and is
+        // still shut makes the next question wait longer.
+        let mut still_due = false;
+        let jobs = &self.jobs;
+        service.gated.retain(|gate| {
+            if view.is_some_and(|view| view.frees(gate, asked_at)) {
+                if let Some(job) = jobs.get(&gate.uuid) {
+                    service.ready.insert(job.seq, gate.uuid.clone());
+                }
+                return false;
             }
-        } else {
+            still_due |= gate.first_chance() <= asked_at;
+            true
+        });
+        if still_due {
             service.late_backoff = if service.late_backoff.is_zero() {
                 settings.service_backoff
             } else {
                 (service.late_backoff * 2).min(settings.max_service_backoff)
             };
-            service.next_late_check = Some(Instant::now() + service.late_backoff);
+            service.late_check_after = Some(Instant::now() + service.late_backoff);
+        } else {
+            service.late_backoff = Duration::ZERO;
+            service.late_check_after = None;
         }
     }
 }
@@ -536,6 +852,44 @@ mod tests {
             after: Duration::from_secs(1),
         };
         assert!(classify(&raw, Err(timeout)).unwrap_err().maybe_running);
+    }
+
+    #[test]
+    fn a_gate_opens_after_its_deadline_without_late_workers_or_when_the_service_is_quiet() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let stats = |queued, workers, idle_workers, late_workers| majordome_broker::stats::ServiceStats {
+            counters: Default::default(),
+            queued,
+            workers,
+            idle_workers,
+            late_workers,
+        };
+        let after_failure = Gate {
+            uuid: "a".into(),
+            at: at(100),
+            quiet_at: None,
+        };
+        let after_restart = Gate {
+            uuid: "b".into(),
+            at: at(5000),
+            quiet_at: Some(at(1000)),
+        };
+        let busy = ServiceView::of(Some(&stats(0, 2, 1, 0)));
+        let late = ServiceView::of(Some(&stats(0, 2, 1, 1)));
+        let queued = ServiceView::of(Some(&stats(1, 2, 2, 0)));
+        let quiet = ServiceView::of(Some(&stats(0, 2, 2, 0)));
+        let gone = ServiceView::of(None);
+        // Asked too early: shut whatever the broker says.
+        assert!(!quiet.frees(&after_failure, at(50)));
+        assert!(!quiet.frees(&after_restart, at(500)));
+        // After the deadline: no late worker is enough.
+        assert!(busy.frees(&after_failure, at(100)) && !late.frees(&after_failure, at(100)));
+        assert!(busy.frees(&after_restart, at(5000)) && !late.frees(&after_restart, at(6000)));
+        // Before it, only a quiet service frees a request of the last run.
+        assert!(!busy.frees(&after_restart, at(1000)) && !queued.frees(&after_restart, at(1000)));
+        assert!(quiet.frees(&after_restart, at(1000)) && gone.frees(&after_restart, at(1000)));
+        assert_eq!(after_restart.first_chance(), at(1000));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use majordome_client::{Frames, Worker, WorkerOptions};
@@ -45,7 +45,9 @@ pub struct Settings {
     pub close_workers: usize,
     pub reply_workers: usize,
     /// Deadline of one attempt at the service (sent as the Domogik timeout
-    /// frame, so the broker enforces it).
+    /// frame, so the broker enforces it). A request that was in flight when
+    /// Titanic stopped waits, after a restart, until this deadline has
+    /// passed with no late worker, or until its service is quiet.
     pub attempt_timeout: Duration,
     /// Backoff after a failed attempt: first, and at most.
     pub retry_backoff: Duration,
@@ -143,6 +145,8 @@ pub(crate) struct NewRequest {
     pub uuid: String,
     pub service: String,
     pub body: Frames,
+    /// Its row holds a deadline that covers a first attempt sent by then.
+    pub sendable_until: Instant,
 }
 
 /// Titanic, ready to run.
@@ -159,7 +163,7 @@ impl Titanic {
     /// Nothing talks to the broker until [`Titanic::run`].
     pub fn start(broker: &str, database: &Path, settings: Settings) -> Result<Titanic, TitanicError> {
         let connection = majordome_store::open(database, settings.durability)?;
-        connection.execute_batch(store::SCHEMA)?;
+        store::prepare(&connection)?;
         Ok(Titanic {
             broker: broker.to_owned(),
             database: database.to_owned(),
@@ -186,32 +190,7 @@ impl Titanic {
     /// Serves until `shutdown` fires.
     pub fn run(self, shutdown: &Shutdown) -> Result<(), TitanicError> {
         let (events, inbox) = mpsc::channel::<dispatcher::Event>();
-        let mut threads: Vec<thread::JoinHandle<Result<(), TitanicError>>> = Vec::new();
-        for i in 0..self.settings.request_workers.max(1) {
-            let handler = request_handler(
-                self.committer.clone(),
-                self.counters.clone(),
-                events.clone(),
-                &self.settings,
-            );
-            threads.push(self.spawn_worker(&format!("titanic-req-{i}"), "titanic.request", handler, shutdown)?);
-        }
-        for i in 0..self.settings.reply_workers.max(1) {
-            let reader = majordome_store::open(&self.database, self.settings.durability)?;
-            threads.push(self.spawn_worker(
-                &format!("titanic-reply-{i}"),
-                "titanic.reply",
-                reply_handler(reader),
-                shutdown,
-            )?);
-        }
-        for i in 0..self.settings.close_workers.max(1) {
-            let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
-            threads.push(self.spawn_worker(&format!("titanic-close-{i}"), "titanic.close", close, shutdown)?);
-        }
-        let reader = majordome_store::open(&self.database, self.settings.durability)?;
-        let list = list_handler(reader, self.settings.list_limit);
-        threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);
+        // The dispatcher first: if it cannot start, no thread is left running.
         let reader = majordome_store::open(&self.database, self.settings.durability)?;
         let pending = store::load_pending(&reader)?;
         drop(reader);
@@ -221,14 +200,40 @@ impl Titanic {
             self.counters.clone(),
             self.settings.clone(),
             pending,
-            events,
+            events.clone(),
         )?;
+        let mut readers = Vec::new();
+        for _ in 0..self.settings.reply_workers.max(1) + 1 {
+            readers.push(majordome_store::open(&self.database, self.settings.durability)?);
+        }
         let stop = shutdown.clone();
-        threads.push(
-            thread::Builder::new()
-                .name("titanic-dispatch".into())
-                .spawn(move || dispatcher.run(inbox, &stop))?,
-        );
+        let mut threads: Vec<thread::JoinHandle<Result<(), TitanicError>>> = vec![thread::Builder::new()
+            .name("titanic-dispatch".into())
+            .spawn(move || dispatcher.run(inbox, &stop))?];
+        let list = list_handler(readers.pop().expect("one reader more"), self.settings.list_limit);
+        threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);
+        for (i, reader) in readers.into_iter().enumerate() {
+            threads.push(self.spawn_worker(
+                &format!("titanic-reply-{i}"),
+                "titanic.reply",
+                reply_handler(reader),
+                shutdown,
+            )?);
+        }
+        for i in 0..self.settings.request_workers.max(1) {
+            let handler = request_handler(
+                self.committer.clone(),
+                self.counters.clone(),
+                events.clone(),
+                &self.settings,
+            );
+            threads.push(self.spawn_worker(&format!("titanic-req-{i}"), "titanic.request", handler, shutdown)?);
+        }
+        for i in 0..self.settings.close_workers.max(1) {
+            let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
+            threads.push(self.spawn_worker(&format!("titanic-close-{i}"), "titanic.close", close, shutdown)?);
+        }
+        drop(events);
         let mut result = Ok(());
         for thread in threads {
             match thread.join() {
@@ -307,9 +312,11 @@ fn request_handler(
     settings: &Settings,
 ) -> impl FnMut(Frames) -> Frames + Send + 'static {
     let max_bytes = settings.max_request_bytes;
+    let first_attempt = settings.attempt_timeout + dispatcher::DEADLINE_MARGIN + dispatcher::FIRST_ATTEMPT_WINDOW;
     move |body: Frames| {
-        let Some((service, request)) = body.split_first() else {
-            return malformed(&counters, "expected the service name, then the request body");
+        // RFC 9: two frames or more, the service name and the body.
+        let Some((service, request)) = body.split_first().filter(|(_, request)| !request.is_empty()) else {
+            return malformed(&counters, "expected the service name, then at least one body frame");
         };
         let Ok(service) = std::str::from_utf8(service) else {
             return malformed(&counters, "the service name is not UTF-8");
@@ -328,13 +335,18 @@ fn request_handler(
         }
         let uuid = uuid::Uuid::new_v4().simple().to_string();
         let (row_uuid, row_service, row_body) = (uuid.clone(), service.to_owned(), request.to_vec());
-        match committer.submit(move |c| store::insert(c, &row_uuid, &row_service, &row_body)) {
+        // The row already covers a first attempt sent within the window, so
+        // the common case needs no commit of its own before it is sent.
+        let sendable_until = Instant::now() + dispatcher::FIRST_ATTEMPT_WINDOW;
+        let deadline = store::unix_now() + first_attempt.as_secs_f64();
+        match committer.submit(move |c| store::insert(c, &row_uuid, &row_service, &row_body, deadline)) {
             Ok(()) => {
                 counters.stored.fetch_add(1, Ordering::Relaxed);
                 let _ = dispatcher.send(dispatcher::Event::New(NewRequest {
                     uuid: uuid.clone(),
                     service: service.to_owned(),
                     body: request.to_vec(),
+                    sendable_until,
                 }));
                 vec![Bytes::from_static(b"200"), Bytes::from(uuid)]
             }

@@ -7,19 +7,45 @@ use majordome_client::Frames;
 use majordome_store::rusqlite::{self, params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+/// One row per request. Times are Unix seconds. `attempt_deadline` is
+/// committed before an attempt is sent (with the row itself for a first
+/// attempt sent soon after): while the request is pending, a copy may be
+/// running at a worker until then, which is what a restarted Titanic must
+/// wait out. `next_attempt` is when the dispatcher
+/// meant to try again after a failure (for `titanic.list`).
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS titanic_requests (
-    uuid       TEXT PRIMARY KEY,
-    service    TEXT NOT NULL,
-    request    BLOB NOT NULL,
-    reply      BLOB,
-    created    REAL NOT NULL,
-    completed  REAL,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    uuid             TEXT PRIMARY KEY,
+    service          TEXT NOT NULL,
+    request          BLOB NOT NULL,
+    reply            BLOB,
+    created          REAL NOT NULL,
+    completed        REAL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    attempt_deadline REAL,
+    next_attempt     REAL
 );
 CREATE INDEX IF NOT EXISTS titanic_pending ON titanic_requests (created) WHERE reply IS NULL;
 ";
+
+/// Columns added after the table's first version, for databases made then.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("attempt_deadline", "REAL"), ("next_attempt", "REAL")];
+
+/// Creates the table, or brings an older one up to date.
+pub fn prepare(connection: &Connection) -> rusqlite::Result<()> {
+    connection.execute_batch(SCHEMA)?;
+    let columns = connection
+        .prepare("SELECT name FROM pragma_table_info('titanic_requests')")?
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    for (name, kind) in ADDED_COLUMNS {
+        if !columns.iter().any(|c| c == name) {
+            connection.execute_batch(&format!("ALTER TABLE titanic_requests ADD COLUMN {name} {kind}"))?;
+        }
+    }
+    Ok(())
+}
 
 pub fn unix_now() -> f64 {
     SystemTime::now()
@@ -55,26 +81,45 @@ pub fn decode(blob: &[u8]) -> Option<Frames> {
     Some(frames)
 }
 
-pub fn insert(connection: &Connection, uuid: &str, service: &str, body: &[Bytes]) -> rusqlite::Result<()> {
+/// A new request; `attempt_deadline` covers a first attempt sent soon.
+pub fn insert(
+    connection: &Connection,
+    uuid: &str,
+    service: &str,
+    body: &[Bytes],
+    attempt_deadline: f64,
+) -> rusqlite::Result<()> {
     connection.execute(
-        "INSERT INTO titanic_requests (uuid, service, request, created) VALUES (?1, ?2, ?3, ?4)",
-        params![uuid, service, encode(body), unix_now()],
+        "INSERT INTO titanic_requests (uuid, service, request, created, attempt_deadline)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![uuid, service, encode(body), unix_now(), attempt_deadline],
     )?;
     Ok(())
 }
 
-pub fn store_reply(connection: &Connection, uuid: &str, reply: &[Bytes], attempts: u32) -> rusqlite::Result<usize> {
+/// Attempts about to be sent: their count, and the deadline until which
+/// each may run at a worker.
+pub fn mark_attempts(connection: &Connection, attempts: &[(String, u32)], deadline: f64) -> rusqlite::Result<()> {
+    let mut statement = connection
+        .prepare_cached("UPDATE titanic_requests SET attempts = ?2, attempt_deadline = ?3 WHERE uuid = ?1")?;
+    for (uuid, count) in attempts {
+        statement.execute(params![uuid, count, deadline])?;
+    }
+    Ok(())
+}
+
+pub fn store_reply(connection: &Connection, uuid: &str, reply: &[Bytes]) -> rusqlite::Result<usize> {
     connection.execute(
-        "UPDATE titanic_requests SET reply = ?2, completed = ?3, attempts = ?4, last_error = NULL
+        "UPDATE titanic_requests SET reply = ?2, completed = ?3, last_error = NULL, next_attempt = NULL
          WHERE uuid = ?1 AND reply IS NULL",
-        params![uuid, encode(reply), unix_now(), attempts],
+        params![uuid, encode(reply), unix_now()],
     )
 }
 
-pub fn record_failure(connection: &Connection, uuid: &str, attempts: u32, error: &str) -> rusqlite::Result<usize> {
+pub fn record_failure(connection: &Connection, uuid: &str, error: &str, next_attempt: f64) -> rusqlite::Result<usize> {
     connection.execute(
-        "UPDATE titanic_requests SET attempts = ?2, last_error = ?3 WHERE uuid = ?1",
-        params![uuid, attempts, error],
+        "UPDATE titanic_requests SET last_error = ?2, next_attempt = ?3 WHERE uuid = ?1",
+        params![uuid, error, next_attempt],
     )
 }
 
@@ -110,22 +155,38 @@ pub struct Pending {
     pub service: String,
     pub body: Frames,
     pub attempts: u32,
+    /// Set once an attempt was sent: a copy may run at a worker until then.
+    pub attempt_deadline: Option<f64>,
 }
 
 /// Every pending request, oldest first.
 pub fn load_pending(connection: &Connection) -> rusqlite::Result<Vec<Pending>> {
-    let mut statement = connection
-        .prepare("SELECT uuid, service, request, attempts FROM titanic_requests WHERE reply IS NULL ORDER BY rowid")?;
+    let mut statement = connection.prepare(
+        "SELECT uuid, service, request, attempts, attempt_deadline FROM titanic_requests
+         WHERE reply IS NULL ORDER BY rowid",
+    )?;
     let rows = statement.query_map([], |row| {
         let blob: Vec<u8> = row.get(2)?;
-        Ok(Pending {
-            uuid: row.get(0)?,
-            service: row.get(1)?,
-            body: decode(&blob).unwrap_or_default(),
-            attempts: row.get(3)?,
-        })
+        Ok((
+            decode(&blob),
+            Pending {
+                uuid: row.get(0)?,
+                service: row.get(1)?,
+                body: Frames::new(),
+                attempts: row.get(3)?,
+                attempt_deadline: row.get(4)?,
+            },
+        ))
     })?;
-    rows.collect()
+    let mut pending = Vec::new();
+    for row in rows {
+        match row? {
+            (Some(body), request) => pending.push(Pending { body, ..request }),
+            // Not written by `encode`: sending it would send something else.
+            (None, request) => tracing::error!(uuid = request.uuid, "a stored titanic request is corrupt; not sent"),
+        }
+    }
+    Ok(pending)
 }
 
 /// One line of `titanic.list`.
@@ -140,6 +201,10 @@ pub struct ListEntry {
     pub completed: Option<f64>,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// After a failed attempt: the earliest time of the next one (later if
+    /// a worker may still be running the last one).
+    #[serde(default)]
+    pub next_attempt: Option<f64>,
 }
 
 /// Pending requests first (oldest first), then the latest done ones; at
@@ -148,12 +213,12 @@ pub fn list(connection: &Connection, limit: usize) -> rusqlite::Result<Vec<ListE
     let mut entries = Vec::new();
     for (sql, state) in [
         (
-            "SELECT uuid, service, created, completed, attempts, last_error FROM titanic_requests
+            "SELECT uuid, service, created, completed, attempts, last_error, next_attempt FROM titanic_requests
              WHERE reply IS NULL ORDER BY rowid LIMIT ?1",
             "pending",
         ),
         (
-            "SELECT uuid, service, created, completed, attempts, last_error FROM titanic_requests
+            "SELECT uuid, service, created, completed, attempts, last_error, next_attempt FROM titanic_requests
              WHERE reply IS NOT NULL ORDER BY completed DESC LIMIT ?1",
             "done",
         ),
@@ -168,6 +233,7 @@ pub fn list(connection: &Connection, limit: usize) -> rusqlite::Result<Vec<ListE
                 completed: row.get(3)?,
                 attempts: row.get(4)?,
                 last_error: row.get(5)?,
+                next_attempt: row.get(6)?,
             })
         })?;
         for row in rows {
@@ -192,5 +258,33 @@ mod tests {
         }
         assert!(decode(&[0, 0, 0, 5, b'x']).is_none(), "truncated");
         assert!(decode(&[0, 0]).is_none(), "a partial length");
+    }
+
+    #[test]
+    fn a_table_of_the_first_version_gets_the_new_columns() {
+        let connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch(
+                "CREATE TABLE titanic_requests (uuid TEXT PRIMARY KEY, service TEXT NOT NULL,
+                 request BLOB NOT NULL, reply BLOB, created REAL NOT NULL, completed REAL,
+                 attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);",
+            )
+            .unwrap();
+        connection
+            .execute(
+                "INSERT INTO titanic_requests (uuid, service, request, created) VALUES ('u', 'svc', ?1, 1.0)",
+                [encode(&[Bytes::from_static(b"x")])],
+            )
+            .unwrap();
+        prepare(&connection).unwrap();
+        prepare(&connection).unwrap();
+        mark_attempts(&connection, &[("u".into(), 1)], 12.5).unwrap();
+        let pending = load_pending(&connection).unwrap();
+        assert_eq!((pending[0].attempts, pending[0].attempt_deadline), (1, Some(12.5)));
+        assert_eq!(pending[0].body, vec![Bytes::from_static(b"x")]);
+        record_failure(&connection, "u", "no_answer: late", 20.0).unwrap();
+        let listed = list(&connection, 10).unwrap();
+        assert_eq!(listed[0].next_attempt, Some(20.0));
+        assert_eq!(listed[0].last_error.as_deref(), Some("no_answer: late"));
     }
 }

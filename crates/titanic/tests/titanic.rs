@@ -252,6 +252,8 @@ fn bad_input_gets_rfc_status_codes_and_titanic_keeps_serving() {
     let cases: &[(&str, Frames, &str)] = &[
         ("titanic.request", vec![], "400"),
         ("titanic.request", frames(&[""]), "400"),
+        ("titanic.request", frames(&["svc"]), "400"),
+        ("titanic.request", frames(&["", "x"]), "400"),
         ("titanic.request", vec![Bytes::from_static(&[0xff, 0xfe])], "400"),
         ("titanic.request", frames(&[&"s".repeat(300)]), "400"),
         ("titanic.request", frames(&["titanic.request", "x"]), "400"),
@@ -274,5 +276,95 @@ fn bad_input_gets_rfc_status_codes_and_titanic_keeps_serving() {
     worker(&mut running, &endpoint, "svc", |body| body);
     let uuid = client::request(&mut c, "svc", frames(&["ok"])).unwrap();
     assert_eq!(wait_done(&mut c, &uuid), frames(&["ok"]));
+    running.stop();
+}
+
+/// Titanic stops while a worker still runs one of its requests. The new
+/// Titanic on the same database must not send it again until that copy is
+/// over (the broker shows no late worker once its deadline passed), even
+/// though another worker of the service is idle.
+#[test]
+fn a_restart_does_not_resend_a_request_that_may_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut running = Running::new();
+    let endpoint = broker(&mut running);
+    let settings = Settings {
+        attempt_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let mut first = Running::new();
+    titanic(&mut first, &endpoint, &database(&dir), settings.clone());
+    // Per request: (running now, most at once, runs).
+    let state = Arc::new(Mutex::new(HashMap::<String, (u32, u32, u32)>::new()));
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    for _ in 0..2 {
+        let (state, started_tx) = (state.clone(), started_tx.clone());
+        worker(&mut running, &endpoint, "slow", move |body| {
+            let id = String::from_utf8_lossy(&body[0]).into_owned();
+            let first = {
+                let mut state = state.lock().unwrap();
+                let entry = state.entry(id.clone()).or_default();
+                entry.0 += 1;
+                entry.1 = entry.1.max(entry.0);
+                entry.2 += 1;
+                entry.2 == 1
+            };
+            if first {
+                let _ = started_tx.send(());
+                // Longer than the deadline and the restart's margin.
+                thread::sleep(Duration::from_millis(2500));
+            }
+            state.lock().unwrap().get_mut(&id).unwrap().0 -= 1;
+            body
+        });
+    }
+    let mut c = client_for(&endpoint);
+    let uuid = client::request(&mut c, "slow", frames(&["r0"])).unwrap();
+    started.recv_timeout(LIMIT).expect("the first run starts");
+    first.stop();
+    titanic(&mut running, &endpoint, &database(&dir), settings);
+    assert_eq!(wait_done(&mut c, &uuid), frames(&["r0"]));
+    let (_, most, runs) = state.lock().unwrap()["r0"];
+    assert_eq!(most, 1, "ran {most} times at once ({runs} runs)");
+    running.stop();
+}
+
+/// A request closed while its attempt runs is not tried again when that
+/// attempt fails: Titanic forgets it.
+#[test]
+fn a_request_closed_while_it_runs_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut running = Running::new();
+    let endpoint = broker(&mut running);
+    let settings = Settings {
+        attempt_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let titanic = Titanic::start(&endpoint, &database(&dir), settings).unwrap();
+    let counters = titanic.counters();
+    running.spawn(move |stop| titanic.run(&stop).unwrap());
+    let runs = Arc::new(Mutex::new(0u32));
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let log = runs.clone();
+    worker(&mut running, &endpoint, "slow", move |body| {
+        *log.lock().unwrap() += 1;
+        let _ = started_tx.send(());
+        // Outlasts the deadline: the attempt fails with no_answer.
+        thread::sleep(Duration::from_millis(800));
+        body
+    });
+    let mut c = client_for(&endpoint);
+    let uuid = client::request(&mut c, "slow", frames(&["once"])).unwrap();
+    started.recv_timeout(LIMIT).expect("the first run starts");
+    client::close(&mut c, &uuid).unwrap();
+    let start = Instant::now();
+    while counters.pending.load(std::sync::atomic::Ordering::Relaxed) != 0
+        || counters.in_flight.load(std::sync::atomic::Ordering::Relaxed) != 0
+    {
+        assert!(start.elapsed() < LIMIT, "titanic still holds the closed request");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(*runs.lock().unwrap(), 1, "a closed request ran again");
+    assert_eq!(client::reply(&mut c, &uuid).unwrap(), ReplyStatus::Unknown);
     running.stop();
 }
