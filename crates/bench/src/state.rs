@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use bytes::Bytes;
 use majordome_net::{self as net, Shutdown};
 use majordome_state::{Change, Endpoints, Mirror, MirrorOptions, Server, Writer, WriterOptions};
@@ -65,17 +65,7 @@ struct LocalServer {
 
 impl LocalServer {
     fn start(data: Option<&PathBuf>) -> Result<LocalServer> {
-        let (folder, path) = match data {
-            Some(path) => (None, path.clone()),
-            None => {
-                let folder = tempfile::Builder::new()
-                    .prefix("majordome-bench-state")
-                    .tempdir()
-                    .context("cannot create a temporary folder")?;
-                let path = folder.path().to_owned();
-                (Some(folder), path)
-            }
-        };
+        let (folder, path) = crate::data_folder(data, "majordome-bench-state")?;
         let server = Server::bind(
             "tcp://127.0.0.1:0",
             &majordome_store::database_path(&path),

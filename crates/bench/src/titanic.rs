@@ -18,7 +18,7 @@ use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use bytes::Bytes;
 use majordome_broker::Broker;
 use majordome_client::{Client, ClientOptions, Worker, WorkerOptions};
@@ -68,17 +68,7 @@ struct Stack {
 
 impl Stack {
     fn start(data: Option<&PathBuf>, durability: majordome_store::Durability) -> Result<Stack> {
-        let (folder, path) = match data {
-            Some(path) => (None, path.clone()),
-            None => {
-                let folder = tempfile::Builder::new()
-                    .prefix("majordome-bench-titanic")
-                    .tempdir()
-                    .context("cannot create a temporary folder")?;
-                let path = folder.path().to_owned();
-                (Some(folder), path)
-            }
-        };
+        let (folder, path) = crate::data_folder(data, "majordome-bench-titanic")?;
         let shutdown = Shutdown::new()?;
         let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default())?;
         let endpoint = broker.endpoint().to_owned();

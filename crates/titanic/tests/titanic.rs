@@ -176,6 +176,40 @@ fn acknowledged_requests_survive_a_restart_and_run_once() {
     running.stop();
 }
 
+/// Per request id: (copies running now, most at once, runs in all).
+type Runs = Arc<Mutex<HashMap<String, (u32, u32, u32)>>>;
+
+/// A handler that keeps [`Runs`] for each request (its id read by `id`);
+/// the first run of each request takes `first_run` and says so on
+/// `started`; the reply is `reply(id, body)`.
+fn tracking(
+    runs: Runs,
+    first_run: Duration,
+    started: Option<std::sync::mpsc::Sender<()>>,
+    id: fn(&Frames) -> String,
+    reply: fn(&str, Frames) -> Frames,
+) -> impl FnMut(Frames) -> Frames + Send + 'static {
+    move |body| {
+        let id = id(&body);
+        let first = {
+            let mut runs = runs.lock().unwrap();
+            let entry = runs.entry(id.clone()).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(entry.0);
+            entry.2 += 1;
+            entry.2 == 1
+        };
+        if first {
+            if let Some(started) = &started {
+                let _ = started.send(());
+            }
+            thread::sleep(first_run);
+        }
+        runs.lock().unwrap().get_mut(&id).unwrap().0 -= 1;
+        reply(&id, body)
+    }
+}
+
 /// The zguide's Titanic resends while the first copy still runs. Here the
 /// first run of each request outlasts its deadline; the retry waits until
 /// that worker is done, so no request ever runs twice at once.
@@ -189,27 +223,21 @@ fn a_slow_service_never_runs_a_request_twice_at_the_same_time() {
         ..quick()
     };
     titanic(&mut running, &endpoint, &database(&dir), settings);
-    // Per request: (running now, most at once, runs).
-    let state = Arc::new(Mutex::new(HashMap::<String, (u32, u32, u32)>::new()));
+    let state = Runs::default();
     for _ in 0..2 {
-        let state = state.clone();
-        worker(&mut running, &endpoint, "slow", move |body| {
-            let message = Message::from_frames(&body).unwrap();
-            let id = message.data["id"].as_str().unwrap().to_owned();
-            let first = {
-                let mut state = state.lock().unwrap();
-                let entry = state.entry(id.clone()).or_default();
-                entry.0 += 1;
-                entry.1 = entry.1.max(entry.0);
-                entry.2 += 1;
-                entry.2 == 1
-            };
-            if first {
-                thread::sleep(Duration::from_millis(800));
-            }
-            state.lock().unwrap().get_mut(&id).unwrap().0 -= 1;
-            Message::new("work.result", json!({"id": id, "status": true})).to_frames()
-        });
+        let handler = tracking(
+            state.clone(),
+            Duration::from_millis(800),
+            None,
+            |body| {
+                Message::from_frames(body).unwrap().data["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            },
+            |id, _| Message::new("work.result", json!({"id": id, "status": true})).to_frames(),
+        );
+        worker(&mut running, &endpoint, "slow", handler);
     }
     let mut c = client_for(&endpoint);
     // One at a time, so that the other worker is idle when the retry comes:
@@ -294,29 +322,18 @@ fn a_restart_does_not_resend_a_request_that_may_still_run() {
     };
     let mut first = Running::new();
     titanic(&mut first, &endpoint, &database(&dir), settings.clone());
-    // Per request: (running now, most at once, runs).
-    let state = Arc::new(Mutex::new(HashMap::<String, (u32, u32, u32)>::new()));
+    let state = Runs::default();
     let (started_tx, started) = std::sync::mpsc::channel::<()>();
     for _ in 0..2 {
-        let (state, started_tx) = (state.clone(), started_tx.clone());
-        worker(&mut running, &endpoint, "slow", move |body| {
-            let id = String::from_utf8_lossy(&body[0]).into_owned();
-            let first = {
-                let mut state = state.lock().unwrap();
-                let entry = state.entry(id.clone()).or_default();
-                entry.0 += 1;
-                entry.1 = entry.1.max(entry.0);
-                entry.2 += 1;
-                entry.2 == 1
-            };
-            if first {
-                let _ = started_tx.send(());
-                // Longer than the deadline and the restart's margin.
-                thread::sleep(Duration::from_millis(2500));
-            }
-            state.lock().unwrap().get_mut(&id).unwrap().0 -= 1;
-            body
-        });
+        // The first run outlasts the deadline and the restart's margin.
+        let handler = tracking(
+            state.clone(),
+            Duration::from_millis(2500),
+            Some(started_tx.clone()),
+            |body| String::from_utf8_lossy(&body[0]).into_owned(),
+            |_, body| body,
+        );
+        worker(&mut running, &endpoint, "slow", handler);
     }
     let mut c = client_for(&endpoint);
     let uuid = client::request(&mut c, "slow", frames(&["r0"])).unwrap();
