@@ -117,14 +117,22 @@ fn list(broker: &str, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&entries)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
     for entry in &entries {
+        let next = match entry.next_attempt {
+            Some(at) if entry.state == "pending" && at > now => format!("  next attempt in {:.0} s", at - now),
+            _ => String::new(),
+        };
         let error = entry
             .last_error
             .as_deref()
             .map(|e| format!("  last error: {e}"))
             .unwrap_or_default();
         println!(
-            "{} {:<7} {:<20} attempts {}{error}",
+            "{} {:<7} {:<20} attempts {}{next}{error}",
             entry.uuid, entry.state, entry.service, entry.attempts
         );
     }
