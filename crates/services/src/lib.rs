@@ -1,11 +1,17 @@
 //! majordome's core services. Each is a worker on the bus that uses the
 //! same library as any plugin and keeps what must last in the one SQLite
-//! database. So far: the config service, the manager's client registry,
-//! and the plugin manifests both read.
+//! database: the config service, the manager, the device service, the
+//! history, and the plugin manifests and device schema they read.
 
 pub mod config;
+pub mod devices;
+pub mod history;
 pub mod manager;
 pub mod manifest;
+pub mod schema;
 
 pub use config::{ConfigError, ConfigService, SERVICE_NAMES};
+pub use devices::{DeviceEndpoints, DeviceError, DeviceService, DeviceSettings};
+pub use history::{HistoryService, HistorySettings};
 pub use manifest::{load_folder, ConfigKey, Manifest, ValueType};
+pub use schema::Schema;

@@ -43,6 +43,16 @@ pub struct Manifest {
     pub config: Vec<ConfigKey>,
     #[serde(default)]
     pub device_types: Vec<String>,
+    /// Device types this plugin defines beyond the shipped schema, in the
+    /// schema's own form (see `devices::schema`), by type name.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub define_types: serde_json::Map<String, Value>,
+    /// `majordome up` starts it (through the manager's supervisor).
+    #[serde(default)]
+    pub autostart: bool,
+    /// The supervisor restarts it when it dies (with backoff and a limit).
+    #[serde(default)]
+    pub restart: bool,
 }
 
 /// The type of a config value.

@@ -1,0 +1,1032 @@
+//! The device service (service `devices`): the device registry, commands
+//! checked against the schema and forwarded to the owning plugin, current
+//! values, stale marking and the inventory. See "Devices and plugins: the
+//! contract" in `ARCHITECTURE.md` for every message.
+//!
+//! Threads: `workers` threads answer `devices` (a slow plugin holds only
+//! the thread that forwards to it, up to `command_timeout`); one follower
+//! reads the `event.` events, updates current values, appends them to the
+//! history in batches, mirrors them into Clone under
+//! `/device/<uuid>/<quantity>`, and marks silent devices stale. The device
+//! table is written through the group committer, and a write is durable
+//! before its reply.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use majordome_client::{
+    domogik_handler, Client, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
+};
+use majordome_state::{Writer, WriterOptions};
+use majordome_store::rusqlite::{params, Connection};
+use majordome_store::{Committer, Durability, StoreError};
+use serde_json::{json, Map, Value};
+
+use crate::history::{HistoryCounters, HistoryWriter, Sample};
+use crate::schema::{error_map, Schema};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    uuid        TEXT PRIMARY KEY,
+    client      TEXT NOT NULL,
+    internal_id TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    room        TEXT NOT NULL,
+    stale_after REAL,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    UNIQUE (client, internal_id)
+);
+";
+
+/// Subjects the service publishes itself; the follower skips them.
+const OWN_SUBJECTS: &[&str] = &["event.device.announce", "event.device.remove", "event.device.stale"];
+
+/// How the device service behaves.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// Threads answering `devices`.
+    pub workers: usize,
+    /// How long a plugin has to answer a command.
+    pub command_timeout: Duration,
+    /// How often silent devices are looked for.
+    pub stale_check: Duration,
+    /// The most devices the registry holds.
+    pub max_devices: usize,
+    /// Events taken in one batch (one history job, one Clone confirm).
+    pub batch: usize,
+}
+
+impl Default for DeviceSettings {
+    fn default() -> Self {
+        DeviceSettings {
+            workers: 4,
+            command_timeout: Duration::from_secs(5),
+            stale_check: Duration::from_secs(1),
+            max_devices: 10_000,
+            batch: 1000,
+        }
+    }
+}
+
+/// Where the service finds the rest of the bus.
+#[derive(Debug, Clone)]
+pub struct DeviceEndpoints {
+    pub broker: String,
+    /// The forwarder's side publishers connect to.
+    pub publish: String,
+    /// The forwarder's side subscribers connect to.
+    pub subscribe: String,
+    /// The Clone server's base endpoint (snapshots; updates and collector
+    /// follow), if values are to be mirrored there.
+    pub state: Option<String>,
+}
+
+/// Errors starting the service.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device database: {0}")]
+    Store(#[from] StoreError),
+    #[error("device database: {0}")]
+    Sqlite(#[from] majordome_store::rusqlite::Error),
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+    #[error(transparent)]
+    Client(#[from] majordome_client::ClientError),
+    #[error("Clone server: {0}")]
+    State(#[from] majordome_state::StateError),
+    #[error("cannot start a device thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// A current value.
+#[derive(Debug, Clone, PartialEq)]
+struct Reading {
+    level: Value,
+    unit: Value,
+    time: f64,
+}
+
+/// A device as the registry holds it.
+#[derive(Debug, Clone)]
+struct Device {
+    uuid: String,
+    client: String,
+    id: String,
+    kind: String,
+    name: String,
+    room: String,
+    stale_after: Option<f64>,
+    created: f64,
+    values: BTreeMap<String, Reading>,
+    /// Unix time of the last value, if any.
+    last_seen: Option<f64>,
+    /// Silence is counted from here: the last value, or when the service
+    /// started knowing the device.
+    heard_at: Instant,
+    stale: bool,
+}
+
+impl Device {
+    /// RasPy's name: `<host>.<service>.<device>`, from the client id
+    /// `<type>-<name>.<host>`.
+    fn raspy_name(&self) -> String {
+        let (service, host) = self.client.rsplit_once('.').unwrap_or((&self.client, ""));
+        let service = service.split_once('-').map_or(service, |(_, name)| name);
+        format!("{host}.{service}.{}", self.id)
+    }
+
+    fn info(&self) -> Value {
+        json!({
+            "uuid": self.uuid, "client": self.client, "id": self.id, "type": self.kind,
+            "name": self.name, "room": self.room, "raspy_name": self.raspy_name(),
+            "stale_after": self.stale_after, "created": self.created,
+            "lastseen": self.last_seen, "stale": self.stale,
+        })
+    }
+
+    fn inventory_entry(&self) -> Value {
+        let values: Map<String, Value> = self
+            .values
+            .iter()
+            .map(|(q, r)| {
+                (
+                    q.clone(),
+                    json!({"level": r.level, "unit": r.unit, "timestamp": r.time}),
+                )
+            })
+            .collect();
+        let state = self
+            .values
+            .get("state")
+            .or_else(|| self.values.values().next())
+            .map_or(Value::Null, |r| r.level.clone());
+        let mut entry = self.info();
+        entry["state"] = state;
+        entry["values"] = Value::Object(values);
+        entry["devicetype"] = self.kind.clone().into();
+        entry
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    devices: HashMap<String, Device>,
+    by_key: HashMap<(String, String), String>,
+    by_raspy: HashMap<String, String>,
+}
+
+impl Registry {
+    fn insert(&mut self, device: Device) {
+        self.by_key
+            .insert((device.client.clone(), device.id.clone()), device.uuid.clone());
+        self.by_raspy.insert(device.raspy_name(), device.uuid.clone());
+        self.devices.insert(device.uuid.clone(), device);
+    }
+
+    fn remove(&mut self, uuid: &str) -> Option<Device> {
+        let device = self.devices.remove(uuid)?;
+        self.by_key.remove(&(device.client.clone(), device.id.clone()));
+        self.by_raspy.remove(&device.raspy_name());
+        Some(device)
+    }
+
+    /// A device by uuid, or by its RasPy name.
+    fn find(&self, name: &str) -> Option<&Device> {
+        self.devices
+            .get(name)
+            .or_else(|| self.by_raspy.get(name).and_then(|uuid| self.devices.get(uuid)))
+    }
+}
+
+/// Per plugin counts.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct ClientStats {
+    commands: u64,
+    errors: u64,
+    values: u64,
+}
+
+/// What `stats.get` tells.
+#[derive(Default)]
+struct Stats {
+    requests: BTreeMap<String, u64>,
+    /// Command outcomes by ago identifier.
+    outcomes: BTreeMap<String, u64>,
+    /// The latest command round trips through a plugin, in seconds.
+    latencies: VecDeque<f64>,
+    events: u64,
+    values: u64,
+    unknown_device: u64,
+    malformed_events: u64,
+    failed_later: u64,
+    clone_failures: u64,
+    stale_marked: u64,
+    clients: BTreeMap<String, ClientStats>,
+}
+
+const LATENCY_WINDOW: usize = 1024;
+
+impl Stats {
+    fn outcome(&mut self, client: Option<&str>, identifier: &str) {
+        *self.outcomes.entry(identifier.to_owned()).or_default() += 1;
+        if let Some(client) = client {
+            let entry = self.clients.entry(client.to_owned()).or_default();
+            entry.commands += 1;
+            if identifier.starts_with("error") {
+                entry.errors += 1;
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[index.min(sorted.len() - 1)])
+}
+
+struct Shared {
+    schema: Schema,
+    settings: DeviceSettings,
+    registry: Mutex<Registry>,
+    committer: Committer,
+    publisher: Mutex<Publisher>,
+    writer: Option<Mutex<Writer>>,
+    stats: Mutex<Stats>,
+    history: Arc<HistoryCounters>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking holder leaves consistent data here (every update is a
+    // whole assignment), so a poisoned lock is taken over, not fatal.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The device service, ready to run.
+pub struct DeviceService {
+    shared: Arc<Shared>,
+    history: HistoryWriter,
+    endpoints: DeviceEndpoints,
+}
+
+/// A `.do` reply with Domogik's `status`/`reason` and ago's maps.
+fn outcome_reply(action: &str, mut data: Map<String, Value>) -> Message {
+    let error = data.get("error").filter(|e| e.is_object()).cloned();
+    data.insert("status".into(), error.is_none().into());
+    let reason = error
+        .as_ref()
+        .and_then(|e| e.get("message").and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_owned();
+    data.insert("reason".into(), reason.into());
+    Message::new(majordome_mdp::domogik::result_action(action), Value::Object(data))
+}
+
+fn command_error(action: &str, identifier: &str, message: impl Into<String>) -> Message {
+    let mut data = Map::new();
+    data.insert("error".into(), error_map(identifier, message));
+    outcome_reply(action, data)
+}
+
+impl DeviceService {
+    /// Opens the device table and the history in `database`, and loads
+    /// the devices and their last values.
+    pub fn open(
+        database: &Path,
+        schema: Schema,
+        durability: Durability,
+        settings: DeviceSettings,
+        history_settings: &crate::history::HistorySettings,
+        endpoints: DeviceEndpoints,
+    ) -> Result<DeviceService, DeviceError> {
+        let connection = majordome_store::open(database, durability)?;
+        connection.execute_batch(SCHEMA)?;
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        {
+            let mut query = connection
+                .prepare("SELECT uuid, client, internal_id, type, name, room, stale_after, created FROM devices")?;
+            let rows = query.query_map([], |row| {
+                Ok(Device {
+                    uuid: row.get(0)?,
+                    client: row.get(1)?,
+                    id: row.get(2)?,
+                    kind: row.get(3)?,
+                    name: row.get(4)?,
+                    room: row.get(5)?,
+                    stale_after: row.get(6)?,
+                    created: row.get(7)?,
+                    values: BTreeMap::new(),
+                    last_seen: None,
+                    heard_at: now,
+                    stale: false,
+                })
+            })?;
+            for device in rows {
+                registry.insert(device?);
+            }
+        }
+        let history = HistoryWriter::open(database, durability, history_settings)?;
+        for (uuid, quantity, time, raw) in HistoryWriter::latest(database)? {
+            if let Some(device) = registry.devices.get_mut(&uuid) {
+                let unit = device_unit(&schema, &device.kind, &quantity);
+                device.values.insert(quantity, Reading { level: raw, unit, time });
+                device.last_seen = Some(device.last_seen.map_or(time, |seen: f64| seen.max(time)));
+            }
+        }
+        let publisher = Publisher::connect(&endpoints.publish)?;
+        let writer = match &endpoints.state {
+            Some(state) => Some(Mutex::new(Writer::connect(state.as_str(), WriterOptions::default())?)),
+            None => None,
+        };
+        let shared = Shared {
+            schema,
+            settings,
+            registry: Mutex::new(registry),
+            committer: Committer::start(connection),
+            publisher: Mutex::new(publisher),
+            writer,
+            stats: Mutex::default(),
+            history: history.counters(),
+        };
+        Ok(DeviceService {
+            shared: Arc::new(shared),
+            history,
+            endpoints,
+        })
+    }
+
+    /// The history's counters, for the `history` service.
+    pub fn history_counters(&self) -> Arc<HistoryCounters> {
+        self.history.counters()
+    }
+
+    /// Runs the workers and the follower until `shutdown`.
+    pub fn run(self, shutdown: &Shutdown) -> Result<(), DeviceError> {
+        let DeviceService {
+            shared,
+            history,
+            endpoints,
+        } = self;
+        let subscriber = Subscriber::connect(&endpoints.subscribe, &["event."])?;
+        let mut threads = Vec::new();
+        for index in 0..shared.settings.workers.max(1) {
+            let worker_shared = shared.clone();
+            let mut client = Client::new(
+                &endpoints.broker,
+                ClientOptions {
+                    timeout: shared.settings.command_timeout,
+                    ..ClientOptions::default()
+                },
+            );
+            let handler = domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message));
+            let worker = Worker::new(&endpoints.broker, "devices", WorkerOptions::default());
+            let stop = shutdown.clone();
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("devices-{index}"))
+                    .spawn(move || worker.run(handler, &stop).map_err(DeviceError::from))?,
+            );
+        }
+        let (follower_shared, stop) = (shared.clone(), shutdown.clone());
+        threads.push(
+            thread::Builder::new()
+                .name("devices-follower".into())
+                .spawn(move || follow(&follower_shared, subscriber, history, &stop))?,
+        );
+        let mut outcome = Ok(());
+        for thread in threads {
+            let result = thread.join().unwrap_or(Err(DeviceError::Thread(std::io::Error::other(
+                "a device thread panicked",
+            ))));
+            if outcome.is_ok() {
+                outcome = result;
+            }
+        }
+        outcome
+    }
+}
+
+fn device_unit(schema: &Schema, kind: &str, quantity: &str) -> Value {
+    schema
+        .get(kind)
+        .and_then(|t| t.values.get(quantity))
+        .and_then(|v| v.unit.clone())
+        .map_or(Value::Null, Value::String)
+}
+
+/// The follower: events in, values out to the inventory, history, Clone.
+fn follow(
+    shared: &Shared,
+    mut subscriber: Subscriber,
+    mut history: HistoryWriter,
+    shutdown: &Shutdown,
+) -> Result<(), DeviceError> {
+    let mut last_check = Instant::now();
+    while !shutdown.is_triggered() {
+        let mut batch = Vec::new();
+        if let Some(event) = subscriber.recv(Duration::from_millis(200))? {
+            batch.push(event);
+            while batch.len() < shared.settings.batch {
+                match subscriber.recv(Duration::ZERO)? {
+                    Some(event) => batch.push(event),
+                    None => break,
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let (samples, mirrored) = shared.apply_events(&batch);
+            history.append(samples);
+            shared.mirror(mirrored);
+        }
+        if last_check.elapsed() >= shared.settings.stale_check {
+            last_check = Instant::now();
+            shared.mark_stale();
+        }
+    }
+    lock(&shared.stats).malformed_events += subscriber.malformed();
+    history.flush()?;
+    Ok(())
+}
+
+impl Shared {
+    fn publish(&self, subject: &str, data: &Value) {
+        if let Err(e) = lock(&self.publisher).publish(subject, data) {
+            tracing::warn!(error = %e, subject, "could not publish");
+        }
+    }
+
+    /// Writes keys to Clone and waits until the last one is published, so
+    /// the writer's update socket is drained and failures are seen.
+    fn mirror(&self, entries: Vec<(String, Value)>) {
+        let Some(writer) = &self.writer else {
+            return;
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let mut writer = lock(writer);
+        let mut last = None;
+        for (key, value) in entries {
+            let body = if value.is_null() {
+                Vec::new()
+            } else {
+                value.to_string().into_bytes()
+            };
+            match writer.send(&key, body, None) {
+                Ok(uuid) => last = Some(uuid),
+                Err(e) => {
+                    lock(&self.stats).clone_failures += 1;
+                    tracing::warn!(error = %e, key, "could not write to Clone");
+                }
+            }
+        }
+        if let Some(uuid) = last {
+            if let Err(e) = writer.confirm(&uuid, Duration::from_secs(5)) {
+                lock(&self.stats).clone_failures += 1;
+                tracing::warn!(error = %e, "Clone did not confirm device values");
+            }
+        }
+    }
+
+    /// Applies a batch of events; returns the history samples and the
+    /// Clone keys to write.
+    fn apply_events(&self, events: &[Event]) -> (Vec<Sample>, Vec<(String, Value)>) {
+        let mut samples = Vec::new();
+        let mut mirrored = Vec::new();
+        let mut stats = lock(&self.stats);
+        let mut registry = lock(&self.registry);
+        let now = unix_now();
+        for event in events {
+            stats.events += 1;
+            if OWN_SUBJECTS.contains(&event.category.as_str()) {
+                continue;
+            }
+            let data = &event.data;
+            let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
+                stats.malformed_events += 1;
+                continue;
+            };
+            let Some(device) = registry.devices.get_mut(uuid) else {
+                stats.unknown_device += 1;
+                continue;
+            };
+            if data.get("error").is_some() {
+                stats.failed_later += 1;
+                continue;
+            }
+            let values = data.get("data").unwrap_or(&Value::Null);
+            let Some(level) = values.get("level").filter(|l| !l.is_null()) else {
+                stats.malformed_events += 1;
+                continue;
+            };
+            let quantity = self.schema.quantity_of(&device.kind, &event.category, values);
+            // A plugin's clock is trusted unless it is far off.
+            let time = data
+                .get("timestamp")
+                .and_then(Value::as_f64)
+                .filter(|t| (now - 86_400.0..=now + 60.0).contains(t))
+                .unwrap_or(now);
+            let unit = values
+                .get("unit")
+                .filter(|u| u.is_string())
+                .cloned()
+                .unwrap_or_else(|| device_unit(&self.schema, &device.kind, &quantity));
+            let reading = Reading {
+                level: level.clone(),
+                unit: unit.clone(),
+                time,
+            };
+            mirrored.push((
+                format!("/device/{uuid}/{quantity}"),
+                json!({"level": level, "unit": unit, "timestamp": time}),
+            ));
+            samples.push(Sample {
+                uuid: uuid.to_owned(),
+                quantity: quantity.clone(),
+                time,
+                raw: level.clone(),
+            });
+            device.values.insert(quantity, reading);
+            device.last_seen = Some(time);
+            device.heard_at = Instant::now();
+            if device.stale {
+                device.stale = false;
+                mirrored.push((format!("/device/{uuid}/info"), device.info()));
+            }
+            stats.values += 1;
+            stats.clients.entry(device.client.clone()).or_default().values += 1;
+        }
+        (samples, mirrored)
+    }
+
+    fn mark_stale(&self) {
+        let mut newly = Vec::new();
+        {
+            let mut registry = lock(&self.registry);
+            for device in registry.devices.values_mut() {
+                let Some(after) = device.stale_after.filter(|a| *a > 0.0) else {
+                    continue;
+                };
+                if !device.stale && device.heard_at.elapsed().as_secs_f64() >= after {
+                    device.stale = true;
+                    newly.push((device.uuid.clone(), device.info()));
+                }
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        lock(&self.stats).stale_marked += newly.len() as u64;
+        let mut mirrored = Vec::new();
+        for (uuid, info) in newly {
+            self.publish(
+                "event.device.stale",
+                &json!({"uuid": uuid, "event": "event.device.stale", "data": {"stale": true, "lastseen": info["lastseen"]}}),
+            );
+            mirrored.push((format!("/device/{uuid}/info"), info));
+        }
+        self.mirror(mirrored);
+    }
+
+    fn handle(&self, client: &mut Client, message: &Message) -> Message {
+        let action = message.action.as_str();
+        *lock(&self.stats).requests.entry(action.to_owned()).or_default() += 1;
+        let data = message.data.as_object().cloned().unwrap_or_default();
+        match action {
+            "device.create.do" => self.create(action, &data),
+            "device.get" | "devices.get" => self.get(action, &data),
+            "device.update.do" => self.update(action, &data),
+            "device.delete.do" => self.delete(action, &data),
+            "device.command.do" if data.get("command").and_then(Value::as_str) == Some("inventory") => {
+                self.inventory("inventory.get")
+            }
+            "device.command.do" => self.command(client, action, &data),
+            "inventory.get" | "inventory" => self.inventory(action),
+            "device_types.get" => Message::new("device_types.result", json!({"schema": self.schema})),
+            "stats.get" => Message::new("stats.result", self.stats()),
+            other => Message::failure(
+                other,
+                format!(
+                    "unknown action '{other}': the devices service answers device.create.do, device.get, \
+                     device.update.do, device.delete.do, device.command.do, inventory.get, device_types.get, stats.get"
+                ),
+            ),
+        }
+    }
+
+    fn store(&self, device: &Device) -> Result<(), StoreError> {
+        let row = device.clone();
+        self.committer.submit(move |connection: &Connection| {
+            connection.execute(
+                "INSERT INTO devices (uuid, client, internal_id, type, name, room, stale_after, created, updated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (uuid) DO UPDATE SET type = ?4, name = ?5, room = ?6, stale_after = ?7, updated = ?9",
+                params![
+                    row.uuid,
+                    row.client,
+                    row.id,
+                    row.kind,
+                    row.name,
+                    row.room,
+                    row.stale_after,
+                    row.created,
+                    unix_now()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn create(&self, action: &str, data: &Map<String, Value>) -> Message {
+        let text = |field: &str| {
+            data.get(field)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        };
+        let (Some(client), Some(id), Some(kind)) = (text("client"), text("id"), text("type")) else {
+            return Message::failure(
+                action,
+                "device.create.do needs 'client' (e.g. plugin-fake.box), 'id' (the plugin's own name for the \
+                 device) and 'type' (see device_types.get)",
+            );
+        };
+        if id.len() > 200 || id.contains('/') {
+            return Message::failure(action, "a device 'id' has at most 200 characters and no '/'");
+        }
+        let Some(kind) = self.schema.resolve(kind) else {
+            let known: Vec<&str> = self.schema.types.keys().map(String::as_str).collect();
+            return Message::failure(
+                action,
+                format!("unknown device type '{kind}'; known types: {}", known.join(", ")),
+            );
+        };
+        let stale_after = match data.get("stale_after") {
+            None | Some(Value::Null) => self.schema.get(kind).and_then(|t| t.stale_after),
+            Some(value) => match value.as_f64().filter(|s| s.is_finite() && *s >= 0.0) {
+                Some(seconds) => Some(seconds),
+                None => return Message::failure(action, format!("'stale_after' must be seconds ≥ 0, not {value}")),
+            },
+        };
+        let mut registry = lock(&self.registry);
+        let existing = registry.by_key.get(&(client.to_owned(), id.to_owned())).cloned();
+        let (device, created) = match existing.and_then(|uuid| registry.devices.get(&uuid).cloned()) {
+            // Registering again keeps what a user renamed or moved.
+            Some(mut device) => {
+                device.kind = kind.to_owned();
+                if data.contains_key("stale_after") {
+                    device.stale_after = stale_after;
+                }
+                (device, false)
+            }
+            None => {
+                if registry.devices.len() >= self.settings.max_devices {
+                    return Message::failure(
+                        action,
+                        format!("the registry is full ({} devices)", self.settings.max_devices),
+                    );
+                }
+                let device = Device {
+                    uuid: uuid::Uuid::new_v4().to_string(),
+                    client: client.to_owned(),
+                    id: id.to_owned(),
+                    kind: kind.to_owned(),
+                    name: text("name").unwrap_or(id).to_owned(),
+                    room: text("room").unwrap_or_default().to_owned(),
+                    stale_after,
+                    created: unix_now(),
+                    values: BTreeMap::new(),
+                    last_seen: None,
+                    heard_at: Instant::now(),
+                    stale: false,
+                };
+                (device, true)
+            }
+        };
+        if let Err(e) = self.store(&device) {
+            return Message::failure(action, format!("the device store failed: {e}"));
+        }
+        let info = device.info();
+        registry.insert(device.clone());
+        drop(registry);
+        if created {
+            self.publish(
+                "event.device.announce",
+                &json!({"uuid": device.uuid, "event": "event.device.announce", "data": info}),
+            );
+        }
+        self.mirror(vec![(format!("/device/{}/info", device.uuid), info.clone())]);
+        outcome_reply(
+            action,
+            json!({"uuid": device.uuid, "created": created, "device": info})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+
+    fn get(&self, action: &str, data: &Map<String, Value>) -> Message {
+        let registry = lock(&self.registry);
+        let result = majordome_mdp::domogik::result_action(action);
+        if let Some(uuid) = data.get("uuid").and_then(Value::as_str) {
+            return match registry.find(uuid) {
+                Some(device) => Message::new(result, json!({"devices": [device.inventory_entry()]})),
+                None => Message::failure(action, format!("no device '{uuid}'")),
+            };
+        }
+        let field = |name: &str| data.get(name).and_then(Value::as_str);
+        let mut devices: Vec<&Device> = registry
+            .devices
+            .values()
+            .filter(|d| field("client").is_none_or(|c| c == d.client))
+            .filter(|d| field("room").is_none_or(|r| r == d.room))
+            .collect();
+        devices.sort_by(|a, b| (&a.client, &a.id).cmp(&(&b.client, &b.id)));
+        let devices: Vec<Value> = devices.iter().map(|d| d.inventory_entry()).collect();
+        Message::new(result, json!({"devices": devices}))
+    }
+
+    fn update(&self, action: &str, data: &Map<String, Value>) -> Message {
+        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
+            return Message::failure(action, "device.update.do needs 'uuid'");
+        };
+        let mut registry = lock(&self.registry);
+        let Some(mut device) = registry.find(uuid).cloned() else {
+            return Message::failure(action, format!("no device '{uuid}'"));
+        };
+        for (field, target) in [("name", &mut device.name), ("room", &mut device.room)] {
+            match data.get(field) {
+                None => {}
+                Some(Value::String(value)) if field == "room" || !value.trim().is_empty() => {
+                    *target = value.trim().to_owned()
+                }
+                Some(other) => {
+                    return Message::failure(action, format!("'{field}' must be a non-empty string, not {other}"))
+                }
+            }
+        }
+        match data.get("stale_after") {
+            None => {}
+            Some(Value::Null) => device.stale_after = None,
+            Some(value) => match value.as_f64().filter(|s| s.is_finite() && *s >= 0.0) {
+                Some(seconds) => device.stale_after = Some(seconds),
+                None => return Message::failure(action, format!("'stale_after' must be seconds ≥ 0, not {value}")),
+            },
+        }
+        if let Err(e) = self.store(&device) {
+            return Message::failure(action, format!("the device store failed: {e}"));
+        }
+        let info = device.info();
+        registry.remove(&device.uuid);
+        registry.insert(device.clone());
+        drop(registry);
+        self.mirror(vec![(format!("/device/{}/info", device.uuid), info.clone())]);
+        outcome_reply(action, json!({"device": info}).as_object().cloned().unwrap_or_default())
+    }
+
+    fn delete(&self, action: &str, data: &Map<String, Value>) -> Message {
+        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
+            return Message::failure(action, "device.delete.do needs 'uuid'");
+        };
+        let mut registry = lock(&self.registry);
+        let Some(uuid) = registry.find(uuid).map(|d| d.uuid.clone()) else {
+            return Message::failure(action, format!("no device '{uuid}'"));
+        };
+        let row = uuid.clone();
+        if let Err(e) = self.committer.submit(move |connection: &Connection| {
+            connection.execute("DELETE FROM devices WHERE uuid = ?1", params![row])?;
+            Ok(())
+        }) {
+            return Message::failure(action, format!("the device store failed: {e}"));
+        }
+        let device = registry.remove(&uuid).expect("found above");
+        drop(registry);
+        self.publish(
+            "event.device.remove",
+            &json!({"uuid": uuid, "event": "event.device.remove", "data": {}}),
+        );
+        let mut keys: Vec<(String, Value)> = device
+            .values
+            .keys()
+            .map(|q| (format!("/device/{uuid}/{q}"), Value::Null))
+            .collect();
+        keys.push((format!("/device/{uuid}/info"), Value::Null));
+        self.mirror(keys);
+        outcome_reply(action, json!({"uuid": uuid}).as_object().cloned().unwrap_or_default())
+    }
+
+    fn command(&self, client: &mut Client, action: &str, data: &Map<String, Value>) -> Message {
+        let reject = |identifier: &str, message: String| {
+            lock(&self.stats).outcome(None, identifier);
+            command_error(action, identifier, message)
+        };
+        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
+            return reject("error.parameter.missing", "a device command needs 'uuid'".into());
+        };
+        let Some(command) = data.get("command").and_then(Value::as_str).filter(|c| !c.is_empty()) else {
+            return reject("error.command.missing", "a device command needs 'command'".into());
+        };
+        let Some(device) = lock(&self.registry).find(uuid).cloned() else {
+            return reject("error.device.invalid", format!("no device '{uuid}'"));
+        };
+        // The parameters: `data`, or (ago's older form) the other top-level
+        // fields.
+        let parameters = match data.get("data") {
+            Some(Value::Object(parameters)) => parameters.clone(),
+            Some(Value::Null) | None => data
+                .iter()
+                .filter(|(k, _)| !["uuid", "command", "data"].contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            Some(other) => {
+                return reject(
+                    "error.parameter.invalid",
+                    format!("'data' must be an object of parameters, not {other}"),
+                )
+            }
+        };
+        let checked = match self.schema.check_command(&device.kind, command, &parameters) {
+            Ok(checked) => checked,
+            Err(error) => {
+                let identifier = error["identifier"].as_str().unwrap_or("error.internal").to_owned();
+                lock(&self.stats).outcome(Some(&device.client), &identifier);
+                let mut reply = Map::new();
+                reply.insert("error".into(), error);
+                return outcome_reply(action, reply);
+            }
+        };
+        let forwarded = Message::new(
+            "device.command.do",
+            json!({"uuid": device.uuid, "id": device.id, "command": command, "data": checked}),
+        );
+        let started = Instant::now();
+        let reply = client.request_message(&device.client, &forwarded);
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut answer = match reply {
+            Ok(reply) => {
+                let mut answer = reply.data.as_object().cloned().unwrap_or_default();
+                let has_result = answer.get("result").is_some_and(Value::is_object);
+                let has_error = answer.get("error").is_some_and(Value::is_object);
+                if !has_result && !has_error {
+                    if reply.status() == Some(false) {
+                        // The broker's own failure (no worker, expired) or
+                        // a plugin that answered the Domogik way.
+                        let why = reply.reason().unwrap_or("no reason given").to_owned();
+                        answer.remove("error");
+                        answer.insert(
+                            "error".into(),
+                            error_map(
+                                "error.no.reply",
+                                format!("{} did not carry it out: {why}", device.client),
+                            ),
+                        );
+                    } else {
+                        answer.insert("result".into(), json!({"identifier": "success"}));
+                    }
+                }
+                answer
+            }
+            Err(e) => {
+                let mut answer = Map::new();
+                answer.insert(
+                    "error".into(),
+                    error_map("error.no.reply", format!("no answer from {}: {e}", device.client)),
+                );
+                answer
+            }
+        };
+        answer.remove("status");
+        answer.remove("reason");
+        let identifier = answer
+            .get("result")
+            .or_else(|| answer.get("error"))
+            .and_then(|m| m.get("identifier"))
+            .and_then(Value::as_str)
+            .unwrap_or("success")
+            .to_owned();
+        {
+            let mut stats = lock(&self.stats);
+            stats.outcome(Some(&device.client), &identifier);
+            if stats.latencies.len() == LATENCY_WINDOW {
+                stats.latencies.pop_front();
+            }
+            stats.latencies.push_back(elapsed);
+        }
+        outcome_reply(action, answer)
+    }
+
+    fn inventory(&self, action: &str) -> Message {
+        let registry = lock(&self.registry);
+        let mut rooms: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let devices: Map<String, Value> = registry
+            .devices
+            .values()
+            .map(|d| {
+                if !d.room.is_empty() {
+                    rooms.entry(d.room.clone()).or_default().push(d.uuid.clone());
+                }
+                (d.uuid.clone(), d.inventory_entry())
+            })
+            .collect();
+        let rooms: Map<String, Value> = rooms
+            .into_iter()
+            .map(|(name, mut devices)| {
+                devices.sort();
+                (name.clone(), json!({"name": name, "devices": devices}))
+            })
+            .collect();
+        Message::new(
+            majordome_mdp::domogik::result_action(action),
+            json!({"devices": devices, "rooms": rooms, "schema": self.schema}),
+        )
+    }
+
+    fn stats(&self) -> Value {
+        let (devices, stale) = {
+            let registry = lock(&self.registry);
+            (
+                registry.devices.len(),
+                registry.devices.values().filter(|d| d.stale).count(),
+            )
+        };
+        let stats = lock(&self.stats);
+        let mut sorted: Vec<f64> = stats.latencies.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let micros = |p: f64| percentile(&sorted, p).map(|s| (s * 1e6).round());
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        json!({
+            "devices": devices,
+            "stale": stale,
+            "requests": stats.requests,
+            "commands": stats.outcomes,
+            "command_latency_us": {"p50": micros(0.5), "p99": micros(0.99), "samples": sorted.len()},
+            "events": stats.events,
+            "values": stats.values,
+            "values_stored": load(&self.history.stored),
+            "values_failed": load(&self.history.failed),
+            "unknown_device": stats.unknown_device,
+            "malformed_events": stats.malformed_events,
+            "failed_later": stats.failed_later,
+            "stale_marked": stats.stale_marked,
+            "clone_failures": stats.clone_failures,
+            "clients": stats.clients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raspy_names_come_from_the_client_id() {
+        let device = Device {
+            uuid: "u".into(),
+            client: "plugin-fake.box".into(),
+            id: "fake-dimmer".into(),
+            kind: "dimmer".into(),
+            name: "Dimmer".into(),
+            room: String::new(),
+            stale_after: None,
+            created: 0.0,
+            values: BTreeMap::new(),
+            last_seen: None,
+            heard_at: Instant::now(),
+            stale: false,
+        };
+        assert_eq!(device.raspy_name(), "box.fake.fake-dimmer");
+    }
+
+    #[test]
+    fn replies_carry_status_and_reason_from_the_maps() {
+        let ok = outcome_reply(
+            "device.command.do",
+            json!({"result": {"identifier": "success"}})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        assert_eq!(ok.action, "device.command.result");
+        assert_eq!(ok.status(), Some(true));
+        assert_eq!(ok.reason(), Some(""));
+        let error = command_error("device.command.do", "error.device.invalid", "no device 'x'");
+        assert_eq!(error.status(), Some(false));
+        assert_eq!(error.reason(), Some("no device 'x'"));
+        assert_eq!(error.data["error"]["identifier"], "error.device.invalid");
+    }
+}

@@ -1,0 +1,627 @@
+//! Sensor history (service `history`): every numeric device value with its
+//! time, in the `history` table of the one database.
+//!
+//! The devices service appends values in batches through the group
+//! committer (one transaction and one fsync per batch, not per value).
+//! `history.get` (also Domogik's `sensor_history.get`) reads through its
+//! own connection: the last N values, or a period, which comes back as
+//! min/avg/max per time bucket when it holds more values than
+//! `max_points`. Values older than the retention are pruned at start and
+//! then every hour.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use majordome_client::{domogik_handler, Message, Shutdown, Worker, WorkerOptions};
+use majordome_store::rusqlite::{params, Connection};
+use majordome_store::{CommitStats, Committer, Durability, StoreError};
+use serde_json::{json, Value};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS history (
+    uuid     TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    time     REAL NOT NULL,
+    level    REAL,
+    raw      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_series ON history (uuid, quantity, time);
+CREATE INDEX IF NOT EXISTS history_by_time ON history (time);
+";
+
+/// How history behaves.
+#[derive(Debug, Clone)]
+pub struct HistorySettings {
+    /// Values older than this are deleted; `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// The most values one answer lists; a longer period is bucketed.
+    pub max_points: usize,
+    /// Worker threads answering `history`.
+    pub workers: usize,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            retention: Some(Duration::from_secs(365 * 86_400)),
+            max_points: 1000,
+            workers: 2,
+        }
+    }
+}
+
+/// One value to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub uuid: String,
+    pub quantity: String,
+    /// Unix seconds.
+    pub time: f64,
+    /// The value as sent (a number, a string, …).
+    pub raw: Value,
+}
+
+/// Counters of the history store.
+#[derive(Debug, Default)]
+pub struct HistoryCounters {
+    /// Values handed to the committer.
+    pub appended: AtomicU64,
+    /// Values in batches whose commit succeeded.
+    pub stored: AtomicU64,
+    /// Values lost because their batch failed to commit.
+    pub failed: AtomicU64,
+    /// Rows deleted by retention.
+    pub pruned: AtomicU64,
+    /// `history.get` answers given.
+    pub queries: AtomicU64,
+}
+
+/// The writing side: owned by the devices service.
+pub struct HistoryWriter {
+    committer: Committer,
+    counters: Arc<HistoryCounters>,
+    retention: Option<Duration>,
+    last_prune: Option<Instant>,
+}
+
+/// Errors opening the history.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history database: {0}")]
+    Store(#[from] StoreError),
+    #[error("history database: {0}")]
+    Sqlite(#[from] majordome_store::rusqlite::Error),
+    #[error(transparent)]
+    Client(#[from] majordome_client::ClientError),
+    #[error("cannot start a history thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+impl HistoryWriter {
+    /// Opens (creating if needed) the `history` table for writing.
+    pub fn open(database: &Path, durability: Durability, settings: &HistorySettings) -> Result<Self, HistoryError> {
+        let connection = majordome_store::open(database, durability)?;
+        connection.execute_batch(SCHEMA)?;
+        Ok(HistoryWriter {
+            committer: Committer::start(connection),
+            counters: Arc::default(),
+            retention: settings.retention,
+            last_prune: None,
+        })
+    }
+
+    /// Its counters, shared with the `history` service.
+    pub fn counters(&self) -> Arc<HistoryCounters> {
+        self.counters.clone()
+    }
+
+    /// The committer's counters (commits, jobs).
+    pub fn commit_stats(&self) -> Arc<CommitStats> {
+        self.committer.stats()
+    }
+
+    /// Queues `samples` as one job; it commits with whatever else is
+    /// queued. Returns at once: the commit's outcome is counted.
+    pub fn append(&mut self, samples: Vec<Sample>) {
+        if samples.is_empty() {
+            return;
+        }
+        let count = samples.len() as u64;
+        self.counters.appended.fetch_add(count, Ordering::Relaxed);
+        let counters = self.counters.clone();
+        // Fire and forget: the reader of a value is whoever asks history
+        // later, and nobody waits on the fsync. The job counts its own
+        // outcome (a failed job rolls back alone, in its savepoint; a
+        // failed commit is counted by the committer's own stats).
+        let _ticket = self.committer.enqueue(move |connection: &Connection| {
+            let inserted = (|| {
+                let mut insert = connection.prepare_cached(
+                    "INSERT INTO history (uuid, quantity, time, level, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for sample in &samples {
+                    insert.execute(params![
+                        sample.uuid,
+                        sample.quantity,
+                        sample.time,
+                        level_of(&sample.raw),
+                        sample.raw.to_string()
+                    ])?;
+                }
+                Ok(())
+            })();
+            let counter = if inserted.is_ok() {
+                &counters.stored
+            } else {
+                &counters.failed
+            };
+            counter.fetch_add(count, Ordering::Relaxed);
+            inserted
+        });
+        self.prune_if_due();
+    }
+
+    /// Waits until everything appended so far is committed.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.committer.submit(|_connection: &Connection| Ok(()))
+    }
+
+    fn prune_if_due(&mut self) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        if self
+            .last_prune
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(3600))
+        {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let before = unix_now() - retention.as_secs_f64();
+        let counters = self.counters.clone();
+        let _ = self.committer.enqueue(move |connection: &Connection| {
+            let deleted = connection.execute("DELETE FROM history WHERE time < ?1", params![before])?;
+            counters.pruned.fetch_add(deleted as u64, Ordering::Relaxed);
+            Ok(())
+        });
+    }
+
+    /// The last stored value of every series, for restoring the inventory
+    /// after a restart: (uuid, quantity, time, raw).
+    pub fn latest(database: &Path) -> Result<Vec<(String, String, f64, Value)>, HistoryError> {
+        let connection = majordome_store::open(database, Durability::Process)?;
+        connection.execute_batch(SCHEMA)?;
+        let mut query = connection.prepare(
+            "SELECT h.uuid, h.quantity, h.time, h.raw FROM history h
+             JOIN (SELECT uuid, quantity, MAX(time) AS time FROM history GROUP BY uuid, quantity) last
+             ON h.uuid = last.uuid AND h.quantity = last.quantity AND h.time = last.time",
+        )?;
+        let rows = query.query_map([], |row| {
+            let raw: String = row.get(3)?;
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                serde_json::from_str(&raw).unwrap_or(Value::Null),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// The number a value stands for: numbers as they are, booleans as 0/1,
+/// numeric strings parsed; anything else has none (stored, not averaged).
+fn level_of(raw: &Value) -> Option<f64> {
+    match raw {
+        Value::Number(n) => n.as_f64(),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+        _ => None,
+    }
+}
+
+/// Domogik's interval names, in seconds.
+fn interval_seconds(name: &str) -> Option<f64> {
+    Some(match name {
+        "minute" => 60.0,
+        "hour" => 3600.0,
+        "day" => 86_400.0,
+        "week" => 7.0 * 86_400.0,
+        "month" => 30.0 * 86_400.0,
+        "year" => 365.0 * 86_400.0,
+        _ => return None,
+    })
+}
+
+/// What a `history.get` asks for.
+#[derive(Debug, Clone, PartialEq)]
+enum Query {
+    Last(usize),
+    Period { from: f64, to: f64, bucket: Option<f64> },
+}
+
+/// The `history` service's readers.
+pub struct HistoryService {
+    database: PathBuf,
+    settings: HistorySettings,
+    counters: Arc<HistoryCounters>,
+}
+
+impl HistoryService {
+    /// A service reading the history at `database`; `counters` are the
+    /// writer's, so `stats.get` tells both sides.
+    pub fn new(database: &Path, settings: HistorySettings, counters: Arc<HistoryCounters>) -> Self {
+        HistoryService {
+            database: database.to_owned(),
+            settings,
+            counters,
+        }
+    }
+
+    /// Serves `history` at `broker` with `settings.workers` threads until
+    /// `shutdown`.
+    pub fn run(self, broker: &str, shutdown: &Shutdown) -> Result<(), HistoryError> {
+        let service = Arc::new(self);
+        let mut threads = Vec::new();
+        for index in 0..service.settings.workers.max(1) {
+            let connection = majordome_store::open(&service.database, Durability::Process)?;
+            connection.execute_batch(SCHEMA)?;
+            let service = service.clone();
+            let handler = domogik_handler(move |message: Message| service.handle(&connection, &message));
+            let worker = Worker::new(broker, "history", WorkerOptions::default());
+            let stop = shutdown.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("history-{index}"))
+                    .spawn(move || worker.run(handler, &stop))?,
+            );
+        }
+        let mut outcome = Ok(());
+        for thread in threads {
+            let result = thread.join().unwrap_or(Err(majordome_client::ClientError::Closed));
+            if outcome.is_ok() {
+                outcome = result.map_err(HistoryError::from);
+            }
+        }
+        outcome
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, connection: &Connection, message: &Message) -> Message {
+        let action = message.action.as_str();
+        match action {
+            "history.get" | "sensor_history.get" => match self.get(connection, &message.data) {
+                Ok(data) => {
+                    self.counters.queries.fetch_add(1, Ordering::Relaxed);
+                    Message::new(majordome_mdp::domogik::result_action(action), data)
+                }
+                Err(why) => Message::failure(action, why),
+            },
+            "stats.get" => Message::new("stats.result", self.stats(connection)),
+            other => Message::failure(
+                other,
+                format!(
+                    "unknown action '{other}': the history service answers history.get, sensor_history.get, stats.get"
+                ),
+            ),
+        }
+    }
+
+    fn stats(&self, connection: &Connection) -> Value {
+        let rows: i64 = connection
+            .query_row("SELECT COUNT(*) FROM history", [], |row| row.get(0))
+            .unwrap_or(-1);
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        json!({
+            "rows": rows,
+            "appended": load(&self.counters.appended),
+            "stored": load(&self.counters.stored),
+            "failed": load(&self.counters.failed),
+            "pruned": load(&self.counters.pruned),
+            "queries": load(&self.counters.queries),
+            "retention_days": self.settings.retention.map(|r| r.as_secs_f64() / 86_400.0),
+        })
+    }
+
+    fn get(&self, connection: &Connection, data: &Value) -> Result<Value, String> {
+        let uuid = data
+            .get("uuid")
+            .or_else(|| data.get("sensor_id"))
+            .and_then(|v| match v {
+                Value::String(s) if !s.is_empty() => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .ok_or("history.get needs 'uuid' (the device's; Domogik's 'sensor_id' is accepted too)")?;
+        let quantities: Vec<String> = connection
+            .prepare_cached("SELECT DISTINCT quantity FROM history WHERE uuid = ?1 ORDER BY quantity")
+            .and_then(|mut q| {
+                q.query_map(params![uuid], |row| row.get(0))?
+                    .collect::<Result<Vec<String>, _>>()
+            })
+            .map_err(|e| format!("the history store failed: {e}"))?;
+        let quantity = match data.get("quantity").and_then(Value::as_str) {
+            Some(quantity) => quantity.to_owned(),
+            None if quantities.len() <= 1 => quantities.first().cloned().unwrap_or_default(),
+            None => {
+                return Err(format!(
+                    "the device {uuid} has several values ({}): say which with 'quantity'",
+                    quantities.join(", ")
+                ))
+            }
+        };
+        let query = parse_query(data, self.settings.max_points)?;
+        let mut answer = json!({"uuid": uuid, "quantity": quantity, "quantities": quantities});
+        let failed = |e: majordome_store::rusqlite::Error| format!("the history store failed: {e}");
+        match query {
+            Query::Last(count) => {
+                let mut values = read_values(
+                    connection,
+                    "SELECT time, raw FROM history WHERE uuid = ?1 AND quantity = ?2 ORDER BY time DESC LIMIT ?3",
+                    params![uuid, quantity, count as i64],
+                )
+                .map_err(failed)?;
+                values.reverse();
+                answer["values"] = Value::Array(values);
+            }
+            Query::Period { from, to, bucket } => {
+                let count: i64 = connection
+                    .query_row(
+                        "SELECT COUNT(*) FROM history WHERE uuid = ?1 AND quantity = ?2 AND time >= ?3 AND time < ?4",
+                        params![uuid, quantity, from, to],
+                        |row| row.get(0),
+                    )
+                    .map_err(failed)?;
+                answer["from"] = json!(from);
+                answer["to"] = json!(to);
+                answer["count"] = json!(count);
+                let bucket = bucket.or_else(|| {
+                    ((count as usize) > self.settings.max_points)
+                        .then(|| ((to - from) / self.settings.max_points as f64).max(1.0).ceil())
+                });
+                match bucket {
+                    None => {
+                        answer["values"] = Value::Array(
+                            read_values(
+                                connection,
+                                "SELECT time, raw FROM history WHERE uuid = ?1 AND quantity = ?2 AND time >= ?3 \
+                                 AND time < ?4 ORDER BY time",
+                                params![uuid, quantity, from, to],
+                            )
+                            .map_err(failed)?,
+                        );
+                    }
+                    Some(bucket) => {
+                        answer["bucket"] = json!(bucket);
+                        answer["buckets"] =
+                            Value::Array(read_buckets(connection, &uuid, &quantity, from, to, bucket).map_err(failed)?);
+                    }
+                }
+            }
+        }
+        Ok(answer)
+    }
+}
+
+fn parse_query(data: &Value, max_points: usize) -> Result<Query, String> {
+    let number = |field: &str| -> Result<Option<f64>, String> {
+        match data.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse::<f64>()
+                .map(Some)
+                .map_err(|_| format!("'{field}' must be a number, not \"{s}\"")),
+            Some(other) => Err(format!("'{field}' must be a number, not {other}")),
+        }
+    };
+    let from = number("from")?;
+    let mode = data.get("mode").and_then(Value::as_str);
+    if mode == Some("period") || (mode.is_none() && from.is_some()) {
+        let from = from.ok_or("a period needs 'from' (unix seconds)")?;
+        let to = number("to")?.unwrap_or_else(|| unix_now() + 1.0);
+        if !(from.is_finite() && to.is_finite() && from < to) {
+            return Err(format!("'from' ({from}) must come before 'to' ({to})"));
+        }
+        let bucket = match data.get("bucket").or_else(|| data.get("interval")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(interval_seconds(name).or_else(|| name.parse::<f64>().ok()).ok_or_else(
+                || format!("unknown interval '{name}': minute, hour, day, week, month, year or seconds"),
+            )?),
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(other) => return Err(format!("'bucket' must be seconds or an interval name, not {other}")),
+        };
+        if let Some(bucket) = bucket {
+            if !(bucket.is_finite() && bucket > 0.0) {
+                return Err(format!("'bucket' must be a positive number of seconds, not {bucket}"));
+            }
+            if (to - from) / bucket > 100_000.0 {
+                return Err(format!(
+                    "{} buckets of {bucket} s is too many: ask for a shorter period or larger buckets",
+                    ((to - from) / bucket).ceil()
+                ));
+            }
+        }
+        return Ok(Query::Period { from, to, bucket });
+    }
+    if mode.is_some_and(|m| m != "last") {
+        return Err(format!("unknown mode '{}': last or period", mode.unwrap_or_default()));
+    }
+    let count = number("last")?.or(number("number")?).unwrap_or(100.0);
+    if !(count.is_finite() && count >= 1.0) {
+        return Err(format!("'last' must be at least 1, not {count}"));
+    }
+    Ok(Query::Last((count as usize).min(max_points.max(1) * 10)))
+}
+
+fn read_values(
+    connection: &Connection,
+    sql: &str,
+    parameters: impl majordome_store::rusqlite::Params,
+) -> majordome_store::rusqlite::Result<Vec<Value>> {
+    let mut query = connection.prepare_cached(sql)?;
+    let rows = query.query_map(parameters, |row| {
+        let time: f64 = row.get(0)?;
+        let raw: String = row.get(1)?;
+        Ok(json!({"time": time, "value": serde_json::from_str::<Value>(&raw).unwrap_or(Value::Null)}))
+    })?;
+    rows.collect()
+}
+
+fn read_buckets(
+    connection: &Connection,
+    uuid: &str,
+    quantity: &str,
+    from: f64,
+    to: f64,
+    bucket: f64,
+) -> majordome_store::rusqlite::Result<Vec<Value>> {
+    let mut query = connection.prepare_cached(
+        "SELECT CAST((time - ?3) / ?5 AS INTEGER) AS b, COUNT(*), MIN(level), AVG(level), MAX(level)
+         FROM history WHERE uuid = ?1 AND quantity = ?2 AND time >= ?3 AND time < ?4
+         GROUP BY b ORDER BY b",
+    )?;
+    let rows = query.query_map(params![uuid, quantity, from, to, bucket], |row| {
+        let index: i64 = row.get(0)?;
+        let count: i64 = row.get(1)?;
+        let (min, avg, max): (Option<f64>, Option<f64>, Option<f64>) = (row.get(2)?, row.get(3)?, row.get(4)?);
+        Ok(json!({"start": from + index as f64 * bucket, "count": count, "min": min, "avg": avg, "max": max}))
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(uuid: &str, quantity: &str, time: f64, raw: Value) -> Sample {
+        Sample {
+            uuid: uuid.into(),
+            quantity: quantity.into(),
+            time,
+            raw,
+        }
+    }
+
+    #[test]
+    fn last_values_periods_and_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("majordome.db");
+        let settings = HistorySettings {
+            max_points: 10,
+            retention: None,
+            workers: 1,
+        };
+        let mut writer = HistoryWriter::open(&database, Durability::Process, &settings).unwrap();
+        let samples: Vec<Sample> = (0..100)
+            .map(|i| sample("u1", "temperature", 1000.0 + i as f64, json!(i as f64 / 2.0)))
+            .chain([sample("u1", "state", 1000.0, json!("on"))])
+            .collect();
+        writer.append(samples);
+        writer.flush().unwrap();
+        assert_eq!(writer.counters().stored.load(Ordering::Relaxed), 101);
+        let service = HistoryService::new(&database, settings, writer.counters());
+        let connection = majordome_store::open(&database, Durability::Process).unwrap();
+        let ask = |data: Value| service.handle(&connection, &Message::new("history.get", data));
+
+        let needs_quantity = ask(json!({"uuid": "u1"}));
+        assert!(needs_quantity.reason().unwrap().contains("state, temperature"));
+        let last = ask(json!({"uuid": "u1", "quantity": "temperature", "last": 3}));
+        let values: Vec<f64> = last.data["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"].as_f64().unwrap())
+            .collect();
+        assert_eq!(values, [48.5, 49.0, 49.5], "oldest first");
+
+        let short = ask(json!({"uuid": "u1", "quantity": "temperature", "from": 1000, "to": 1005}));
+        assert_eq!(short.data["values"].as_array().unwrap().len(), 5);
+        // 100 values in the period, more than max_points: buckets.
+        let long = service.handle(
+            &connection,
+            &Message::new(
+                "sensor_history.get",
+                json!({"sensor_id": "u1", "quantity": "temperature", "mode": "period", "from": 1000, "to": 1100}),
+            ),
+        );
+        assert_eq!(long.action, "sensor_history.result");
+        let buckets = long.data["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), 10);
+        assert_eq!(
+            buckets[0],
+            json!({"start": 1000.0, "count": 10, "min": 0.0, "avg": 2.25, "max": 4.5})
+        );
+        let minute =
+            ask(json!({"uuid": "u1", "quantity": "temperature", "from": 1000, "to": 1100, "interval": "minute"}));
+        assert_eq!(minute.data["buckets"].as_array().unwrap().len(), 2);
+        // A non-numeric value is kept as it was sent.
+        let state = ask(json!({"uuid": "u1", "quantity": "state"}));
+        assert_eq!(state.data["values"][0]["value"], "on");
+
+        for (bad, why) in [
+            (json!({}), "needs 'uuid'"),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "from": 5, "to": 1}),
+                "must come before",
+            ),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "from": "x"}),
+                "must be a number",
+            ),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "last": 0}),
+                "at least 1",
+            ),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "from": 0, "interval": "fortnight"}),
+                "unknown interval",
+            ),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "from": 0, "to": 1e9, "bucket": 1}),
+                "too many",
+            ),
+            (
+                json!({"uuid": "u1", "quantity": "temperature", "mode": "best"}),
+                "unknown mode",
+            ),
+        ] {
+            let reply = ask(bad.clone());
+            assert_eq!(reply.status(), Some(false), "{bad}");
+            assert!(reply.reason().unwrap().contains(why), "{bad}: {:?}", reply.reason());
+        }
+        let latest = HistoryWriter::latest(&database).unwrap();
+        assert!(latest.contains(&("u1".into(), "temperature".into(), 1099.0, json!(49.5))));
+    }
+
+    #[test]
+    fn retention_prunes_old_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("majordome.db");
+        let settings = HistorySettings {
+            retention: Some(Duration::from_secs(86_400)),
+            ..HistorySettings::default()
+        };
+        let mut writer = HistoryWriter::open(&database, Durability::Process, &settings).unwrap();
+        let now = unix_now();
+        writer.append(vec![
+            sample("u", "t", now - 2.0 * 86_400.0, json!(1)),
+            sample("u", "t", now, json!(2)),
+        ]);
+        writer.flush().unwrap();
+        // The first prune is queued right behind the first batch, so it
+        // deletes that batch's old row and keeps the new one.
+        assert_eq!(writer.counters().pruned.load(Ordering::Relaxed), 1);
+        let latest = HistoryWriter::latest(&database).unwrap();
+        assert_eq!(latest.len(), 1);
+    }
+}

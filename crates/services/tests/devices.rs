@@ -1,0 +1,417 @@
+//! The device and history services over a real broker, forwarder, Clone
+//! server and database, with a plugin played by a worker in the test:
+//! registration, commands checked and forwarded with ago control's maps,
+//! queued commands and their `ref`, values into the inventory, history
+//! and Clone, stale marking, and a restart on the same database.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use majordome_broker::Broker;
+use majordome_client::{
+    domogik_handler, Client, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
+};
+use majordome_events::Forwarder;
+use majordome_services::{DeviceEndpoints, DeviceService, DeviceSettings, HistoryService, HistorySettings, Schema};
+use majordome_store::Durability;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(20);
+const PLUGIN: &str = "plugin-test.box";
+
+struct Bus {
+    shutdown: Shutdown,
+    threads: Vec<JoinHandle<()>>,
+    broker: String,
+    publish_at: String,
+    subscribe_at: String,
+    state: String,
+}
+
+impl Bus {
+    fn start(data: &Path) -> Bus {
+        let shutdown = Shutdown::new().unwrap();
+        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
+        let forwarder = Forwarder::bind(
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+            majordome_events::Settings::default(),
+        )
+        .unwrap();
+        let state = majordome_state::Server::bind(
+            "tcp://127.0.0.1:0",
+            &data.join("state.db"),
+            majordome_state::Settings::default(),
+        )
+        .unwrap();
+        let bus_endpoints = (
+            broker.endpoint().to_owned(),
+            forwarder.publisher_endpoint().to_owned(),
+            forwarder.subscriber_endpoint().to_owned(),
+            state.endpoints().snapshot.clone(),
+        );
+        let (a, b, c) = (shutdown.clone(), shutdown.clone(), shutdown.clone());
+        let threads = vec![
+            thread::spawn(move || broker.run(&a).unwrap()),
+            thread::spawn(move || forwarder.run(&b).unwrap()),
+            thread::spawn(move || state.run(&c).unwrap()),
+        ];
+        Bus {
+            shutdown,
+            threads,
+            broker: bus_endpoints.0,
+            publish_at: bus_endpoints.1,
+            subscribe_at: bus_endpoints.2,
+            state: bus_endpoints.3,
+        }
+    }
+
+    /// Runs the device and history services on `database`; returns their
+    /// own stop signal and threads.
+    fn services(&self, database: &Path) -> (Shutdown, Vec<JoinHandle<()>>) {
+        let settings = DeviceSettings {
+            command_timeout: Duration::from_millis(1500),
+            stale_check: Duration::from_millis(50),
+            ..DeviceSettings::default()
+        };
+        let endpoints = DeviceEndpoints {
+            broker: self.broker.clone(),
+            publish: self.publish_at.clone(),
+            subscribe: self.subscribe_at.clone(),
+            state: Some(self.state.clone()),
+        };
+        let history_settings = HistorySettings::default();
+        let devices = DeviceService::open(
+            database,
+            Schema::shipped(),
+            Durability::Full,
+            settings,
+            &history_settings,
+            endpoints,
+        )
+        .unwrap();
+        let history = HistoryService::new(database, history_settings, devices.history_counters());
+        let stop = Shutdown::new().unwrap();
+        let (a, b, broker) = (stop.clone(), stop.clone(), self.broker.clone());
+        let threads = vec![
+            thread::spawn(move || devices.run(&a).unwrap()),
+            thread::spawn(move || history.run(&broker, &b).unwrap()),
+        ];
+        (stop, threads)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(
+            &self.broker,
+            ClientOptions {
+                timeout: Duration::from_secs(5),
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    fn stop(self) {
+        self.shutdown.trigger();
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+    }
+}
+
+fn call(client: &mut Client, service: &str, action: &str, data: Value) -> Message {
+    client.request_message(service, &Message::new(action, data)).unwrap()
+}
+
+/// Polls `check` until it gives a value or the limit passes.
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The next event of `subject` that satisfies `accept`.
+fn next_event(subscriber: &mut Subscriber, subject: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + LIMIT;
+    while Instant::now() < deadline {
+        if let Some(event) = subscriber.recv(Duration::from_millis(100)).unwrap() {
+            if event.category == subject && accept(&event.data) {
+                return event.data;
+            }
+        }
+    }
+    panic!("no {subject} event came");
+}
+
+/// The test's plugin: answers commands the way the contract says, and
+/// remembers what it was sent.
+fn start_plugin(bus: &Bus, stop: &Shutdown) -> (Arc<Mutex<Vec<Value>>>, JoinHandle<()>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let seen = received.clone();
+    let publisher = Arc::new(Mutex::new(Publisher::connect(&bus.publish_at).unwrap()));
+    let handler = domogik_handler(move |message: Message| {
+        seen.lock().unwrap().push(message.data.clone());
+        let uuid = message.data["uuid"].as_str().unwrap_or_default().to_owned();
+        match message.data["command"].as_str() {
+            Some("setlevel") => {
+                let level = message.data["data"]["level"].clone();
+                let publisher = publisher.clone();
+                // Carried out later: the event follows the reply.
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(50));
+                    let event = json!({"uuid": uuid, "event": "event.device.statechanged",
+                                       "data": {"level": level, "unit": "percent"}, "ref": "ref-42"});
+                    publisher
+                        .lock()
+                        .unwrap()
+                        .publish("event.device.statechanged", &event)
+                        .unwrap();
+                });
+                Message::new(
+                    "device.command.result",
+                    json!({"status": true, "reason": "", "result": {"identifier": "success.queued"}, "event-ref": "ref-42"}),
+                )
+            }
+            Some("off") => Message::new(
+                "device.command.result",
+                json!({"status": false, "reason": "jammed",
+                       "error": {"identifier": "error.internal", "message": "jammed", "data": {"description": "jammed"}}}),
+            ),
+            _ => Message::new(
+                "device.command.result",
+                json!({"status": true, "reason": "", "result": {"identifier": "success"}}),
+            ),
+        }
+    });
+    let worker = Worker::new(&bus.broker, PLUGIN, WorkerOptions::default());
+    let stop = stop.clone();
+    (received, thread::spawn(move || worker.run(handler, &stop).unwrap()))
+}
+
+#[test]
+fn devices_commands_values_history_clone_and_stale() {
+    let data = tempfile::tempdir().unwrap();
+    let database = data.path().join("majordome.db");
+    let bus = Bus::start(data.path());
+    let (services_stop, services) = bus.services(&database);
+    let plugin_stop = Shutdown::new().unwrap();
+    let (received, plugin) = start_plugin(&bus, &plugin_stop);
+    let mut client = bus.client();
+    let mut events = Subscriber::connect(&bus.subscribe_at, &["event."]).unwrap();
+
+    // Registration: idempotent per (client, id), with RasPy's oids.
+    let create = |client: &mut Client, id: &str, kind: &str, extra: Value| {
+        let mut data = json!({"client": PLUGIN, "id": id, "type": kind, "name": id, "room": "Kitchen"});
+        for (k, v) in extra.as_object().unwrap() {
+            data[k] = v.clone();
+        }
+        call(client, "devices", "device.create.do", data)
+    };
+    let dimmer = create(&mut client, "dimmer-1", "dimmer", json!({}));
+    assert_eq!(dimmer.action, "device.create.result");
+    assert_eq!(dimmer.status(), Some(true), "{:?}", dimmer.data);
+    assert_eq!(dimmer.data["created"], true);
+    let dimmer_uuid = dimmer.data["uuid"].as_str().unwrap().to_owned();
+    let renamed = call(
+        &mut client,
+        "devices",
+        "device.update.do",
+        json!({"uuid": dimmer_uuid, "name": "Kitchen light"}),
+    );
+    assert_eq!(renamed.status(), Some(true), "{:?}", renamed.data);
+    let again = create(&mut client, "dimmer-1", "dimmer", json!({}));
+    assert_eq!(again.data["uuid"], dimmer_uuid.as_str());
+    assert_eq!(again.data["created"], false);
+    assert_eq!(again.data["device"]["name"], "Kitchen light", "a user's rename is kept");
+    let sensor = create(&mut client, "temp-1", "sensor.temperature", json!({"stale_after": 0.5}));
+    let sensor_uuid = sensor.data["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(sensor.data["device"]["type"], "temperaturesensor");
+    assert_eq!(sensor.data["device"]["raspy_name"], "box.test.temp-1");
+    for (bad, why) in [
+        (json!({"id": "x", "type": "switch"}), "needs 'client'"),
+        (
+            json!({"client": PLUGIN, "id": "x", "type": "toaster"}),
+            "unknown device type 'toaster'",
+        ),
+        (
+            json!({"client": PLUGIN, "id": "x", "type": "switch", "stale_after": -1}),
+            "stale_after",
+        ),
+        (json!({"client": PLUGIN, "id": "a/b", "type": "switch"}), "no '/'"),
+    ] {
+        let reply = call(&mut client, "devices", "device.create.do", bad.clone());
+        assert_eq!(reply.status(), Some(false), "{bad}");
+        assert!(reply.reason().unwrap().contains(why), "{bad}: {:?}", reply.reason());
+    }
+
+    // Commands: checked, converted, forwarded; a queued one's event
+    // carries the ref.
+    let command = |client: &mut Client, data: Value| call(client, "devices", "device.command.do", data);
+    let queued = command(
+        &mut client,
+        json!({"uuid": dimmer_uuid, "command": "setlevel", "data": {"level": "40"}}),
+    );
+    assert_eq!(queued.action, "device.command.result");
+    assert_eq!(queued.status(), Some(true), "{:?}", queued.data);
+    assert_eq!(queued.data["result"]["identifier"], "success.queued");
+    assert_eq!(queued.data["event-ref"], "ref-42");
+    let forwarded = received.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        forwarded,
+        json!({"uuid": dimmer_uuid, "id": "dimmer-1", "command": "setlevel", "data": {"level": 40}})
+    );
+    let changed = next_event(&mut events, "event.device.statechanged", |e| {
+        e["uuid"] == dimmer_uuid.as_str()
+    });
+    assert_eq!(changed["ref"], "ref-42");
+    assert_eq!(changed["data"]["level"], 40);
+    // ago's older form: parameters at the top level.
+    let older = command(
+        &mut client,
+        json!({"uuid": dimmer_uuid, "command": "setlevel", "level": 10}),
+    );
+    assert_eq!(older.data["result"]["identifier"], "success.queued");
+    let failed = command(&mut client, json!({"uuid": dimmer_uuid, "command": "off"}));
+    assert_eq!(failed.status(), Some(false));
+    assert_eq!(failed.data["error"]["identifier"], "error.internal");
+    assert_eq!(failed.reason(), Some("jammed"));
+    let sent_before = received.lock().unwrap().len();
+    for (bad, identifier) in [
+        (json!({"uuid": "nope", "command": "on"}), "error.device.invalid"),
+        (json!({"command": "on"}), "error.parameter.missing"),
+        (json!({"uuid": dimmer_uuid}), "error.command.missing"),
+        (
+            json!({"uuid": dimmer_uuid, "command": "dance"}),
+            "error.command.invalid",
+        ),
+        (
+            json!({"uuid": dimmer_uuid, "command": "setlevel"}),
+            "error.parameter.missing",
+        ),
+        (
+            json!({"uuid": dimmer_uuid, "command": "setlevel", "data": {"level": 500}}),
+            "error.parameter.invalid",
+        ),
+        (
+            json!({"uuid": dimmer_uuid, "command": "setlevel", "data": [1]}),
+            "error.parameter.invalid",
+        ),
+        (json!({"uuid": sensor_uuid, "command": "on"}), "error.command.invalid"),
+    ] {
+        let reply = command(&mut client, bad.clone());
+        assert_eq!(reply.status(), Some(false), "{bad}");
+        assert_eq!(reply.data["error"]["identifier"], identifier, "{bad}: {:?}", reply.data);
+        assert!(!reply.reason().unwrap().is_empty());
+        assert_eq!(reply.data["error"]["data"]["description"], reply.reason().unwrap());
+    }
+    assert_eq!(
+        received.lock().unwrap().len(),
+        sent_before,
+        "rejected commands never reach the plugin"
+    );
+
+    // Values: into the inventory, the history and Clone.
+    let mut publisher = Publisher::connect(&bus.publish_at).unwrap();
+    assert!(publisher.wait_for_subscriber("event.environment", LIMIT).unwrap());
+    for temperature in [20.5, 21.0, 21.5] {
+        let event = json!({"uuid": sensor_uuid, "event": "event.environment.temperaturechanged",
+                           "data": {"level": temperature, "unit": "degC"}});
+        publisher
+            .publish("event.environment.temperaturechanged", &event)
+            .unwrap();
+    }
+    let inventory = eventually("the last temperature in the inventory", || {
+        let inventory = call(&mut client, "devices", "inventory.get", json!({}));
+        let devices = &inventory.data["devices"];
+        // The dimmer's last statechanged (level 10) comes from the plugin's
+        // own publisher, in no fixed order with the temperatures.
+        (devices[&sensor_uuid]["values"]["temperature"]["level"] == 21.5 && devices[&dimmer_uuid]["state"] == 10)
+            .then_some(inventory)
+    });
+    let entry = &inventory.data["devices"][&sensor_uuid];
+    assert_eq!(entry["values"]["temperature"]["unit"], "degC");
+    assert_eq!(entry["room"], "Kitchen");
+    assert_eq!(
+        inventory.data["rooms"]["Kitchen"]["devices"].as_array().unwrap().len(),
+        2
+    );
+    assert!(inventory.data["schema"]["types"]["dimmer"].is_object());
+    let history = eventually("three values in history", || {
+        let reply = call(
+            &mut client,
+            "history",
+            "history.get",
+            json!({"uuid": sensor_uuid, "last": 10}),
+        );
+        (reply.data["values"].as_array().map(Vec::len) == Some(3)).then_some(reply)
+    });
+    let values: Vec<f64> = history.data["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [20.5, 21.0, 21.5]);
+    let key = format!("/device/{sensor_uuid}/temperature");
+    let (entries, _) = majordome_state::snapshot(bus.state.as_str(), "/device/", LIMIT).unwrap();
+    let mirrored = entries.iter().find(|e| e.key == key).expect("the value is in Clone");
+    let mirrored: Value = serde_json::from_slice(&mirrored.value).unwrap();
+    assert_eq!(mirrored["level"], 21.5);
+    assert_eq!(mirrored["unit"], "degC");
+    assert!(entries.iter().any(|e| e.key == format!("/device/{dimmer_uuid}/info")));
+
+    // Silence makes the sensor stale (0.5 s); the dimmer has no timeout.
+    let stale = next_event(&mut events, "event.device.stale", |e| e["uuid"] == sensor_uuid.as_str());
+    assert_eq!(stale["data"]["stale"], true);
+    let inventory = call(&mut client, "devices", "inventory.get", json!({}));
+    assert_eq!(inventory.data["devices"][&sensor_uuid]["stale"], true);
+    assert_eq!(inventory.data["devices"][&dimmer_uuid]["stale"], false);
+
+    // A plugin that is not there: error.no.reply once the broker gives up.
+    plugin_stop.trigger();
+    plugin.join().unwrap();
+    let absent = command(&mut client, json!({"uuid": dimmer_uuid, "command": "on"}));
+    assert_eq!(
+        absent.data["error"]["identifier"], "error.no.reply",
+        "{:?}",
+        absent.data
+    );
+    assert!(absent.reason().unwrap().contains(PLUGIN));
+
+    let stats = call(&mut client, "devices", "stats.get", json!({}));
+    assert_eq!(stats.data["devices"], 2);
+    assert!(stats.data["values"].as_u64().unwrap() >= 5);
+    assert_eq!(stats.data["commands"]["error.parameter.missing"], 2);
+    assert!(stats.data["clients"][PLUGIN]["values"].as_u64().unwrap() >= 5);
+
+    // A restart on the same database: devices, names and last values.
+    services_stop.trigger();
+    for thread in services {
+        thread.join().unwrap();
+    }
+    let (services_stop, services) = bus.services(&database);
+    let device = call(&mut client, "devices", "device.get", json!({"uuid": dimmer_uuid}));
+    assert_eq!(device.data["devices"][0]["name"], "Kitchen light");
+    let inventory = call(&mut client, "devices", "inventory.get", json!({}));
+    assert_eq!(
+        inventory.data["devices"][&sensor_uuid]["values"]["temperature"]["level"],
+        21.5
+    );
+    let deleted = call(&mut client, "devices", "device.delete.do", json!({"uuid": sensor_uuid}));
+    assert_eq!(deleted.status(), Some(true));
+    let gone = call(&mut client, "devices", "device.get", json!({"uuid": sensor_uuid}));
+    assert_eq!(gone.status(), Some(false));
+    let unknown = call(&mut client, "devices", "device.frob.do", json!({}));
+    assert!(unknown.reason().unwrap().contains("unknown action"));
+    services_stop.trigger();
+    for thread in services {
+        thread.join().unwrap();
+    }
+    bus.stop();
+}
