@@ -1,5 +1,6 @@
 //! Load generators for `majordome bench`.
 
+pub mod devices;
 pub mod events;
 pub mod reqrep;
 pub mod state;

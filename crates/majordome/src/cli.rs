@@ -195,6 +195,35 @@ pub enum Bench {
         #[arg(long)]
         data: Option<std::path::PathBuf>,
     },
+    /// Device commands through the device service to a plugin, and
+    /// history writes; in this process, on a fresh database.
+    Devices {
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// Commands per run, shared among the clients.
+        #[arg(long, default_value_t = 5_000)]
+        commands: usize,
+        /// Values per run for the history part.
+        #[arg(long, default_value_t = 100_000)]
+        values: usize,
+        /// Sensors the values are spread over.
+        #[arg(long, default_value_t = 100)]
+        sensors: usize,
+        /// Values published ahead of what history has committed, at most.
+        #[arg(long, default_value_t = 5_000)]
+        window: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        baseline: Option<DirectBaseline>,
+        /// Folder for the bench's database (default: a temporary one).
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+        /// `full` syncs every commit (the default); `process` survives a
+        /// crash of the process only.
+        #[arg(long, default_value = "full")]
+        durability: DurabilityArg,
+    },
     /// Titanic end to end: request, dispatch to an echo service, reply,
     /// close; in this process, on a fresh database.
     Titanic {
@@ -392,6 +421,9 @@ pub struct DataArgs {
     /// Folder of the SQLite database (`majordome.db`); created if missing.
     #[arg(long, default_value = DEFAULT_DATA)]
     pub data: std::path::PathBuf,
+    /// Days of sensor history kept; 0 keeps everything.
+    #[arg(long, default_value_t = 365.0)]
+    pub history_days: f64,
 }
 
 /// Where plugin manifests are read from, and how plugins are watched.

@@ -108,8 +108,11 @@ fn up(
             ..Default::default()
         },
     );
-    let config =
-        majordome_services::ConfigService::open(&database, manifests.manifests, majordome_store::Durability::Full)?;
+    let config = majordome_services::ConfigService::open(
+        &database,
+        manifests.manifests.clone(),
+        majordome_store::Durability::Full,
+    )?;
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
         forwarder.publisher_endpoint().to_owned(),
@@ -159,6 +162,47 @@ fn up(
             )?)
         })?,
     ));
+    // The device service and the history it feeds, in the same database.
+    if !(data.history_days.is_finite() && data.history_days >= 0.0) {
+        bail!("--history-days must be a number of days (0 keeps everything)");
+    }
+    let history_settings = majordome_services::HistorySettings {
+        retention: (data.history_days > 0.0)
+            .then(|| Duration::from_secs_f64(data.history_days.min(36_500.0) * 86_400.0)),
+        ..Default::default()
+    };
+    let (schema, rejected) = majordome_services::Schema::shipped().with_manifests(&manifests.manifests);
+    for (plugin, why) in rejected {
+        tracing::warn!(plugin, "ignored a device type from a manifest: {why}");
+    }
+    let devices = majordome_services::DeviceService::open(
+        &database,
+        schema,
+        majordome_store::Durability::Full,
+        majordome_services::DeviceSettings::default(),
+        &history_settings,
+        majordome_services::DeviceEndpoints {
+            broker: endpoint.clone(),
+            publish: publish_at.clone(),
+            subscribe: subscribe_at.clone(),
+            state: Some(state_endpoints.snapshot.clone()),
+        },
+    )?;
+    let history = majordome_services::HistoryService::new(&database, history_settings, devices.history_counters());
+    let stop = shutdown.clone();
+    threads.push((
+        "devices",
+        thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || Ok(devices.run(&stop)?))?,
+    ));
+    let (stop, at) = (shutdown.clone(), endpoint.clone());
+    threads.push((
+        "history",
+        thread::Builder::new()
+            .name("history".into())
+            .spawn(move || Ok(history.run(&at, &stop)?))?,
+    ));
     let stop = shutdown.clone();
     threads.push((
         "titanic",
@@ -196,7 +240,7 @@ fn up(
         "  database                                       {}",
         database.display()
     );
-    println!("  services                                       config (dbmgr, admin, dbmanager), manager, echo, events, state, titanic.*, mmi.*");
+    println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, echo, events, state, titanic.*, mmi.*");
     println!(
         "  plugin manifests                               {manifest_count} from {}",
         plugins.plugins.display()
@@ -519,6 +563,30 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                 data,
             };
             majordome_bench::state::run(&options, &mut std::io::stdout())?;
+        }
+        Bench::Devices {
+            clients,
+            commands,
+            values,
+            sensors,
+            window,
+            runs,
+            baseline,
+            data,
+            durability,
+        } => {
+            let options = majordome_bench::devices::DeviceOptions {
+                clients,
+                commands,
+                values,
+                sensors,
+                window,
+                runs,
+                baseline_direct: baseline.is_some(),
+                data,
+                durability: durability.into(),
+            };
+            majordome_bench::devices::run(&options, &mut std::io::stdout())?;
         }
         Bench::Titanic {
             clients,

@@ -375,6 +375,11 @@ impl DeviceService {
         self.history.counters()
     }
 
+    /// The history's committer counters (commits, jobs).
+    pub fn history_commit_stats(&self) -> Arc<majordome_store::CommitStats> {
+        self.history.commit_stats()
+    }
+
     /// Runs the workers and the follower until `shutdown`.
     pub fn run(self, shutdown: &Shutdown) -> Result<(), DeviceError> {
         let DeviceService {
