@@ -41,6 +41,10 @@ impl Publisher {
         let context = zmq::Context::new();
         let socket = context.socket(zmq::XPUB)?;
         socket.set_linger(1000)?;
+        // As deep as the forwarder's own queues: a burst (a plugin that
+        // reports all its devices at once) waits here instead of being
+        // dropped while the forwarder's thread is not running.
+        socket.set_sndhwm(10_000)?;
         socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,
@@ -96,8 +100,20 @@ impl Subscriber {
     /// Connects to `endpoint` and subscribes to each prefix of `msg_id`
     /// (a category, or the start of one); no prefix means everything.
     pub fn connect(endpoint: &str, prefixes: &[&str]) -> Result<Self, ClientError> {
+        Self::connect_with_high_water_mark(endpoint, prefixes, 1000)
+    }
+
+    /// As [`Subscriber::connect`], holding up to `high_water_mark` events
+    /// not yet read (beyond that, ZeroMQ drops them): a subscriber that
+    /// must not lose bursts, like the device service, takes more.
+    pub fn connect_with_high_water_mark(
+        endpoint: &str,
+        prefixes: &[&str],
+        high_water_mark: i32,
+    ) -> Result<Self, ClientError> {
         let socket = net::context().socket(zmq::SUB)?;
         socket.set_linger(0)?;
+        socket.set_rcvhwm(high_water_mark)?;
         socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,

@@ -210,7 +210,7 @@ pub enum Bench {
         #[arg(long, default_value_t = 100)]
         sensors: usize,
         /// Values published ahead of what history has committed, at most.
-        #[arg(long, default_value_t = 5_000)]
+        #[arg(long, default_value_t = 1_000)]
         window: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,

@@ -387,7 +387,9 @@ impl DeviceService {
             history,
             endpoints,
         } = self;
-        let subscriber = Subscriber::connect(&endpoints.subscribe, &["event."])?;
+        // Values come in bursts (a plugin starting, a gateway catching up):
+        // hold many rather than drop them.
+        let subscriber = Subscriber::connect_with_high_water_mark(&endpoints.subscribe, &["event."], 100_000)?;
         let mut threads = Vec::new();
         for index in 0..shared.settings.workers.max(1) {
             let worker_shared = shared.clone();
