@@ -431,7 +431,88 @@ fn status(endpoint: &str, json: bool) -> Result<ExitCode> {
     let stats: Snapshot = serde_json::from_slice(frame)
         .with_context(|| format!("{endpoint} answered mmi.stats with something that is not majordome statistics"))?;
     print!("{}", render_status(endpoint, &stats));
+    // The hub's own services, when this broker has them (`majordome up`).
+    let ask = |client: &mut Client, service: &str, action: &str| -> Option<Value> {
+        if !stats.services.get(service).is_some_and(|s| s.workers > 0) {
+            return None;
+        }
+        client
+            .request_message(service, &Message::new(action, serde_json::json!({})))
+            .ok()
+            .filter(|reply| reply.status() != Some(false))
+            .map(|reply| reply.data)
+    };
+    if let Some(list) = ask(&mut client, "manager", "client.list.get") {
+        print!("{}", render_clients(&list));
+    }
+    let devices = ask(&mut client, "devices", "stats.get");
+    let history = ask(&mut client, "history", "stats.get");
+    if let Some(devices) = devices {
+        print!("{}", render_devices(&devices, history.as_ref()));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn render_clients(list: &Value) -> String {
+    let Some(clients) = list["clients"].as_object().filter(|c| !c.is_empty()) else {
+        return "clients: none\n".to_owned();
+    };
+    let width = clients.keys().map(String::len).max().unwrap_or(0).max("CLIENT".len());
+    let mut out = format!("{:width$}  {:<15} CONFIGURED\n", "CLIENT", "STATUS");
+    for (id, client) in clients {
+        let configured = match client["configured"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        out += &format!(
+            "{id:width$}  {:<15} {configured}\n",
+            client["status"].as_str().unwrap_or("?")
+        );
+    }
+    out
+}
+
+fn render_devices(devices: &Value, history: Option<&Value>) -> String {
+    let number = |v: &Value| v.as_u64().unwrap_or(0);
+    let outcomes: Vec<String> = devices["commands"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    let latency = &devices["command_latency_us"];
+    let mut out = format!(
+        "devices: {} ({} stale); {} values received, {} stored; commands: {}; round trip p50 {} us, p99 {} us\n",
+        number(&devices["devices"]),
+        number(&devices["stale"]),
+        number(&devices["values"]),
+        number(&devices["values_stored"]),
+        if outcomes.is_empty() {
+            "none".to_owned()
+        } else {
+            outcomes.join(", ")
+        },
+        latency["p50"].as_f64().map_or("-".to_owned(), |v| format!("{v:.0}")),
+        latency["p99"].as_f64().map_or("-".to_owned(), |v| format!("{v:.0}")),
+    );
+    if let Some(clients) = devices["clients"].as_object() {
+        for (id, c) in clients {
+            out += &format!(
+                "  {id}: {} commands, {} errors, {} values\n",
+                number(&c["commands"]),
+                number(&c["errors"]),
+                number(&c["values"])
+            );
+        }
+    }
+    if let Some(history) = history {
+        out += &format!(
+            "history: {} values kept, {} queries, {} pruned\n",
+            history["rows"].as_i64().unwrap_or(-1),
+            number(&history["queries"]),
+            number(&history["pruned"])
+        );
+    }
+    out
 }
 
 fn render_status(endpoint: &str, stats: &Snapshot) -> String {
