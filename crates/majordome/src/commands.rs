@@ -433,7 +433,7 @@ fn status(endpoint: &str, json: bool) -> Result<ExitCode> {
     print!("{}", render_status(endpoint, &stats));
     // The hub's own services, when this broker has them (`majordome up`).
     let ask = |client: &mut Client, service: &str, action: &str| -> Option<Value> {
-        if !stats.services.get(service).is_some_and(|s| s.workers > 0) {
+        if stats.services.get(service).is_none_or(|s| s.workers == 0) {
             return None;
         }
         client
