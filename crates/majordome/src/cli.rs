@@ -119,6 +119,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a plugin that ships with majordome, as its own process.
+    Plugin {
+        #[command(subcommand)]
+        plugin: PluginKind,
+        /// The broker; `majordome up` passes it as MAJORDOME_BROKER.
+        #[arg(
+            long,
+            env = "MAJORDOME_BROKER",
+            default_value = "tcp://127.0.0.1:40410",
+            global = true
+        )]
+        broker: String,
+        /// The forwarder's publisher side (MAJORDOME_PUBLISH).
+        #[arg(
+            long,
+            env = "MAJORDOME_PUBLISH",
+            default_value = "tcp://127.0.0.1:40411",
+            global = true
+        )]
+        publish: String,
+        /// The forwarder's subscriber side (MAJORDOME_SUBSCRIBE).
+        #[arg(
+            long,
+            env = "MAJORDOME_SUBSCRIBE",
+            default_value = "tcp://127.0.0.1:40412",
+            global = true
+        )]
+        subscribe: String,
+        /// The host in its client id `plugin-<name>.<host>` (MAJORDOME_HOST;
+        /// default: this machine's short name).
+        #[arg(long, env = "MAJORDOME_HOST", global = true)]
+        host: Option<String>,
+        /// Seconds between two `alive` statuses (MAJORDOME_STATUS_INTERVAL;
+        /// `majordome up` passes a third of its --dead-after, at most 15).
+        #[arg(long, env = "MAJORDOME_STATUS_INTERVAL", default_value_t = 15.0, global = true)]
+        status_interval: f64,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -311,6 +348,16 @@ pub enum RelayBaseline {
     Relay,
 }
 
+/// The plugins that ship.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum PluginKind {
+    /// Fake devices: a cyclic and a linear sensor, a switch, a dimmer, a
+    /// binary sensor.
+    Fake,
+    /// DS18B20 thermometers on a 1-Wire bus (sysfs).
+    Onewire,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DirectBaseline {
     /// The same requests straight to the service through the broker, not
@@ -433,6 +480,10 @@ pub struct PluginArgs {
     /// values against them. A missing folder means none.
     #[arg(long, default_value = "./plugins")]
     pub plugins: std::path::PathBuf,
+    /// Start no plugin (not even the fake one); `plugin.start.do` still
+    /// starts them on request.
+    #[arg(long)]
+    pub no_autostart: bool,
     /// Seconds without a `plugin.status` after which a running client is
     /// declared dead (clients send one every 15 s).
     #[arg(long, default_value_t = 30.0)]

@@ -64,7 +64,55 @@ pub fn run(command: Command) -> Result<ExitCode> {
         ),
         Command::Status { broker, json } => status(&broker, json),
         Command::Bench { bench } => bench_command(bench),
+        Command::Plugin {
+            plugin,
+            broker,
+            publish,
+            subscribe,
+            host,
+            status_interval,
+        } => plugin_command(plugin, broker, publish, subscribe, host, status_interval),
     }
+}
+
+fn plugin_command(
+    plugin: crate::cli::PluginKind,
+    broker: String,
+    publish: String,
+    subscribe: String,
+    host: Option<String>,
+    status_interval: f64,
+) -> Result<ExitCode> {
+    if !(status_interval.is_finite() && status_interval >= 0.05) {
+        bail!("--status-interval must be at least 0.05 seconds");
+    }
+    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
+    let host = host
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(majordome_services::manager::local_host);
+    let name = match plugin {
+        crate::cli::PluginKind::Fake => "fake",
+        crate::cli::PluginKind::Onewire => "onewire",
+    };
+    let settings = majordome_plugin::PluginSettings {
+        status_interval: Duration::from_secs_f64(status_interval.min(3600.0)),
+        ..majordome_plugin::PluginSettings::new(name, &host)
+    };
+    println!(
+        "{name} plugin {} on broker {broker}, events {publish} / {subscribe}",
+        settings.client_id()
+    );
+    std::io::stdout().flush()?;
+    let endpoints = majordome_plugin::Endpoints {
+        broker,
+        publish,
+        subscribe,
+    };
+    match plugin {
+        crate::cli::PluginKind::Fake => majordome_plugin::fake::run(settings, endpoints, &shutdown)?,
+        crate::cli::PluginKind::Onewire => majordome_plugin::onewire::run(settings, endpoints, &shutdown)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn broker_only(args: &BrokerArgs) -> Result<ExitCode> {
@@ -93,9 +141,22 @@ fn up(
     let state_counters = state.counters();
     let titanic =
         majordome_titanic::Titanic::start(broker.endpoint(), &database, majordome_titanic::Settings::default())?;
-    let manifests = majordome_services::load_folder(&plugins.plugins);
+    let mut manifests = majordome_services::load_folder(&plugins.plugins);
     for (path, why) in &manifests.invalid {
         tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
+    }
+    // The plugins that ship, unless the folder has its own manifest for one.
+    for (name, text) in majordome_plugin::builtin_manifests() {
+        if !manifests.manifests.iter().any(|m| m.name == *name) {
+            let manifest = majordome_services::Manifest::parse(text)
+                .map_err(|e| anyhow::anyhow!("the shipped manifest of '{name}' is invalid: {e}"))?;
+            manifests.manifests.push(manifest);
+        }
+    }
+    if plugins.no_autostart {
+        for manifest in &mut manifests.manifests {
+            manifest.autostart = false;
+        }
     }
     let manifest_count = manifests.manifests.len();
     if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
@@ -108,16 +169,29 @@ fn up(
             ..Default::default()
         },
     );
-    let config = majordome_services::ConfigService::open(
-        &database,
-        manifests.manifests.clone(),
-        majordome_store::Durability::Full,
-    )?;
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
         forwarder.publisher_endpoint().to_owned(),
         forwarder.subscriber_endpoint().to_owned(),
     );
+    let mut supervision = majordome_services::supervisor::SupervisorSettings::new(data.data.join("logs"), &endpoint);
+    supervision.environment = vec![
+        ("MAJORDOME_BROKER".into(), endpoint.clone()),
+        ("MAJORDOME_PUBLISH".into(), publish_at.clone()),
+        ("MAJORDOME_SUBSCRIBE".into(), subscribe_at.clone()),
+        ("MAJORDOME_HOST".into(), registry.host().to_owned()),
+        // Plugins we start speak often enough never to look dead.
+        (
+            "MAJORDOME_STATUS_INTERVAL".into(),
+            (plugins.dead_after / 3.0).min(15.0).to_string(),
+        ),
+    ];
+    let supervisor = majordome_services::supervisor::Supervisor::new(supervision, &manifests.manifests);
+    let config = majordome_services::ConfigService::open(
+        &database,
+        manifests.manifests.clone(),
+        majordome_store::Durability::Full,
+    )?;
     let counters = forwarder.counters();
     let mut threads: Vec<(&str, thread::JoinHandle<Result<()>>)> = Vec::new();
     let stop = shutdown.clone();
@@ -158,7 +232,12 @@ fn up(
         "manager",
         thread::Builder::new().name("manager".into()).spawn(move || {
             Ok(majordome_services::manager::run(
-                registry, &at, &subscribe, &publish, &stop,
+                registry,
+                Some(supervisor),
+                &at,
+                &subscribe,
+                &publish,
+                &stop,
             )?)
         })?,
     ));

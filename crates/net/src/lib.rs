@@ -151,6 +151,29 @@ impl Shutdown {
         ready > 0 && poll.revents & libc::POLLIN != 0
     }
 
+    /// Blocks until the signal fires or `timeout` passes; true if it fired.
+    /// Loops that work at an interval wait with this, so a stop is seen
+    /// at once rather than at the next tick.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut poll = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // SAFETY: one valid pollfd and a bounded timeout.
+            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if ready > 0 && poll.revents & libc::POLLIN != 0 {
+                return true;
+            }
+            if left.is_zero() || (ready == 0 && std::time::Instant::now() >= deadline) {
+                return false;
+            }
+        }
+    }
+
     /// Blocks until the signal fires.
     pub fn wait(&self) {
         let mut poll = libc::pollfd {

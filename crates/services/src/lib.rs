@@ -9,6 +9,7 @@ pub mod history;
 pub mod manager;
 pub mod manifest;
 pub mod schema;
+pub mod supervisor;
 
 pub use config::{ConfigError, ConfigService, SERVICE_NAMES};
 pub use devices::{DeviceEndpoints, DeviceError, DeviceService, DeviceSettings};

@@ -11,9 +11,11 @@
 //! `device_types.get`. Every change is published as `client.list` and
 //! `client.detail`.
 //!
-//! Not here yet: starting and stopping plugin processes
-//! (`plugin.start.do`, `plugin.stop.do`), and status history that
-//! survives a restart (it is kept in memory).
+//! `plugin.start.do` and `plugin.stop.do` go to the supervisor
+//! (`supervisor.rs`), which runs the plugins' processes.
+//!
+//! Not here yet: status history that survives a restart (it is kept in
+//! memory), and `configured` fed from the config service.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use majordome_client::{domogik_handler, Message, Publisher, Shutdown, Subscriber
 use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
+use crate::supervisor::Supervisor;
 
 /// Domogik's client statuses.
 pub const STATUSES: &[&str] = &[
@@ -173,6 +176,22 @@ impl Registry {
         self.set_status(&id, event, &comment)
     }
 
+    /// Applies what the supervisor saw of a plugin it runs on this host;
+    /// true when something changed. A plugin it (re)started is given the
+    /// usual time to speak before silence counts.
+    pub fn on_supervisor(&mut self, report: &crate::supervisor::Report, now: Instant) -> bool {
+        let host = self.settings.host.clone();
+        let id = client_id(&report.kind, &report.name, &host);
+        let client = self.entry(&report.kind, &report.name, &host);
+        client.seen_at = Some(now);
+        self.set_status(&id, report.status, &report.comment)
+    }
+
+    /// The host this manager runs on.
+    pub fn host(&self) -> &str {
+        &self.settings.host
+    }
+
     /// Declares dead the running clients silent for too long; true when
     /// one was.
     pub fn tick(&mut self, now: Instant) -> bool {
@@ -288,7 +307,7 @@ impl Registry {
                 other,
                 format!(
                     "unknown action '{other}': the manager answers client.list.get, client.detail.get, \
-                     client.history.get, package.detail.get, device_types.get"
+                     client.history.get, package.detail.get, device_types.get, plugin.start.do, plugin.stop.do"
                 ),
             ),
         }
@@ -296,28 +315,48 @@ impl Registry {
 }
 
 /// Runs the manager: a worker for `manager` at `broker`, and a thread that
-/// follows `plugin.status` at `subscribe_at` and publishes changes to
-/// `publish_at`, until `shutdown`.
+/// follows `plugin.status` at `subscribe_at`, drives the supervisor (when
+/// given) and publishes changes to `publish_at`, until `shutdown`; then
+/// stops the plugins it started.
 pub fn run(
     registry: Registry,
+    supervisor: Option<Supervisor>,
     broker: &str,
     subscribe_at: &str,
     publish_at: &str,
     shutdown: &Shutdown,
 ) -> Result<(), majordome_client::ClientError> {
     let registry = Arc::new(Mutex::new(registry));
+    let supervisor = Arc::new(Mutex::new(supervisor));
     let mut subscriber = Subscriber::connect(subscribe_at, &["plugin.status"])?;
     let mut publisher = Publisher::connect(publish_at)?;
-    let shared = registry.clone();
+    {
+        let now = Instant::now();
+        let reports = lock(&supervisor)
+            .as_mut()
+            .map(Supervisor::autostart)
+            .unwrap_or_default();
+        let mut registry = lock(&registry);
+        for report in &reports {
+            registry.on_supervisor(report, now);
+        }
+    }
+    let (shared, supervised) = (registry.clone(), supervisor.clone());
     let stop = shutdown.clone();
     let follower = thread::Builder::new()
         .name("manager-status".into())
         .spawn(move || -> Result<(), majordome_client::ClientError> {
+            let mut publish_all = true;
             while !stop.is_triggered() {
-                let event = subscriber.recv(Duration::from_millis(250))?;
+                let event = subscriber.recv(Duration::from_millis(100))?;
                 let now = Instant::now();
-                let mut registry = shared.lock().expect("registry");
-                let mut changed = event.is_some_and(|e| registry.on_status(&e.data, now));
+                let reports = lock(&supervised).as_mut().map(|s| s.tick(now)).unwrap_or_default();
+                let mut registry = lock(&shared);
+                let mut changed = std::mem::take(&mut publish_all);
+                changed |= event.is_some_and(|e| registry.on_status(&e.data, now));
+                for report in &reports {
+                    changed |= registry.on_supervisor(report, now);
+                }
                 changed |= registry.tick(now);
                 if changed {
                     let (list, detail) = (registry.list(), registry.detail(None));
@@ -329,13 +368,61 @@ pub fn run(
                     }
                 }
             }
+            if let Some(supervisor) = lock(&supervised).as_mut() {
+                supervisor.shutdown();
+            }
             Ok(())
         })
         .map_err(|_| majordome_client::ClientError::Closed)?;
-    let handler = domogik_handler(move |message: Message| registry.lock().expect("registry").handle(&message));
+    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+        action @ ("plugin.start.do" | "plugin.stop.do") => {
+            let host = lock(&registry).host().to_owned();
+            let text = |field: &str| {
+                message
+                    .data
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+            };
+            let Some(name) = text("name").or_else(|| text("id")) else {
+                return Message::failure(action, format!("{action} needs 'name' (or 'id'), e.g. fake"));
+            };
+            let kind = text("type").unwrap_or("plugin");
+            if text("host").is_some_and(|h| h != host) {
+                return Message::failure(
+                    action,
+                    format!(
+                        "this manager runs plugins on {host} only, not on {}",
+                        text("host").unwrap_or_default()
+                    ),
+                );
+            }
+            let service = client_id(kind, name, &host);
+            let outcome = match lock(&supervisor).as_mut() {
+                None => Err("this manager does not supervise plugins".to_owned()),
+                Some(s) if action == "plugin.start.do" => s.start(kind, name),
+                Some(s) => s.stop(kind, name, &service),
+            };
+            match outcome {
+                Ok(report) => {
+                    lock(&registry).on_supervisor(&report, Instant::now());
+                    Message::new(
+                        majordome_mdp::domogik::result_action(action),
+                        json!({"status": true, "reason": "", "id": service, "comment": report.comment}),
+                    )
+                }
+                Err(why) => Message::failure(action, why),
+            }
+        }
+        _ => lock(&registry).handle(&message),
+    });
     let served = Worker::new(broker, "manager", WorkerOptions::default()).run(handler, shutdown);
     let followed = follower.join().unwrap_or(Err(majordome_client::ClientError::Closed));
     served.and(followed)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -1,0 +1,216 @@
+//! End to end: `majordome up` starts the fake plugin as its own process
+//! (supervised), which becomes alive, registers its devices, reports
+//! values into history and Clone, and carries out commands; a `kill -9` of
+//! the plugin is seen at once and the plugin comes back; config set
+//! through the bus survives a restart of majordome.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use majordome_client::{Client, ClientOptions, Message, Subscriber};
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn ask(broker: &str, service: &str, action: &str, data: Value) -> Message {
+    let mut client = Client::new(
+        broker,
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            ..ClientOptions::default()
+        },
+    );
+    client.request_message(service, &Message::new(action, data)).unwrap()
+}
+
+/// Polls until `check` gives something (bounded).
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The fake plugin's client id and its entry in `client.detail.get`, once
+/// its status is `status`.
+fn fake_client(broker: &str, status: &str) -> (String, Value) {
+    eventually(&format!("the fake plugin to be {status}"), || {
+        let detail = ask(broker, "manager", "client.detail.get", json!({}));
+        let clients = detail.data["clients"].as_object()?.clone();
+        clients
+            .into_iter()
+            .find(|(id, c)| id.starts_with("plugin-fake.") && c["status"] == status)
+    })
+}
+
+fn pid_in(comment: &str) -> Option<i32> {
+    comment
+        .rsplit("pid ")
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_fake_plugin_end_to_end() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let args = ["--plugins", plugins.path().to_str().unwrap(), "--dead-after", "3"];
+    let (mut up, lines) = Process::up(data.path(), &args, 5);
+    let (broker, subscribe_at, state) = (last_word(&lines[0]), last_word(&lines[3]), last_word(&lines[4]));
+
+    // The supervisor started it; it says alive.
+    let (id, _) = fake_client(&broker, "alive");
+    let host = id.rsplit_once('.').unwrap().1.to_owned();
+    let set = ask(
+        &broker,
+        "config",
+        "config.set",
+        json!({"type": "plugin", "name": "fake", "host": host, "key": "interval", "value": "0.2"}),
+    );
+    assert_eq!(set.status(), Some(true), "{:?}", set.data);
+
+    // Its five devices are in the inventory.
+    let inventory = eventually("five fake devices", || {
+        let inventory = ask(&broker, "devices", "inventory.get", json!({}));
+        let devices: Vec<Value> = inventory.data["devices"]
+            .as_object()?
+            .values()
+            .filter(|d| d["client"] == id.as_str())
+            .cloned()
+            .collect();
+        (devices.len() == 5).then_some(devices)
+    });
+    let uuid_of = |device_id: &str| {
+        inventory
+            .iter()
+            .find(|d| d["id"] == device_id)
+            .and_then(|d| d["uuid"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let (dimmer, thermometer) = (uuid_of("fake-dimmer"), uuid_of("fake-cyclic"));
+
+    // Values reach history and Clone (at the new interval of 0.2 s).
+    let history = eventually("five temperatures in history", || {
+        let reply = ask(
+            &broker,
+            "history",
+            "history.get",
+            json!({"uuid": thermometer, "last": 5}),
+        );
+        (reply.data["values"].as_array()?.len() == 5).then_some(reply)
+    });
+    assert_eq!(history.data["quantity"], "temperature");
+    let (entries, _) = majordome_state::snapshot(state.as_str(), &format!("/device/{thermometer}/"), LIMIT).unwrap();
+    let value = entries
+        .iter()
+        .find(|e| e.key.ends_with("/temperature"))
+        .expect("the temperature is in Clone");
+    let value: Value = serde_json::from_slice(&value.value).unwrap();
+    assert_eq!(value["unit"], "degC");
+    assert!(
+        value["level"].as_f64().is_some_and(|t| (15.0..=25.0).contains(&t)),
+        "{value}"
+    );
+
+    // setlevel: queued with an event-ref, then statechanged with that ref.
+    let mut events = Subscriber::connect(&subscribe_at, &["event.device.statechanged"]).unwrap();
+    let probe = eventually("the event subscription to be live", || {
+        events.recv(Duration::from_millis(500)).unwrap()
+    });
+    assert_eq!(probe.category, "event.device.statechanged");
+    let queued = ask(
+        &broker,
+        "devices",
+        "device.command.do",
+        json!({"uuid": dimmer, "command": "setlevel", "data": {"level": 42}}),
+    );
+    assert_eq!(queued.status(), Some(true), "{:?}", queued.data);
+    assert_eq!(queued.data["result"]["identifier"], "success.queued");
+    let reference = queued.data["event-ref"].as_str().expect("an event-ref").to_owned();
+    let followed = eventually("the statechanged with the ref", || {
+        let event = events.recv(Duration::from_millis(200)).unwrap()?;
+        (event.data["ref"] == reference.as_str()).then_some(event.data)
+    });
+    assert_eq!(followed["uuid"], dimmer.as_str());
+    assert_eq!(followed["data"]["level"], 42);
+    for (command, identifier) in [
+        (
+            json!({"uuid": dimmer, "command": "setlevel", "data": {"level": 500}}),
+            "error.parameter.invalid",
+        ),
+        (json!({"uuid": dimmer, "command": "fly"}), "error.command.invalid"),
+        (
+            json!({"uuid": "no-such-device", "command": "on"}),
+            "error.device.invalid",
+        ),
+        (
+            json!({"uuid": dimmer, "command": "setlevel"}),
+            "error.parameter.missing",
+        ),
+    ] {
+        let reply = ask(&broker, "devices", "device.command.do", command.clone());
+        assert_eq!(reply.status(), Some(false), "{command}");
+        assert_eq!(
+            reply.data["error"]["identifier"], identifier,
+            "{command}: {:?}",
+            reply.data
+        );
+    }
+
+    // kill -9: dead at once, then restarted by the supervisor.
+    let (_, detail) = fake_client(&broker, "alive");
+    let history = ask(&broker, "manager", "client.history.get", json!({"id": id}));
+    let pid = history.data["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|h| pid_in(h["comment"].as_str()?))
+        .unwrap_or_else(|| panic!("no pid in {detail}"));
+    // SAFETY: a signal to the plugin's pid, read from the manager.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let (_, dead) = fake_client(&broker, "dead");
+    assert!(
+        dead["comment"].as_str().unwrap().contains("killed by signal 9"),
+        "{dead}"
+    );
+    let (_, back) = fake_client(&broker, "alive");
+    let history = ask(&broker, "manager", "client.history.get", json!({"id": id}));
+    let new_pid = history.data["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|h| pid_in(h["comment"].as_str()?))
+        .unwrap();
+    assert_ne!(new_pid, pid, "{back}");
+
+    // Config and devices survive a restart of majordome.
+    up.signal(libc::SIGTERM);
+    assert!(up.wait_exit(LIMIT).is_some_and(|s| s.success()));
+    let (mut up, lines) = Process::up(data.path(), &args, 1);
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "config", "200");
+    let interval = ask(
+        &broker,
+        "config",
+        "config.get",
+        json!({"type": "plugin", "name": "fake", "host": host, "key": "interval"}),
+    );
+    assert_eq!(interval.data["value"], 0.2);
+    wait_for_service(&broker, "devices", "200");
+    let device = ask(&broker, "devices", "device.get", json!({"uuid": dimmer}));
+    assert_eq!(device.data["devices"][0]["id"], "fake-dimmer");
+    up.signal(libc::SIGTERM);
+    assert!(up.wait_exit(LIMIT).is_some_and(|s| s.success()));
+}
