@@ -142,6 +142,7 @@ fn up(
     let titanic =
         majordome_titanic::Titanic::start(broker.endpoint(), &database, majordome_titanic::Settings::default())?;
     let mut manifests = majordome_services::load_folder(&plugins.plugins);
+    let manifest_count = manifests.manifests.len();
     for (path, why) in &manifests.invalid {
         tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
     }
@@ -153,12 +154,12 @@ fn up(
             manifests.manifests.push(manifest);
         }
     }
+    let shipped = manifests.manifests.len() - manifest_count;
     if plugins.no_autostart {
         for manifest in &mut manifests.manifests {
             manifest.autostart = false;
         }
     }
-    let manifest_count = manifests.manifests.len();
     if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
         bail!("--dead-after must be a positive number of seconds");
     }
@@ -174,6 +175,12 @@ fn up(
         forwarder.publisher_endpoint().to_owned(),
         forwarder.subscriber_endpoint().to_owned(),
     );
+    let started: Vec<String> = manifests
+        .manifests
+        .iter()
+        .filter(|m| m.autostart && !m.command.is_empty())
+        .map(|m| m.name.clone())
+        .collect();
     let mut supervision = majordome_services::supervisor::SupervisorSettings::new(data.data.join("logs"), &endpoint);
     supervision.environment = vec![
         ("MAJORDOME_BROKER".into(), endpoint.clone()),
@@ -321,8 +328,14 @@ fn up(
     );
     println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, echo, events, state, titanic.*, mmi.*");
     println!(
-        "  plugin manifests                               {manifest_count} from {}",
-        plugins.plugins.display()
+        "  plugin manifests                               {manifest_count} from {}, {} shipped (started: {})",
+        plugins.plugins.display(),
+        shipped,
+        if started.is_empty() {
+            "none".to_owned()
+        } else {
+            started.join(", ")
+        }
     );
     println!("try: majordome call echo ping.get '{{\"hello\": \"world\"}}' --broker {endpoint}");
     println!("stop with Ctrl-C");

@@ -28,7 +28,7 @@ struct Up {
 }
 
 fn up(data: &std::path::Path) -> Up {
-    let (process, lines) = Process::up(data, &[], 7);
+    let (process, lines) = Process::up(data, &["--no-autostart"], 7);
     let last = |i: usize| last_word(&lines[i]);
     assert!(lines[4].contains("state: snapshots"), "{lines:?}");
     Up {

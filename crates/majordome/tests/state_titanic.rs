@@ -20,7 +20,7 @@ struct Up {
 
 fn up() -> Up {
     let data = tempfile::tempdir().unwrap();
-    let (process, lines) = Process::up(data.path(), &[], 8);
+    let (process, lines) = Process::up(data.path(), &["--no-autostart"], 8);
     let last = |i: usize| last_word(&lines[i]);
     assert!(lines[7].contains("database"), "{lines:?}");
     assert!(lines[7].ends_with("majordome.db"), "{lines:?}");
