@@ -163,13 +163,6 @@ fn up(
     if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
         bail!("--dead-after must be a positive number of seconds");
     }
-    let registry = majordome_services::manager::Registry::new(
-        manifests.manifests.clone(),
-        majordome_services::manager::ManagerSettings {
-            dead_after: Duration::from_secs_f64(plugins.dead_after.min(86_400.0)),
-            ..Default::default()
-        },
-    );
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
         forwarder.publisher_endpoint().to_owned(),
@@ -181,19 +174,29 @@ fn up(
         .filter(|m| m.autostart && !m.command.is_empty())
         .map(|m| m.name.clone())
         .collect();
-    let mut supervision = majordome_services::supervisor::SupervisorSettings::new(data.data.join("logs"), &endpoint);
-    supervision.environment = vec![
-        ("MAJORDOME_BROKER".into(), endpoint.clone()),
-        ("MAJORDOME_PUBLISH".into(), publish_at.clone()),
-        ("MAJORDOME_SUBSCRIBE".into(), subscribe_at.clone()),
-        ("MAJORDOME_HOST".into(), registry.host().to_owned()),
-        // Plugins we start speak often enough never to look dead.
-        (
-            "MAJORDOME_STATUS_INTERVAL".into(),
-            (plugins.dead_after / 3.0).min(15.0).to_string(),
-        ),
-    ];
-    let supervisor = majordome_services::supervisor::Supervisor::new(supervision, &manifests.manifests);
+    let registry = majordome_services::manager::Registry::open(
+        manifests.manifests.clone(),
+        majordome_services::manager::ManagerSettings {
+            dead_after: Duration::from_secs_f64(plugins.dead_after.min(86_400.0)),
+            // Plugins we start speak often enough never to look dead.
+            plugin_environment: vec![(
+                "MAJORDOME_STATUS_INTERVAL".into(),
+                (plugins.dead_after / 3.0).min(15.0).to_string(),
+            )],
+            ..Default::default()
+        },
+        &database,
+        majordome_store::Durability::Full,
+    )?;
+    // Each plugin the manager starts writes its output here.
+    let log_dir = data.data.join("logs");
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("cannot create the plugin log folder {}", log_dir.display()))?;
+    let manager_endpoints = majordome_services::manager::ManagerEndpoints {
+        broker: endpoint.clone(),
+        publish: publish_at.clone(),
+        subscribe: subscribe_at.clone(),
+    };
     let config = majordome_services::ConfigService::open(
         &database,
         manifests.manifests.clone(),
@@ -229,21 +232,14 @@ fn up(
             .name("config".into())
             .spawn(move || Ok(config.run(&at, Some(&publish), &stop)?))?,
     ));
-    let (stop, at, publish, subscribe) = (
-        shutdown.clone(),
-        endpoint.clone(),
-        publish_at.clone(),
-        subscribe_at.clone(),
-    );
+    let stop = shutdown.clone();
     threads.push((
         "manager",
         thread::Builder::new().name("manager".into()).spawn(move || {
             Ok(majordome_services::manager::run(
                 registry,
-                Some(supervisor),
-                &at,
-                &subscribe,
-                &publish,
+                &manager_endpoints,
+                &log_dir,
                 &stop,
             )?)
         })?,

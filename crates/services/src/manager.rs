@@ -1,32 +1,39 @@
-//! The manager's client registry (service `manager`): which clients
-//! (plugins, core parts) exist and whether they are alive, built from the
-//! `plugin.status` events every client publishes (on start, then every
-//! 15 s) and from the plugin manifests.
+//! The manager (service `manager`): which clients (plugins, core parts)
+//! exist and whether they are alive, and the plugins of this host run as
+//! supervised child processes.
 //!
 //! Statuses are Domogik's: unknown, starting, not-configured, alive,
-//! stop-request, stopped, dead, invalid. A client not heard from for
-//! `dead_after` (30 s) while it should be running becomes dead. Actions:
-//! `client.list.get`, `client.detail.get` (also the seed's `clients.*`
-//! spellings), `client.history.get`, `package.detail.get`,
-//! `device_types.get`. Every change is published as `client.list` and
-//! `client.detail`.
+//! stop-request, stopped, dead, invalid. They come from the
+//! `plugin.status` events every client publishes (on start, then every
+//! 15 s), from the supervisor (`supervisor.rs`) for the plugins it runs,
+//! and from silence: a client not heard from for `dead_after` (30 s) while
+//! it should be running becomes dead. Every status change is kept in the
+//! `client_history` table of the one database (the last `history_limit`
+//! per client), so statuses and their history survive a restart.
+//! `configured` comes from the config service: asked once per manifest at
+//! start, then followed through `plugin.configuration` events.
 //!
-//! `plugin.start.do` and `plugin.stop.do` go to the supervisor
-//! (`supervisor.rs`), which runs the plugins' processes.
-//!
-//! Not here yet: status history that survives a restart (it is kept in
-//! memory), and `configured` fed from the config service.
+//! Actions: `client.list.get`, `client.detail.get` (also the seed's
+//! `clients.*` spellings), `client.history.get`, `package.detail.get`,
+//! `device_types.get`, `plugin.start.do`, `plugin.stop.do`. Every change is
+//! published as `client.list` and `client.detail`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use majordome_client::{domogik_handler, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions};
+use majordome_client::{
+    domogik_handler, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
+    WorkerOptions,
+};
+use majordome_store::rusqlite::{params, Connection};
+use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{self, SupervisorHandle};
 
 /// Domogik's client statuses.
 pub const STATUSES: &[&str] = &[
@@ -43,14 +50,52 @@ pub const STATUSES: &[&str] = &[
 /// Statuses in which a client is expected to keep saying so.
 const RUNNING: &[&str] = &["starting", "not-configured", "alive", "stop-request"];
 
+/// Every timer and bound of the manager, with its default.
 #[derive(Debug, Clone)]
 pub struct ManagerSettings {
-    /// Silence after which a running client is declared dead.
+    /// Silence after which a running client is declared dead (30 s).
     pub dead_after: Duration,
-    /// Status changes kept per client for `client.history.get`.
+    /// Status changes kept per client, in memory and in the database (100).
     pub history_limit: usize,
-    /// The host that manifests without a running client are listed on.
+    /// The host this manager runs plugins on, and lists manifests without
+    /// a running client on (this machine's short name).
     pub host: String,
+    /// How long the plugin's own `plugin.stop.do` may take (2 s; never
+    /// more than the stop's grace).
+    pub stop_request_timeout: Duration,
+    /// After `plugin.stop.do`, how long a plugin has to exit before
+    /// SIGTERM (5 s).
+    pub stop_grace: Duration,
+    /// After SIGTERM, how long before SIGKILL (5 s).
+    pub kill_grace: Duration,
+    /// `stop_grace` when the manager itself stops (2 s): the whole hub is
+    /// going down, and a plugin whose broker has gone cannot hear its
+    /// `plugin.stop.do` anyway.
+    pub shutdown_stop_grace: Duration,
+    /// `kill_grace` when the manager itself stops (2 s).
+    pub shutdown_kill_grace: Duration,
+    /// The delay before restarting a crashed plugin whose manifest says
+    /// `restart` (1 s); it doubles at each restart within the window.
+    pub restart_backoff: Duration,
+    /// The longest such delay (60 s).
+    pub restart_backoff_max: Duration,
+    /// At most this many restarts within `restart_window` (5); then the
+    /// supervisor gives up and the plugin stays dead.
+    pub restart_limit: u32,
+    /// The window of `restart_limit` (10 min). A plugin that stayed up
+    /// longer than this has its count reset.
+    pub restart_window: Duration,
+    /// How often the supervisor looks for children that exited (100 ms).
+    pub reap_interval: Duration,
+    /// How long one `config.get` (for `configured`) may take (2 s).
+    pub config_timeout: Duration,
+    /// How long the manager keeps asking the config service, which may
+    /// come up after it, at start (60 s).
+    pub config_wait: Duration,
+    /// Environment variables given to every plugin besides
+    /// `MAJORDOME_BROKER`, `MAJORDOME_PUBLISH`, `MAJORDOME_SUBSCRIBE` and
+    /// `MAJORDOME_HOST` (none).
+    pub plugin_environment: Vec<(String, String)>,
 }
 
 impl Default for ManagerSettings {
@@ -59,6 +104,19 @@ impl Default for ManagerSettings {
             dead_after: Duration::from_secs(30),
             history_limit: 100,
             host: local_host(),
+            stop_request_timeout: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(5),
+            shutdown_stop_grace: Duration::from_secs(2),
+            shutdown_kill_grace: Duration::from_secs(2),
+            restart_backoff: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(60),
+            restart_limit: 5,
+            restart_window: Duration::from_secs(600),
+            reap_interval: Duration::from_millis(100),
+            config_timeout: Duration::from_secs(2),
+            config_wait: Duration::from_secs(60),
+            plugin_environment: Vec::new(),
         }
     }
 }
@@ -79,38 +137,208 @@ fn unix_now() -> f64 {
         .unwrap_or_default()
 }
 
-struct Client {
+/// Errors starting or running the manager.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("manager database: {0}")]
+    Store(#[from] StoreError),
+    #[error("manager database: {0}")]
+    Sqlite(#[from] majordome_store::rusqlite::Error),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot start a manager thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("the manager's {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+/// Where the manager finds the bus; plugins it starts are given the same.
+#[derive(Debug, Clone)]
+pub struct ManagerEndpoints {
+    /// The broker (`MAJORDOME_BROKER`).
+    pub broker: String,
+    /// The forwarder's side publishers connect to (`MAJORDOME_PUBLISH`).
+    pub publish: String,
+    /// The forwarder's side subscribers connect to (`MAJORDOME_SUBSCRIBE`).
+    pub subscribe: String,
+}
+
+/// One row of `client_history`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    /// The client id, `<type>-<name>.<host>`.
+    pub client: String,
+    /// Unix time of the change.
+    pub time: f64,
+    pub status: String,
+    pub comment: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS client_history (
+    client  TEXT NOT NULL,
+    time    REAL NOT NULL,
+    status  TEXT NOT NULL,
+    comment TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS client_history_by_client ON client_history (client);
+";
+
+/// The `client_history` table: writes go through a [`Committer`] and are
+/// not waited for, so a status change never holds the registry's lock for
+/// an fsync; the committer finishes them when the registry is dropped.
+struct HistoryStore {
+    committer: Committer,
+    limit: usize,
+}
+
+impl HistoryStore {
+    /// Opens the table, trims it to `limit` rows per client (the limit may
+    /// have been lowered since the last run) and reads it, oldest first.
+    fn open(
+        database: &Path,
+        durability: Durability,
+        limit: usize,
+    ) -> Result<(HistoryStore, Vec<HistoryRow>), ManagerError> {
+        let connection = majordome_store::open(database, durability)?;
+        connection.execute_batch(SCHEMA)?;
+        connection.execute(
+            "DELETE FROM client_history WHERE rowid IN (
+                 SELECT rowid FROM (
+                     SELECT rowid, ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid DESC) AS newer
+                     FROM client_history)
+                 WHERE newer > ?1)",
+            params![limit as i64],
+        )?;
+        let rows = read_history(&connection)?;
+        let store = HistoryStore {
+            committer: Committer::start(connection),
+            limit,
+        };
+        Ok((store, rows))
+    }
+
+    /// Records one change and forgets what falls past the limit.
+    fn record(&self, row: HistoryRow) {
+        let limit = self.limit as i64;
+        // The ticket is dropped: the write lands with the next batch, and
+        // an error is logged here since nobody waits for it.
+        let _ = self.committer.enqueue(move |c| {
+            let written = c
+                .execute(
+                    "INSERT INTO client_history (client, time, status, comment) VALUES (?1, ?2, ?3, ?4)",
+                    params![row.client, row.time, row.status, row.comment],
+                )
+                .and_then(|_| {
+                    // Rows are appended in order, so rowid orders them; the
+                    // index on client holds rowid, so this reads only the
+                    // client's own rows.
+                    c.execute(
+                        "DELETE FROM client_history WHERE client = ?1 AND rowid <= (
+                             SELECT rowid FROM client_history WHERE client = ?1
+                             ORDER BY rowid DESC LIMIT 1 OFFSET ?2)",
+                        params![row.client, limit],
+                    )
+                });
+            if let Err(e) = &written {
+                tracing::warn!(client = %row.client, error = %e, "could not record a status change");
+            }
+            written.map(|_| ())
+        });
+    }
+}
+
+fn read_history(connection: &Connection) -> Result<Vec<HistoryRow>, ManagerError> {
+    let mut statement =
+        connection.prepare("SELECT client, time, status, comment FROM client_history ORDER BY rowid")?;
+    let rows = statement.query_map([], |row| {
+        Ok(HistoryRow {
+            client: row.get(0)?,
+            time: row.get(1)?,
+            status: row.get(2)?,
+            comment: row.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+struct ClientEntry {
     kind: String,
     name: String,
     host: String,
     status: String,
     comment: String,
-    /// Unix time it was last heard from, if ever.
+    /// Unix time it was last heard from (or, restored from the database,
+    /// of its last recorded change), if ever.
     last_seen: Option<f64>,
+    /// Where silence counts from: its last event, its start by the
+    /// supervisor, or the manager's start for a restored running status.
     seen_at: Option<Instant>,
+    /// When this run of the manager last had a `plugin.status` from it.
+    heard_at: Option<Instant>,
+    /// Its process, when the supervisor runs it.
+    pid: Option<u32>,
     /// (unix time, status, comment), oldest first.
     history: VecDeque<(f64, String, String)>,
 }
 
-/// The registry: clients by id (`<type>-<name>.<host>`).
+/// Where a client's `configured` came from: an event is newer than any
+/// answer to a `config.get` still in flight, so an answer never overrides
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfiguredFrom {
+    Asked,
+    Event,
+}
+
+/// The registry: clients by id (`<type>-<name>.<host>`). It touches no
+/// socket and reads no clock (callers pass `now`), so it is tested alone;
+/// [`Registry::open`] adds the database.
 pub struct Registry {
-    clients: BTreeMap<String, Client>,
+    clients: BTreeMap<String, ClientEntry>,
     manifests: Vec<Manifest>,
     settings: ManagerSettings,
+    /// By client id; kept apart from `clients` because the config service
+    /// may speak of a client before the client itself does.
+    configured: BTreeMap<String, (bool, ConfiguredFrom)>,
+    store: Option<HistoryStore>,
+    /// Grows at every change of what `list` and `detail` show, so the
+    /// publishing thread knows when to publish.
+    changes: u64,
     /// `plugin.status` events that were not understood.
     pub malformed: u64,
 }
 
-fn client_id(kind: &str, name: &str, host: &str) -> String {
+/// A client's id: `<type>-<name>.<host>`, also its service on the broker.
+pub fn client_id(kind: &str, name: &str, host: &str) -> String {
     format!("{kind}-{name}.{host}")
 }
 
+/// The parts of a client id (type, name, host); the type is what comes
+/// before the first `-`, the host what follows the first `.` after it.
+fn split_client_id(id: &str) -> Option<(&str, &str, &str)> {
+    let (kind, rest) = id.split_once('-')?;
+    let (name, host) = rest.split_once('.')?;
+    (!kind.is_empty() && !name.is_empty() && !host.is_empty()).then_some((kind, name, host))
+}
+
+/// Locks the registry (or anything else shared by the manager's threads).
+/// A thread that panicked while holding the lock leaves data that is still
+/// consistent at every step, so the others carry on with it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Registry {
+    /// A registry with no database: history lives in memory only.
     pub fn new(manifests: Vec<Manifest>, settings: ManagerSettings) -> Registry {
         let mut registry = Registry {
             clients: BTreeMap::new(),
             manifests,
             settings,
+            configured: BTreeMap::new(),
+            store: None,
+            changes: 0,
             malformed: 0,
         };
         // Every plugin with a manifest is listed, unknown until heard from.
@@ -121,10 +349,51 @@ impl Registry {
         registry
     }
 
-    fn entry(&mut self, kind: &str, name: &str, host: &str) -> &mut Client {
-        self.clients
-            .entry(client_id(kind, name, host))
-            .or_insert_with(|| Client {
+    /// A registry that keeps its history in the `client_history` table of
+    /// the database at `database`, restored from it now.
+    pub fn open(
+        manifests: Vec<Manifest>,
+        settings: ManagerSettings,
+        database: &Path,
+        durability: Durability,
+    ) -> Result<Registry, ManagerError> {
+        let (store, rows) = HistoryStore::open(database, durability, settings.history_limit)?;
+        let mut registry = Registry::new(manifests, settings);
+        registry.restore(rows, Instant::now());
+        registry.store = Some(store);
+        Ok(registry)
+    }
+
+    /// Takes back recorded history (oldest first): each client's last row
+    /// is its status again. A restored running status is shown as it was
+    /// until an event or silence (counted from `now`) changes it.
+    pub fn restore(&mut self, rows: Vec<HistoryRow>, now: Instant) {
+        let limit = self.settings.history_limit;
+        for row in rows {
+            let Some((kind, name, host)) = split_client_id(&row.client) else {
+                tracing::warn!(client = %row.client, "ignored a recorded status of a client id that is not <type>-<name>.<host>");
+                continue;
+            };
+            let client = self.entry(kind, name, host);
+            client
+                .history
+                .push_back((row.time, row.status.clone(), row.comment.clone()));
+            while client.history.len() > limit {
+                client.history.pop_front();
+            }
+            client.status = row.status;
+            client.comment = row.comment;
+            client.last_seen = Some(row.time);
+            client.seen_at = RUNNING.contains(&client.status.as_str()).then_some(now);
+        }
+        self.changes += 1;
+    }
+
+    fn entry(&mut self, kind: &str, name: &str, host: &str) -> &mut ClientEntry {
+        let changes = &mut self.changes;
+        self.clients.entry(client_id(kind, name, host)).or_insert_with(|| {
+            *changes += 1;
+            ClientEntry {
                 kind: kind.to_owned(),
                 name: name.to_owned(),
                 host: host.to_owned(),
@@ -132,8 +401,11 @@ impl Registry {
                 comment: String::new(),
                 last_seen: None,
                 seen_at: None,
+                heard_at: None,
+                pid: None,
                 history: VecDeque::new(),
-            })
+            }
+        })
     }
 
     fn set_status(&mut self, id: &str, status: &str, comment: &str) -> bool {
@@ -144,14 +416,22 @@ impl Registry {
         if client.status == status && client.comment == comment {
             return false;
         }
+        let time = unix_now();
         client.status = status.to_owned();
         client.comment = comment.to_owned();
-        client
-            .history
-            .push_back((unix_now(), status.to_owned(), comment.to_owned()));
+        client.history.push_back((time, status.to_owned(), comment.to_owned()));
         while client.history.len() > limit {
             client.history.pop_front();
         }
+        if let Some(store) = &self.store {
+            store.record(HistoryRow {
+                client: id.to_owned(),
+                time,
+                status: status.to_owned(),
+                comment: comment.to_owned(),
+            });
+        }
+        self.changes += 1;
         true
     }
 
@@ -173,23 +453,110 @@ impl Registry {
         let client = self.entry(kind, name, host);
         client.last_seen = Some(unix_now());
         client.seen_at = Some(now);
+        client.heard_at = Some(now);
         self.set_status(&id, event, &comment)
     }
 
-    /// Applies what the supervisor saw of a plugin it runs on this host;
-    /// true when something changed. A plugin it (re)started is given the
-    /// usual time to speak before silence counts.
-    pub fn on_supervisor(&mut self, report: &crate::supervisor::Report, now: Instant) -> bool {
-        let host = self.settings.host.clone();
-        let id = client_id(&report.kind, &report.name, &host);
-        let client = self.entry(&report.kind, &report.name, &host);
-        client.seen_at = Some(now);
-        self.set_status(&id, report.status, &report.comment)
+    /// Applies what the supervisor saw of a plugin it runs (`pid` is its
+    /// process, if running); true when something changed. A plugin it
+    /// starts is given the usual time to speak before silence counts.
+    pub fn on_process(&mut self, id: &str, pid: Option<u32>, status: &str, comment: &str, now: Instant) -> bool {
+        let Some((kind, name, host)) = split_client_id(id) else {
+            return false;
+        };
+        let (kind, name, host) = (kind.to_owned(), name.to_owned(), host.to_owned());
+        let client = self.entry(&kind, &name, &host);
+        let pid_changed = client.pid != pid;
+        client.pid = pid;
+        if RUNNING.contains(&status) {
+            client.seen_at = Some(now);
+        }
+        if pid_changed {
+            self.changes += 1;
+        }
+        self.set_status(id, status, comment) || pid_changed
+    }
+
+    /// Applies one `plugin.configuration` event (from the config service:
+    /// `{type, name, host, configured, …}`); true when something changed.
+    pub fn on_configuration(&mut self, data: &Value) -> bool {
+        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let (Some(name), Some(host), Some(configured)) = (
+            text("name").or_else(|| text("id")),
+            text("host"),
+            data.get("configured").and_then(Value::as_bool),
+        ) else {
+            tracing::debug!(%data, "ignored a plugin.configuration event without name, host and configured");
+            return false;
+        };
+        let id = client_id(text("type").unwrap_or("plugin"), name, host);
+        let before = self.configured.insert(id, (configured, ConfiguredFrom::Event));
+        let changed = before.map(|(c, _)| c) != Some(configured);
+        if changed {
+            self.changes += 1;
+        }
+        changed
+    }
+
+    /// Takes the `configured` of a `config.get` answer, unless an event
+    /// has said otherwise meanwhile; true when something changed.
+    pub fn set_configured(&mut self, id: &str, configured: bool) -> bool {
+        match self.configured.get(id) {
+            Some((_, ConfiguredFrom::Event)) => false,
+            Some((known, _)) if *known == configured => false,
+            _ => {
+                self.configured
+                    .insert(id.to_owned(), (configured, ConfiguredFrom::Asked));
+                self.changes += 1;
+                true
+            }
+        }
+    }
+
+    /// Whether the client's required config is set, when known.
+    pub fn configured(&self, id: &str) -> Option<bool> {
+        self.configured.get(id).map(|(c, _)| *c)
     }
 
     /// The host this manager runs on.
     pub fn host(&self) -> &str {
         &self.settings.host
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &ManagerSettings {
+        &self.settings
+    }
+
+    /// The manifests it lists.
+    pub fn manifests(&self) -> &[Manifest] {
+        &self.manifests
+    }
+
+    /// A count that grows whenever what `list` or `detail` shows changes.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// A client's status, if the client is known.
+    pub fn status(&self, id: &str) -> Option<String> {
+        self.clients.get(id).map(|c| c.status.clone())
+    }
+
+    /// A client's process, when the supervisor runs it.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.clients.get(id)?.pid
+    }
+
+    /// The status of a client that this run of the manager has heard say
+    /// it is running while the supervisor runs no process for it (it was
+    /// started by someone else); such a client must not be started twice.
+    /// A status restored from the database does not count: it is only a
+    /// memory of the last run.
+    pub fn running_unsupervised(&self, id: &str) -> Option<String> {
+        let client = self.clients.get(id)?;
+        (client.pid.is_none() && client.heard_at.is_some() && RUNNING.contains(&client.status.as_str()))
+            .then(|| client.status.clone())
     }
 
     /// Declares dead the running clients silent for too long; true when
@@ -218,21 +585,70 @@ impl Registry {
         self.manifests.iter().find(|m| m.kind == kind && m.name == name)
     }
 
+    /// Checks a `plugin.start.do` or `plugin.stop.do` (`name` or `id`,
+    /// `type` defaulting to `plugin`, `host` to this manager's): the
+    /// plugin must be one this manager can run. Returns (type, name), or
+    /// why not.
+    pub fn supervised_target(&self, action: &str, data: &Value) -> Result<(String, String), String> {
+        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let Some(name) = text("name").or_else(|| text("id")) else {
+            return Err(format!(
+                "{action} needs 'name' (or 'id'), e.g. {{\"type\": \"plugin\", \"name\": \"fake\"}}"
+            ));
+        };
+        let kind = text("type").unwrap_or("plugin");
+        let host = self.host();
+        if let Some(other) = text("host").filter(|h| *h != host) {
+            return Err(format!(
+                "this manager runs the plugins of host '{host}' only, not of '{other}'; ask the manager there"
+            ));
+        }
+        let Some(manifest) = self.manifest(kind, name) else {
+            let known: Vec<String> = self
+                .manifests
+                .iter()
+                .filter(|m| !m.command.is_empty())
+                .map(|m| format!("{}-{}", m.kind, m.name))
+                .collect();
+            return Err(format!(
+                "no manifest for {kind} '{name}' in the plugins folder (this manager can run: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        };
+        if manifest.command.is_empty() {
+            return Err(format!(
+                "the manifest of {kind} '{name}' has no command: it is started elsewhere, not by this manager"
+            ));
+        }
+        Ok((kind.to_owned(), name.to_owned()))
+    }
+
+    fn configured_json(&self, id: &str) -> Value {
+        self.configured(id).map_or(Value::Null, Value::Bool)
+    }
+
     /// `{id: {status, host, type, id, configured}}`, as `client.list`.
     pub fn list(&self) -> Value {
         let clients: Map<String, Value> = self
             .clients
             .iter()
             .map(|(id, c)| {
-                let entry =
-                    json!({"status": c.status, "host": c.host, "type": c.kind, "id": c.name, "configured": null});
+                let entry = json!({
+                    "status": c.status, "host": c.host, "type": c.kind, "id": c.name,
+                    "configured": self.configured_json(id),
+                });
                 (id.clone(), entry)
             })
             .collect();
         Value::Object(clients)
     }
 
-    /// The list's fields plus last seen, comment and the manifest.
+    /// The list's fields plus last seen, comment, the process id when the
+    /// supervisor runs it, and the manifest.
     pub fn detail(&self, only: Option<&str>) -> Value {
         let clients: Map<String, Value> = self
             .clients
@@ -241,8 +657,9 @@ impl Registry {
             .map(|(id, c)| {
                 let manifest = self.manifest(&c.kind, &c.name);
                 let entry = json!({
-                    "status": c.status, "host": c.host, "type": c.kind, "id": c.name, "configured": null,
-                    "comment": c.comment, "last_seen": c.last_seen,
+                    "status": c.status, "host": c.host, "type": c.kind, "id": c.name,
+                    "configured": self.configured_json(id),
+                    "comment": c.comment, "last_seen": c.last_seen, "pid": c.pid,
                     "data": manifest.map_or(json!({}), |m| json!({
                         "version": m.version, "description": m.description,
                         "config": m.config, "device_types": m.device_types,
@@ -264,7 +681,8 @@ impl Registry {
         Some(Value::Array(history))
     }
 
-    /// Answers one request to the manager.
+    /// Answers one request to the manager, except `plugin.start.do` and
+    /// `plugin.stop.do`, which need the supervisor that [`run`] starts.
     pub fn handle(&self, message: &Message) -> Message {
         let action = message.action.as_str();
         let reply = |data: Value| Message::new(majordome_mdp::domogik::result_action(action), data);
@@ -303,6 +721,10 @@ impl Registry {
                     .collect();
                 reply(json!({"device_types": types}))
             }
+            "plugin.start.do" | "plugin.stop.do" => Message::failure(
+                action,
+                format!("{action} needs the manager's supervisor, which this registry runs without"),
+            ),
             other => Message::failure(
                 other,
                 format!(
@@ -314,51 +736,174 @@ impl Registry {
     }
 }
 
-/// Runs the manager: a worker for `manager` at `broker`, and a thread that
-/// follows `plugin.status` at `subscribe_at`, drives the supervisor (when
-/// given) and publishes changes to `publish_at`, until `shutdown`; then
-/// stops the plugins it started.
-pub fn run(
-    registry: Registry,
-    supervisor: Option<Supervisor>,
-    broker: &str,
-    subscribe_at: &str,
-    publish_at: &str,
-    shutdown: &Shutdown,
-) -> Result<(), majordome_client::ClientError> {
-    let registry = Arc::new(Mutex::new(registry));
-    let supervisor = Arc::new(Mutex::new(supervisor));
-    let mut subscriber = Subscriber::connect(subscribe_at, &["plugin.status"])?;
-    let mut publisher = Publisher::connect(publish_at)?;
-    {
-        let now = Instant::now();
-        let reports = lock(&supervisor)
-            .as_mut()
-            .map(Supervisor::autostart)
-            .unwrap_or_default();
-        let mut registry = lock(&registry);
-        for report in &reports {
-            registry.on_supervisor(report, now);
+/// Answers `plugin.start.do` / `plugin.stop.do` through the supervisor,
+/// without holding the registry's lock while the supervisor works (it
+/// takes that lock to record what it does).
+fn supervise(registry: &Mutex<Registry>, supervisor: &SupervisorHandle, message: &Message) -> Message {
+    let action = message.action.as_str();
+    let (target, host) = {
+        let registry = lock(registry);
+        (
+            registry.supervised_target(action, &message.data),
+            registry.host().to_owned(),
+        )
+    };
+    let (kind, name) = match target {
+        Ok(target) => target,
+        Err(reason) => return Message::failure(action, reason),
+    };
+    let outcome = if action == "plugin.start.do" {
+        supervisor.start(&kind, &name).map(Some)
+    } else {
+        supervisor.stop(&kind, &name).map(|()| None)
+    };
+    let id = client_id(&kind, &name, &host);
+    let (status, reason, pid) = match outcome {
+        Ok(pid) => (true, String::new(), pid),
+        Err(reason) => (false, reason, None),
+    };
+    let mut data = json!({
+        "status": status, "reason": reason, "type": kind, "name": name, "id": name, "host": host, "client": id,
+    });
+    if let Some(pid) = pid {
+        data["pid"] = pid.into();
+    }
+    Message::new(majordome_mdp::domogik::result_action(action), data)
+}
+
+/// Waits up to `timeout` for `shutdown`; true if it fired.
+fn stopped_within(shutdown: &Shutdown, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd: shutdown.fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd and a bounded timeout. An interrupted poll
+    // just returns early, which the caller's loop absorbs.
+    let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+    ready > 0 && poll.revents & libc::POLLIN != 0
+}
+
+/// Asks the config service whether each manifest plugin of this host is
+/// configured, until each is answered, `config_wait` passes or `shutdown`.
+/// The config service may come up after the manager, so an unanswered
+/// request is sent again a second later.
+fn ask_configured(registry: &Mutex<Registry>, broker: &str, shutdown: &Shutdown) {
+    let (mut pending, settings) = {
+        let registry = lock(registry);
+        let host = registry.host().to_owned();
+        let targets: Vec<(String, String, String)> = registry
+            .manifests()
+            .iter()
+            .map(|m| (m.kind.clone(), m.name.clone(), host.clone()))
+            .collect();
+        (targets, registry.settings().clone())
+    };
+    let deadline = Instant::now() + settings.config_wait;
+    let mut client = Client::new(
+        broker,
+        ClientOptions {
+            timeout: settings.config_timeout,
+            retries: 0,
+            connect_timeout: settings.config_timeout,
+        },
+    );
+    while !pending.is_empty() && !shutdown.is_triggered() && Instant::now() < deadline {
+        pending.retain(|(kind, name, host)| {
+            if shutdown.is_triggered() {
+                return true;
+            }
+            let request = Message::new("config.get", json!({"type": kind, "name": name, "host": host}));
+            match client.request_message("config", &request) {
+                Ok(reply) => match reply.data.get("configured").and_then(Value::as_bool) {
+                    Some(configured) => {
+                        lock(registry).set_configured(&client_id(kind, name, host), configured);
+                        false
+                    }
+                    None => {
+                        tracing::debug!(
+                            reason = reply.reason().unwrap_or_default(),
+                            "config.get not answered yet"
+                        );
+                        true
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "config.get not answered yet");
+                    true
+                }
+            }
+        });
+        if !pending.is_empty() && stopped_within(shutdown, Duration::from_secs(1)) {
+            break;
         }
     }
-    let (shared, supervised) = (registry.clone(), supervisor.clone());
-    let stop = shutdown.clone();
+    for (kind, name, host) in pending {
+        tracing::warn!(
+            client = %client_id(&kind, &name, &host),
+            "the config service did not say whether it is configured; waiting for plugin.configuration events"
+        );
+    }
+}
+
+/// Runs the manager until `shutdown`: the `manager` worker at the broker;
+/// a thread that follows `plugin.status` and `plugin.configuration`,
+/// applies silence and publishes every change as `client.list` and
+/// `client.detail`; one that asks the config service about `configured`;
+/// and the supervisor, which autostarts plugins, runs them with their
+/// output in `<log_dir>/<type>-<name>.log`, and, on `shutdown`, stops and
+/// reaps every one of them before this returns.
+pub fn run(
+    registry: Registry,
+    endpoints: &ManagerEndpoints,
+    log_dir: &Path,
+    shutdown: &Shutdown,
+) -> Result<(), ManagerError> {
+    let settings = registry.settings().clone();
+    let manifests = registry.manifests().to_vec();
+    let registry = Arc::new(Mutex::new(registry));
+    let mut subscriber = Subscriber::connect(&endpoints.subscribe, &["plugin.status", "plugin.configuration"])?;
+    let mut publisher = Publisher::connect(&endpoints.publish)?;
+
+    let mut environment = vec![
+        ("MAJORDOME_BROKER".to_owned(), endpoints.broker.clone()),
+        ("MAJORDOME_PUBLISH".to_owned(), endpoints.publish.clone()),
+        ("MAJORDOME_SUBSCRIBE".to_owned(), endpoints.subscribe.clone()),
+        ("MAJORDOME_HOST".to_owned(), settings.host.clone()),
+    ];
+    environment.extend(settings.plugin_environment.iter().cloned());
+    let wiring = supervisor::Wiring {
+        broker: endpoints.broker.clone(),
+        environment,
+        log_dir: PathBuf::from(log_dir),
+    };
+    let (supervisor, supervisor_thread) = supervisor::start(registry.clone(), &manifests, settings, wiring, shutdown)?;
+
+    let (shared, stop) = (registry.clone(), shutdown.clone());
     let follower = thread::Builder::new()
         .name("manager-status".into())
-        .spawn(move || -> Result<(), majordome_client::ClientError> {
-            let mut publish_all = true;
+        .spawn(move || -> Result<(), ClientError> {
+            let mut published = None;
             while !stop.is_triggered() {
-                let event = subscriber.recv(Duration::from_millis(100))?;
+                let event = subscriber.recv(Duration::from_millis(250))?;
                 let now = Instant::now();
-                let reports = lock(&supervised).as_mut().map(|s| s.tick(now)).unwrap_or_default();
                 let mut registry = lock(&shared);
-                let mut changed = std::mem::take(&mut publish_all);
-                changed |= event.is_some_and(|e| registry.on_status(&e.data, now));
-                for report in &reports {
-                    changed |= registry.on_supervisor(report, now);
+                match event {
+                    Some(e) if e.category == "plugin.configuration" => {
+                        registry.on_configuration(&e.data);
+                    }
+                    Some(e) => {
+                        registry.on_status(&e.data, now);
+                    }
+                    None => {}
                 }
-                changed |= registry.tick(now);
-                if changed {
+                registry.tick(now);
+                // Changes come from this thread, the supervisor and the
+                // config thread alike; this one publishes them all, at most
+                // a quarter of a second late.
+                if published != Some(registry.changes()) {
+                    published = Some(registry.changes());
                     let (list, detail) = (registry.list(), registry.detail(None));
                     drop(registry);
                     for (category, data) in [("client.list", list), ("client.detail", detail)] {
@@ -368,61 +913,33 @@ pub fn run(
                     }
                 }
             }
-            if let Some(supervisor) = lock(&supervised).as_mut() {
-                supervisor.shutdown();
-            }
             Ok(())
-        })
-        .map_err(|_| majordome_client::ClientError::Closed)?;
-    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-        action @ ("plugin.start.do" | "plugin.stop.do") => {
-            let host = lock(&registry).host().to_owned();
-            let text = |field: &str| {
-                message
-                    .data
-                    .get(field)
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-            };
-            let Some(name) = text("name").or_else(|| text("id")) else {
-                return Message::failure(action, format!("{action} needs 'name' (or 'id'), e.g. fake"));
-            };
-            let kind = text("type").unwrap_or("plugin");
-            if text("host").is_some_and(|h| h != host) {
-                return Message::failure(
-                    action,
-                    format!(
-                        "this manager runs plugins on {host} only, not on {}",
-                        text("host").unwrap_or_default()
-                    ),
-                );
-            }
-            let service = client_id(kind, name, &host);
-            let outcome = match lock(&supervisor).as_mut() {
-                None => Err("this manager does not supervise plugins".to_owned()),
-                Some(s) if action == "plugin.start.do" => s.start(kind, name),
-                Some(s) => s.stop(kind, name, &service),
-            };
-            match outcome {
-                Ok(report) => {
-                    lock(&registry).on_supervisor(&report, Instant::now());
-                    Message::new(
-                        majordome_mdp::domogik::result_action(action),
-                        json!({"status": true, "reason": "", "id": service, "comment": report.comment}),
-                    )
-                }
-                Err(why) => Message::failure(action, why),
-            }
-        }
-        _ => lock(&registry).handle(&message),
-    });
-    let served = Worker::new(broker, "manager", WorkerOptions::default()).run(handler, shutdown);
-    let followed = follower.join().unwrap_or(Err(majordome_client::ClientError::Closed));
-    served.and(followed)
-}
+        })?;
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    let (shared, stop, broker) = (registry.clone(), shutdown.clone(), endpoints.broker.clone());
+    let asker = thread::Builder::new()
+        .name("manager-config".into())
+        .spawn(move || ask_configured(&shared, &broker, &stop))?;
+
+    let shared = registry.clone();
+    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+        "plugin.start.do" | "plugin.stop.do" => supervise(&shared, &supervisor, &message),
+        _ => lock(&shared).handle(&message),
+    });
+    let served = Worker::new(&endpoints.broker, "manager", WorkerOptions::default()).run(handler, shutdown);
+
+    // The worker ends at shutdown (or fails to start); the other threads
+    // end at shutdown too, the supervisor once every child is reaped.
+    let followed = follower.join().map_err(|_| ManagerError::Panicked("status"))?;
+    asker.join().map_err(|_| ManagerError::Panicked("config"))?;
+    supervisor_thread
+        .join()
+        .map_err(|_| ManagerError::Panicked("supervisor"))?;
+    // The last reference: dropping it finishes the history writes.
+    drop(registry);
+    served?;
+    followed?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -434,12 +951,17 @@ mod tests {
             dead_after: Duration::from_secs(30),
             history_limit: 3,
             host: "box".into(),
+            ..ManagerSettings::default()
         }
+    }
+
+    fn manifest(text: Value) -> Manifest {
+        Manifest::parse(&text.to_string()).unwrap()
     }
 
     #[test]
     fn statuses_come_from_events_and_silence_makes_a_client_dead() {
-        let manifest = Manifest::parse(r#"{"name": "fake", "version": "1", "device_types": ["switch"]}"#).unwrap();
+        let manifest = manifest(json!({"name": "fake", "version": "1", "device_types": ["switch"]}));
         let mut registry = Registry::new(vec![manifest], settings());
         assert_eq!(registry.list()["plugin-fake.box"]["status"], "unknown");
         let t0 = Instant::now();
@@ -479,8 +1001,7 @@ mod tests {
 
     #[test]
     fn actions_in_both_spellings_and_clear_errors() {
-        let manifest =
-            Manifest::parse(r#"{"name": "fake", "version": "2", "device_types": ["switch", "dimmer"]}"#).unwrap();
+        let manifest = manifest(json!({"name": "fake", "version": "2", "device_types": ["switch", "dimmer"]}));
         let registry = Registry::new(vec![manifest], settings());
         for action in ["client.list.get", "clients.list.get"] {
             let reply = registry.handle(&Message::new(action, json!({})));
@@ -496,5 +1017,206 @@ mod tests {
         let unknown = registry.handle(&Message::new("plugin.frob.do", json!({})));
         assert_eq!(unknown.action, "plugin.frob.result");
         assert!(unknown.reason().unwrap().contains("unknown action"));
+    }
+
+    #[test]
+    fn the_supervisor_s_reports_carry_the_pid_and_restart_the_silence_clock() {
+        let manifest = manifest(json!({"name": "fake", "version": "1", "command": ["sleep", "9"]}));
+        let mut registry = Registry::new(vec![manifest], settings());
+        let t0 = Instant::now();
+        assert!(registry.on_process(
+            "plugin-fake.box",
+            Some(42),
+            "starting",
+            "started by the manager, pid 42",
+            t0
+        ));
+        let detail = registry.detail(Some("plugin-fake.box"));
+        assert_eq!(detail["plugin-fake.box"]["pid"], 42);
+        assert_eq!(detail["plugin-fake.box"]["status"], "starting");
+        // A plugin that never speaks is dead after the usual silence.
+        assert!(!registry.tick(t0 + Duration::from_secs(29)));
+        assert!(registry.tick(t0 + Duration::from_secs(30)));
+        assert!(registry.on_process("plugin-fake.box", None, "dead", "exited with status 3", t0));
+        assert_eq!(registry.pid("plugin-fake.box"), None);
+        assert!(
+            !registry.on_process("nonsense", None, "dead", "", t0),
+            "ids must be <type>-<name>.<host>"
+        );
+    }
+
+    #[test]
+    fn a_client_started_elsewhere_is_not_started_twice_but_a_memory_is_no_obstacle() {
+        let manifest = manifest(json!({"name": "fake", "version": "1", "command": ["sleep", "9"]}));
+        let mut registry = Registry::new(vec![manifest], settings());
+        let t0 = Instant::now();
+        registry.restore(
+            vec![HistoryRow {
+                client: "plugin-fake.box".into(),
+                time: 1.0,
+                status: "alive".into(),
+                comment: String::new(),
+            }],
+            t0,
+        );
+        assert_eq!(registry.running_unsupervised("plugin-fake.box"), None);
+        registry.on_status(&json!({"id": "fake", "host": "box", "event": "alive"}), t0);
+        assert_eq!(
+            registry.running_unsupervised("plugin-fake.box").as_deref(),
+            Some("alive")
+        );
+        registry.on_process(
+            "plugin-fake.box",
+            Some(7),
+            "starting",
+            "started by the manager, pid 7",
+            t0,
+        );
+        assert_eq!(registry.running_unsupervised("plugin-fake.box"), None, "ours now");
+    }
+
+    #[test]
+    fn restored_history_is_bounded_and_a_running_status_waits_for_silence() {
+        let mut registry = Registry::new(Vec::new(), settings());
+        let row = |client: &str, time: f64, status: &str| HistoryRow {
+            client: client.into(),
+            time,
+            status: status.into(),
+            comment: format!("at {time}"),
+        };
+        let t0 = Instant::now();
+        registry.restore(
+            vec![
+                row("plugin-fake.box", 1.0, "starting"),
+                row("plugin-fake.box", 2.0, "alive"),
+                row("core-rest.box", 2.5, "stopped"),
+                row("plugin-fake.box", 3.0, "stop-request"),
+                row("plugin-fake.box", 4.0, "alive"),
+                row("not-an-id", 5.0, "alive"),
+            ],
+            t0,
+        );
+        let detail = registry.detail(None);
+        assert_eq!(detail["plugin-fake.box"]["status"], "alive");
+        assert_eq!(detail["plugin-fake.box"]["comment"], "at 4");
+        assert_eq!(detail["plugin-fake.box"]["last_seen"], 4.0);
+        assert_eq!(detail["core-rest.box"]["status"], "stopped");
+        assert_eq!(detail.as_object().unwrap().len(), 2, "{detail}");
+        let history = registry.history("plugin-fake.box").unwrap();
+        let times: Vec<f64> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["time"].as_f64().unwrap())
+            .collect();
+        assert_eq!(times, [2.0, 3.0, 4.0]);
+        assert!(!registry.tick(t0 + Duration::from_secs(29)));
+        assert!(registry.tick(t0 + Duration::from_secs(30)));
+        assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("dead"));
+        assert_eq!(registry.status("core-rest.box").as_deref(), Some("stopped"));
+        assert_eq!(
+            split_client_id("plugin-my-plugin.box"),
+            Some(("plugin", "my-plugin", "box"))
+        );
+    }
+
+    #[test]
+    fn configured_comes_from_answers_and_events_and_events_win() {
+        let manifest = manifest(json!({"name": "fake", "version": "1"}));
+        let mut registry = Registry::new(vec![manifest], settings());
+        assert_eq!(registry.list()["plugin-fake.box"]["configured"], Value::Null);
+        let before = registry.changes();
+        assert!(registry.set_configured("plugin-fake.box", false));
+        assert!(registry.changes() > before);
+        assert_eq!(registry.list()["plugin-fake.box"]["configured"], false);
+        let event = json!({"type": "plugin", "name": "fake", "host": "box", "event": "updated", "keys": ["unit"], "configured": true});
+        assert!(registry.on_configuration(&event));
+        assert!(!registry.on_configuration(&event));
+        assert_eq!(registry.detail(None)["plugin-fake.box"]["configured"], true);
+        assert!(
+            !registry.set_configured("plugin-fake.box", false),
+            "a late answer is older than the event"
+        );
+        assert_eq!(registry.configured("plugin-fake.box"), Some(true));
+        assert!(!registry.on_configuration(&json!({"name": "fake", "host": "box"})));
+        // A client the config service speaks of before it appears.
+        registry.on_configuration(&json!({"name": "diskfree", "host": "darkstar", "configured": false}));
+        registry.on_status(
+            &json!({"id": "diskfree", "host": "darkstar", "event": "alive"}),
+            Instant::now(),
+        );
+        assert_eq!(registry.list()["plugin-diskfree.darkstar"]["configured"], false);
+    }
+
+    #[test]
+    fn start_and_stop_requests_are_checked_against_the_manifests() {
+        let manifests = vec![
+            manifest(json!({"name": "fake", "version": "1", "command": ["majordome", "plugin", "fake"]})),
+            manifest(json!({"name": "remote", "version": "1"})),
+        ];
+        let registry = Registry::new(manifests, settings());
+        let check = |data: Value| registry.supervised_target("plugin.start.do", &data);
+        assert_eq!(check(json!({"name": "fake"})), Ok(("plugin".into(), "fake".into())));
+        assert_eq!(
+            check(json!({"id": "fake", "type": "plugin", "host": "box"})),
+            Ok(("plugin".into(), "fake".into()))
+        );
+        for (data, reason) in [
+            (json!({}), "needs 'name' (or 'id')"),
+            (
+                json!({"name": "fake", "host": "elsewhere"}),
+                "of host 'box' only, not of 'elsewhere'",
+            ),
+            (
+                json!({"name": "nope"}),
+                "no manifest for plugin 'nope' in the plugins folder (this manager can run: plugin-fake)",
+            ),
+            (json!({"name": "remote"}), "has no command"),
+            (json!({"name": "fake", "type": "core"}), "no manifest for core 'fake'"),
+        ] {
+            let error = check(data.clone()).unwrap_err();
+            assert!(error.contains(reason), "{data}: {error}");
+        }
+        let reply = registry.handle(&Message::new("plugin.start.do", json!({"name": "fake"})));
+        assert_eq!(reply.status(), Some(false));
+    }
+
+    #[test]
+    fn history_survives_in_the_database_within_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = majordome_store::database_path(dir.path());
+        let mut registry = Registry::open(Vec::new(), settings(), &database, Durability::Process).unwrap();
+        let t0 = Instant::now();
+        for event in ["starting", "alive", "stop-request", "stopped"] {
+            registry.on_status(&json!({"id": "fake", "host": "box", "event": event}), t0);
+        }
+        registry.on_status(&json!({"id": "other", "host": "box", "event": "alive"}), t0);
+        drop(registry);
+        let registry = Registry::open(Vec::new(), settings(), &database, Durability::Process).unwrap();
+        let statuses = |id: &str| -> Vec<String> {
+            registry
+                .history(id)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["status"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(statuses("plugin-fake.box"), ["alive", "stop-request", "stopped"]);
+        assert_eq!(statuses("plugin-other.box"), ["alive"]);
+        assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("stopped"));
+        drop(registry);
+        // A lower limit trims the table itself at the next start.
+        let fewer = ManagerSettings {
+            history_limit: 1,
+            ..settings()
+        };
+        drop(Registry::open(Vec::new(), fewer, &database, Durability::Process).unwrap());
+        let connection = majordome_store::open(&database, Durability::Process).unwrap();
+        let rows: i64 = connection
+            .query_row("SELECT COUNT(*) FROM client_history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
     }
 }

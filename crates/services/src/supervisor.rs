@@ -1,400 +1,973 @@
-//! The manager's supervisor: starts plugins from their manifest's
-//! `command`, keeps their output in a log file, stops them (the plugin's
-//! own `plugin.stop.do`, then SIGTERM, then SIGKILL, each after a grace
-//! period), and restarts those whose manifest says `restart` when they
-//! die, with a doubling backoff and a limit per window.
+//! The manager's supervisor: runs the plugins of this host as child
+//! processes, from their manifest's `command`.
 //!
-//! It is driven by [`Supervisor::tick`], called by the manager's status
-//! thread a few times a second; it never blocks (the stop request to the
-//! plugin goes from a short-lived thread).
+//! One thread owns every child. It must be one long-lived thread because
+//! `PR_SET_PDEATHSIG`, which makes a plugin receive SIGTERM when majordome
+//! dies (even by `kill -9`), fires when the *thread* that forked the child
+//! ends, not the process: a child forked by a short-lived thread would be
+//! signalled as soon as that thread returned. The thread takes requests
+//! (`plugin.start.do`, `plugin.stop.do`) over a channel, reaps children a
+//! few times a second, escalates stops (the plugin's own `plugin.stop.do`,
+//! then SIGTERM, then SIGKILL, each after a grace period) and restarts
+//! crashed plugins whose manifest says `restart`, with a doubling backoff
+//! and a limit per window ([`Restarts`]). Every status change goes to the
+//! manager's [`Registry`], which records and publishes it.
+//!
+//! Each child leads its own process group, so a stop reaches whatever the
+//! plugin started too (a shell script's children, say), and whatever is
+//! left in the group when the plugin exits is killed before the plugin is
+//! reaped.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use majordome_client::{Client, ClientOptions, Message};
+use majordome_client::{Client, ClientOptions, Message, Shutdown};
 use serde_json::json;
 
+use crate::manager::{client_id, lock, ManagerSettings, Registry};
 use crate::manifest::Manifest;
 
-/// How plugins are supervised.
-#[derive(Debug, Clone)]
-pub struct SupervisorSettings {
-    /// Where `<type>-<name>.log` files go.
-    pub log_dir: PathBuf,
-    /// The broker, to send a plugin its `plugin.stop.do`.
-    pub broker: String,
-    /// Environment given to every plugin (the bus's endpoints, the host).
-    pub environment: Vec<(String, String)>,
-    /// After `plugin.stop.do`, how long before SIGTERM.
-    pub stop_grace: Duration,
-    /// After SIGTERM, how long before SIGKILL.
-    pub kill_grace: Duration,
-    /// The first restart's delay; it doubles at each restart.
-    pub backoff_min: Duration,
+/// When and how often a crashed plugin is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// The delay before the first restart; it doubles at each further one.
+    pub backoff: Duration,
+    /// The longest delay.
     pub backoff_max: Duration,
-    /// At most this many restarts within `restart_window`; then it gives up.
-    pub restart_limit: usize,
-    pub restart_window: Duration,
+    /// At most this many restarts within `window`; beyond, it gives up.
+    pub limit: u32,
+    /// The window the limit counts in.
+    pub window: Duration,
 }
 
-impl SupervisorSettings {
-    /// The defaults, logging to `log_dir` and stopping through `broker`.
-    pub fn new(log_dir: PathBuf, broker: &str) -> SupervisorSettings {
-        SupervisorSettings {
-            log_dir,
-            broker: broker.to_owned(),
-            environment: Vec::new(),
-            stop_grace: Duration::from_secs(5),
-            kill_grace: Duration::from_secs(5),
-            backoff_min: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-            restart_limit: 5,
-            restart_window: Duration::from_secs(600),
+impl RestartPolicy {
+    /// The policy of a manager's settings.
+    pub fn of(settings: &ManagerSettings) -> RestartPolicy {
+        RestartPolicy {
+            backoff: settings.restart_backoff,
+            backoff_max: settings.restart_backoff_max,
+            limit: settings.restart_limit,
+            window: settings.restart_window,
         }
     }
 }
 
-/// A status change the supervisor reports to the registry: (client id
-/// parts kind, name, host are the caller's), status, comment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Report {
-    pub kind: String,
-    pub name: String,
-    pub status: &'static str,
-    pub comment: String,
+/// What to do about a plugin that died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartDecision {
+    /// Restart it after `delay`; this will be restart number `attempt`
+    /// within the window.
+    After { delay: Duration, attempt: u32 },
+    /// It was restarted `restarts` times within the window already.
+    GiveUp { restarts: u32 },
 }
 
-#[derive(Debug)]
-enum Stopping {
-    /// Asked to stop at this time; TERM and KILL follow.
-    Since(Instant),
-    Terminated(Instant),
-    Killed,
+/// The restarts of one plugin within the current window. Pure: the
+/// caller gives the times.
+#[derive(Debug, Default, Clone)]
+pub struct Restarts {
+    /// When each restart was decided, oldest first.
+    times: VecDeque<Instant>,
 }
 
-struct Supervised {
-    manifest: Manifest,
-    child: Option<Child>,
-    stopping: Option<Stopping>,
-    /// Start times of the restarts in the current window.
-    restarts: VecDeque<Instant>,
-    next_restart: Option<Instant>,
-    backoff: Duration,
-    started_at: Option<Instant>,
-}
-
-/// The supervised plugins, by `<type>-<name>`.
-pub struct Supervisor {
-    settings: SupervisorSettings,
-    plugins: BTreeMap<String, Supervised>,
-}
-
-fn key(kind: &str, name: &str) -> String {
-    format!("{kind}-{name}")
-}
-
-impl Supervisor {
-    /// A supervisor for the plugins of `manifests` (those with a command).
-    pub fn new(settings: SupervisorSettings, manifests: &[Manifest]) -> Supervisor {
-        let plugins = manifests
-            .iter()
-            .filter(|m| !m.command.is_empty())
-            .map(|m| {
-                (
-                    key(&m.kind, &m.name),
-                    Supervised {
-                        manifest: m.clone(),
-                        child: None,
-                        stopping: None,
-                        restarts: VecDeque::new(),
-                        next_restart: None,
-                        backoff: settings.backoff_min,
-                        started_at: None,
-                    },
-                )
-            })
-            .collect();
-        Supervisor { settings, plugins }
-    }
-
-    /// The pid of a running plugin.
-    pub fn pid(&self, kind: &str, name: &str) -> Option<u32> {
-        self.plugins.get(&key(kind, name))?.child.as_ref().map(Child::id)
-    }
-
-    /// Starts the plugins whose manifest says `autostart`.
-    pub fn autostart(&mut self) -> Vec<Report> {
-        let names: Vec<(String, String)> = self
-            .plugins
-            .values()
-            .filter(|p| p.manifest.autostart)
-            .map(|p| (p.manifest.kind.clone(), p.manifest.name.clone()))
-            .collect();
-        names
-            .into_iter()
-            .filter_map(|(kind, name)| self.start(&kind, &name).ok())
-            .collect()
-    }
-
-    /// `plugin.start.do`: spawns the plugin.
-    pub fn start(&mut self, kind: &str, name: &str) -> Result<Report, String> {
-        let settings = self.settings.clone();
-        let Some(plugin) = self.plugins.get_mut(&key(kind, name)) else {
-            return Err(format!(
-                "no plugin '{name}' of type '{kind}' with a command to start it (see its manifest)"
-            ));
-        };
-        if plugin.child.is_some() {
-            return Err(format!("{kind}-{name} is already running"));
+impl Restarts {
+    /// Decides about a plugin started at `started_at` that died at `now`,
+    /// and counts the restart if there is one.
+    pub fn after_exit(&mut self, policy: &RestartPolicy, started_at: Instant, now: Instant) -> RestartDecision {
+        // A plugin that stayed up for a whole window has shown it can run:
+        // its earlier troubles no longer count, and its backoff starts over.
+        if now.saturating_duration_since(started_at) >= policy.window {
+            self.times.clear();
         }
-        plugin.stopping = None;
-        plugin.next_restart = None;
-        let child = spawn(&settings, &plugin.manifest)?;
-        let comment = format!("started by the manager, pid {}", child.id());
-        plugin.child = Some(child);
-        plugin.started_at = Some(Instant::now());
-        Ok(Report {
-            kind: kind.to_owned(),
-            name: name.to_owned(),
-            status: "starting",
-            comment,
-        })
-    }
-
-    /// `plugin.stop.do`: asks the plugin to stop; TERM and KILL follow
-    /// from [`Supervisor::tick`] if it does not.
-    pub fn stop(&mut self, kind: &str, name: &str, service: &str) -> Result<Report, String> {
-        let Some(plugin) = self.plugins.get_mut(&key(kind, name)) else {
-            return Err(format!("no plugin '{name}' of type '{kind}' is supervised here"));
-        };
-        plugin.next_restart = None;
-        if plugin.child.is_none() {
-            return Err(format!("{kind}-{name} is not running"));
+        while self
+            .times
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= policy.window)
+        {
+            self.times.pop_front();
         }
-        plugin.stopping = Some(Stopping::Since(Instant::now()));
-        // The plugin's own clean stop, off this thread.
-        let (broker, service, timeout) = (
-            self.settings.broker.clone(),
-            service.to_owned(),
-            self.settings.stop_grace,
-        );
-        std::thread::spawn(move || {
-            let mut client = Client::new(
-                &broker,
-                ClientOptions {
-                    timeout: timeout.min(Duration::from_secs(2)),
-                    ..ClientOptions::default()
-                },
-            );
-            let _ = client.request_message(&service, &Message::new("plugin.stop.do", json!({})));
-        });
-        Ok(Report {
-            kind: kind.to_owned(),
-            name: name.to_owned(),
-            status: "stop-request",
-            comment: "stop requested".into(),
-        })
-    }
-
-    /// Reaps exited plugins, escalates stops, restarts what should be.
-    pub fn tick(&mut self, now: Instant) -> Vec<Report> {
-        let mut reports = Vec::new();
-        let settings = self.settings.clone();
-        for plugin in self.plugins.values_mut() {
-            let (kind, name) = (plugin.manifest.kind.clone(), plugin.manifest.name.clone());
-            let report = |status: &'static str, comment: String| Report {
-                kind: kind.clone(),
-                name: name.clone(),
-                status,
-                comment,
-            };
-            if let Some(child) = plugin.child.as_mut() {
-                let exited = match child.try_wait() {
-                    Ok(Some(status)) => Some(describe(status)),
-                    Ok(None) => None,
-                    Err(e) => Some(format!("could not be waited for: {e}")),
-                };
-                if let Some(how) = exited {
-                    plugin.child = None;
-                    if plugin.stopping.take().is_some() {
-                        reports.push(report("stopped", format!("stopped on request ({how})")));
-                        continue;
-                    }
-                    if !plugin.manifest.restart {
-                        reports.push(report("dead", how));
-                        continue;
-                    }
-                    // A plugin that stayed up a whole window starts afresh.
-                    if plugin
-                        .started_at
-                        .is_some_and(|at| now.saturating_duration_since(at) >= settings.restart_window)
-                    {
-                        plugin.restarts.clear();
-                        plugin.backoff = settings.backoff_min;
-                    }
-                    while plugin
-                        .restarts
-                        .front()
-                        .is_some_and(|at| now.saturating_duration_since(*at) >= settings.restart_window)
-                    {
-                        plugin.restarts.pop_front();
-                    }
-                    if plugin.restarts.len() >= settings.restart_limit {
-                        reports.push(report(
-                            "dead",
-                            format!(
-                                "{how}; gave up after {} restarts within {} s",
-                                plugin.restarts.len(),
-                                settings.restart_window.as_secs()
-                            ),
-                        ));
-                        continue;
-                    }
-                    plugin.next_restart = Some(now + plugin.backoff);
-                    reports.push(report(
-                        "dead",
-                        format!("{how}; restarting in {:.1} s", plugin.backoff.as_secs_f64()),
-                    ));
-                    plugin.backoff = (plugin.backoff * 2).min(settings.backoff_max);
-                    continue;
-                }
-                // Still running: escalate a stop that is taking too long.
-                match plugin.stopping {
-                    Some(Stopping::Since(at)) if now.saturating_duration_since(at) >= settings.stop_grace => {
-                        signal(child, libc::SIGTERM);
-                        plugin.stopping = Some(Stopping::Terminated(now));
-                    }
-                    Some(Stopping::Terminated(at)) if now.saturating_duration_since(at) >= settings.kill_grace => {
-                        signal(child, libc::SIGKILL);
-                        plugin.stopping = Some(Stopping::Killed);
-                    }
-                    _ => {}
-                }
-            } else if plugin.next_restart.is_some_and(|at| now >= at) {
-                plugin.next_restart = None;
-                match spawn(&settings, &plugin.manifest) {
-                    Ok(child) => {
-                        plugin.restarts.push_back(now);
-                        plugin.started_at = Some(now);
-                        reports.push(report(
-                            "starting",
-                            format!(
-                                "restarted by the manager, pid {} (restart {})",
-                                child.id(),
-                                plugin.restarts.len()
-                            ),
-                        ));
-                        plugin.child = Some(child);
-                    }
-                    Err(why) => reports.push(report("dead", why)),
-                }
-            }
+        let done = u32::try_from(self.times.len()).unwrap_or(u32::MAX);
+        if done >= policy.limit {
+            return RestartDecision::GiveUp { restarts: done };
         }
-        reports
-    }
-
-    /// Stops every plugin and waits for them (shorter graces than a
-    /// stop by request: the whole hub is going down).
-    pub fn shutdown(&mut self) {
-        let grace = self.settings.stop_grace.min(Duration::from_secs(2));
-        let services: Vec<(String, String, String)> = self
-            .plugins
-            .values()
-            .filter(|p| p.child.is_some())
-            .map(|p| (p.manifest.kind.clone(), p.manifest.name.clone(), String::new()))
-            .collect();
-        for (kind, name, _) in &services {
-            if let Some(plugin) = self.plugins.get_mut(&key(kind, name)) {
-                if let Some(child) = plugin.child.as_mut() {
-                    signal(child, libc::SIGTERM);
-                }
-            }
-        }
-        let deadline = Instant::now() + grace;
-        for plugin in self.plugins.values_mut() {
-            if let Some(mut child) = plugin.child.take() {
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if let Ok(None) = child.try_wait() {
-                    let _ = child.kill();
-                }
-                let _ = child.wait();
-            }
+        let delay = policy
+            .backoff
+            .saturating_mul(2u32.saturating_pow(done))
+            .min(policy.backoff_max);
+        self.times.push_back(now);
+        RestartDecision::After {
+            delay,
+            attempt: done + 1,
         }
     }
-}
 
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: kill(2) on the pid of a child not yet reaped, so the pid
-    // cannot have been reused.
-    unsafe {
-        libc::kill(child.id() as i32, signal);
+    /// Forgets every restart: a plugin started by hand starts afresh.
+    pub fn clear(&mut self) {
+        self.times.clear();
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => "exited".to_owned(),
+/// How a child ended, in words: "exited with status 3", "killed by signal
+/// 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    match status.signal() {
+        Some(signal) => {
+            let name = signal_name(signal).map(|n| format!(" ({n})")).unwrap_or_default();
+            let core = if status.core_dumped() { ", core dumped" } else { "" };
+            format!("killed by signal {signal}{name}{core}")
+        }
+        None => format!("ended ({status})"),
     }
 }
 
-fn spawn(settings: &SupervisorSettings, manifest: &Manifest) -> Result<Child, String> {
-    let id = format!("{}-{}", manifest.kind, manifest.name);
-    std::fs::create_dir_all(&settings.log_dir)
-        .map_err(|e| format!("cannot create the log folder {}: {e}", settings.log_dir.display()))?;
-    let log_path = settings.log_dir.join(format!("{id}.log"));
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => return None,
+    })
+}
+
+/// The program and arguments of a manifest's `command`. The program
+/// `majordome` is this very binary, so the plugins that ship run from the
+/// same build as the manager whatever the `PATH` says.
+pub fn resolve_command(command: &[String]) -> Result<(PathBuf, &[String]), String> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("its manifest has no command".to_owned());
+    };
+    if program == "majordome" {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find majordome's own binary: {e}"))?;
+        return Ok((exe, args));
+    }
+    Ok((PathBuf::from(program), args))
+}
+
+/// `unix` seconds as `YYYY-MM-DD hh:mm:ss UTC`, for the log files' start
+/// lines (the manager has no time zone database, and a log read on
+/// another machine is clearer in UTC anyway).
+pub fn utc(unix: f64) -> String {
+    let total = unix.max(0.0) as u64;
+    let (mut days, rest) = (total / 86_400, total % 86_400);
+    // Gregorian: every fourth year, but not centuries, unless divisible
+    // by 400. (Written as a match: `is_multiple_of` is newer than the
+    // workspace's rust-version.)
+    let leap = |y: u64| matches!((y % 4, y % 100, y % 400), (0, 1.., _) | (_, _, 0));
+    let mut year = 1970;
+    while days >= if leap(year) { 366 } else { 365 } {
+        days -= if leap(year) { 366 } else { 365 };
+        year += 1;
+    }
+    let lengths = [
+        31,
+        if leap(year) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let mut month = 0;
+    while days >= lengths[month] {
+        days -= lengths[month];
+        month += 1;
+    }
+    format!(
+        "{year:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        month + 1,
+        days + 1,
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// Sends `signal` to the process group led by `pid`. The caller has not
+/// reaped `pid` yet, so the number cannot belong to anyone else.
+fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory effects; see above for why the group
+    // is still ours.
+    let sent = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
+    if sent != 0 {
+        tracing::debug!(pid, signal, error = %std::io::Error::last_os_error(), "could not signal a plugin");
+    }
+}
+
+/// True once `pid` (our child) has ended, without reaping it: while it is a
+/// zombie its pid, and so its process group's id, stay ours, and what is
+/// left in the group can still be signalled safely.
+fn has_exited(pid: u32) -> bool {
+    // SAFETY: a zeroed siginfo_t is a valid value, and waitid only writes it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: waitid on our own child with a valid siginfo_t.
+    let result = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+    if result != 0 {
+        // ECHILD: reaped already, so certainly ended.
+        return true;
+    }
+    // SAFETY: waitid filled `info` (or left it zeroed, so si_pid is 0).
+    unsafe { info.si_pid() != 0 }
+}
+
+/// Starts `manifest`'s command with `environment`, its output appended to
+/// `<log_dir>/<type>-<name>.log` after a line marking the start.
+fn spawn(manifest: &Manifest, environment: &[(String, String)], log_dir: &Path) -> Result<Child, String> {
+    let (program, args) = resolve_command(&manifest.command)?;
+    std::fs::create_dir_all(log_dir).map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
+    let log_path = log_dir.join(format!("{}-{}.log", manifest.kind, manifest.name));
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-    let program = match manifest.command[0].as_str() {
-        // Our own plugins: the binary that is running.
-        "majordome" => std::env::current_exe().map_err(|e| format!("cannot find majordome's own binary: {e}"))?,
-        other => PathBuf::from(other),
-    };
-    let _ = writeln!(
+        .map_err(|e| format!("cannot open the log {}: {e}", log_path.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    writeln!(
         log,
-        "--- majordome starts {} ({})",
-        manifest.command.join(" "),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default()
-    );
-    let stderr = log
+        "--- {} majordome runs {}: {:?}",
+        utc(now),
+        program.display(),
+        manifest.command
+    )
+    .map_err(|e| format!("cannot write the log {}: {e}", log_path.display()))?;
+    let errors = log
         .try_clone()
-        .map_err(|e| format!("cannot share {}: {e}", log_path.display()))?;
+        .map_err(|e| format!("cannot share the log {}: {e}", log_path.display()))?;
     let mut command = Command::new(&program);
     command
-        .args(&manifest.command[1..])
-        .envs(settings.environment.iter().cloned())
+        .args(args)
+        .envs(environment.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log)
-        .stderr(stderr);
-    // SAFETY: prctl is async-signal-safe; it asks the kernel to send
-    // SIGTERM to the plugin when the manager's thread goes away, so a
-    // `kill -9` of majordome leaves no orphan.
+        .stderr(errors)
+        .process_group(0);
+    // SAFETY: getpid is async-signal-safe.
+    let manager = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it only
+    // calls prctl and getppid, both async-signal-safe, and builds an error
+    // without allocating.
     unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+        command.pre_exec(move || {
+            // Variadic: pass the signal as the unsigned long the kernel reads.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The manager may have died between fork and prctl; then the
+            // signal will never come, so do not start an orphan at all.
+            if libc::getppid() != manager {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
     }
     command
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", program.display()))
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))
+}
+
+/// Why a plugin is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopCause {
+    Request,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stopping {
+    cause: StopCause,
+    /// When SIGTERM is due, if it has not gone yet.
+    term_at: Instant,
+    /// When SIGKILL is due, once SIGTERM has gone.
+    kill_at: Option<Instant>,
+    /// Set once SIGKILL has gone: (when, how long SIGTERM was ignored).
+    killed: Option<(Instant, Duration)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Not running, nothing planned.
+    Idle,
+    Running,
+    Stopping(Stopping),
+    /// Dead, to be restarted at `at`; that will be restart number `attempt`.
+    RestartAt {
+        at: Instant,
+        attempt: u32,
+    },
+}
+
+/// One plugin this host can run.
+struct Plugin {
+    manifest: Manifest,
+    process: Option<Child>,
+    started_at: Instant,
+    phase: Phase,
+    restarts: Restarts,
+}
+
+/// Who asked for a start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    User,
+    Autostart,
+    Restart { attempt: u32 },
+}
+
+/// A request to the supervisor thread.
+enum Request {
+    Start {
+        kind: String,
+        name: String,
+        reply: mpsc::Sender<Result<u32, String>>,
+    },
+    Stop {
+        kind: String,
+        name: String,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    /// From a messenger: the plugin `id` could not be asked to stop, or
+    /// refused, so there is no clean stop to wait for.
+    NoCleanStop { id: String },
+}
+
+/// The way to the supervisor thread, for the manager's request handler.
+#[derive(Clone)]
+pub(crate) struct SupervisorHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+/// How long a request waits for the supervisor thread, which answers at
+/// once unless it is stopping everything.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+impl SupervisorHandle {
+    /// Starts a plugin; its pid, or why not.
+    pub(crate) fn start(&self, kind: &str, name: &str) -> Result<u32, String> {
+        let (reply, answer) = mpsc::channel();
+        self.ask(
+            Request::Start {
+                kind: kind.to_owned(),
+                name: name.to_owned(),
+                reply,
+            },
+            answer,
+        )
+    }
+
+    /// Begins stopping a plugin; returns once the stop is under way.
+    pub(crate) fn stop(&self, kind: &str, name: &str) -> Result<(), String> {
+        let (reply, answer) = mpsc::channel();
+        self.ask(
+            Request::Stop {
+                kind: kind.to_owned(),
+                name: name.to_owned(),
+                reply,
+            },
+            answer,
+        )
+    }
+
+    fn ask<T>(&self, request: Request, answer: mpsc::Receiver<Result<T, String>>) -> Result<T, String> {
+        let gone = || "the manager's supervisor has stopped (is majordome shutting down?)".to_owned();
+        self.requests.send(request).map_err(|_| gone())?;
+        match answer.recv_timeout(ANSWER_WITHIN) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "the manager's supervisor did not answer within {} s",
+                ANSWER_WITHIN.as_secs()
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+}
+
+/// Where the supervisor reaches the bus, and what it gives plugins.
+pub(crate) struct Wiring {
+    /// The broker, for the `plugin.stop.do` sent to a plugin.
+    pub broker: String,
+    /// Every plugin's environment: the bus's endpoints, the host, extras.
+    pub environment: Vec<(String, String)>,
+    pub log_dir: PathBuf,
+}
+
+/// Starts the supervisor thread for the manifests with a command; it
+/// autostarts those that say so, and on `shutdown` stops every child and
+/// reaps it before the thread ends.
+pub(crate) fn start(
+    registry: Arc<Mutex<Registry>>,
+    manifests: &[Manifest],
+    settings: ManagerSettings,
+    wiring: Wiring,
+    shutdown: &Shutdown,
+) -> std::io::Result<(SupervisorHandle, JoinHandle<()>)> {
+    let now = Instant::now();
+    let plugins = manifests
+        .iter()
+        .filter(|m| !m.command.is_empty())
+        .map(|m| {
+            let plugin = Plugin {
+                manifest: m.clone(),
+                process: None,
+                started_at: now,
+                phase: Phase::Idle,
+                restarts: Restarts::default(),
+            };
+            (client_id(&m.kind, &m.name, &settings.host), plugin)
+        })
+        .collect();
+    let (requests, inbox) = mpsc::channel();
+    let mut supervisor = Supervisor {
+        requests: requests.clone(),
+        registry,
+        policy: RestartPolicy::of(&settings),
+        settings,
+        wiring,
+        plugins,
+        messengers: Vec::new(),
+    };
+    let shutdown = shutdown.clone();
+    let thread = thread::Builder::new()
+        .name("manager-supervisor".into())
+        .spawn(move || supervisor.run(&inbox, &shutdown))?;
+    Ok((SupervisorHandle { requests }, thread))
+}
+
+struct Supervisor {
+    /// Its own way in, for the messengers' answers.
+    requests: mpsc::Sender<Request>,
+    registry: Arc<Mutex<Registry>>,
+    settings: ManagerSettings,
+    policy: RestartPolicy,
+    wiring: Wiring,
+    /// By client id; only plugins with a command.
+    plugins: BTreeMap<String, Plugin>,
+    /// Threads sending `plugin.stop.do`; joined before the supervisor ends.
+    messengers: Vec<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    fn run(&mut self, inbox: &mpsc::Receiver<Request>, shutdown: &Shutdown) {
+        let autostart: Vec<String> = self
+            .plugins
+            .iter()
+            .filter(|(_, p)| p.manifest.autostart)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in autostart {
+            if let Err(reason) = self.start(&id, Origin::Autostart, Instant::now()) {
+                tracing::warn!(plugin = %id, "autostart failed: {reason}");
+            }
+        }
+        while !shutdown.is_triggered() {
+            // A timeout just means it is time to poll. (The channel cannot
+            // disconnect: this thread holds a sender itself.)
+            if let Ok(request) = inbox.recv_timeout(self.next_wake(Instant::now())) {
+                self.answer(request);
+            }
+            self.poll(Instant::now());
+            self.messengers.retain(|m| !m.is_finished());
+        }
+        self.stop_everything(inbox);
+    }
+
+    /// How long the thread may wait for a request: until the next timer,
+    /// and never longer than the reaping interval, which is also how
+    /// quickly a shutdown is seen.
+    fn next_wake(&self, now: Instant) -> Duration {
+        let timers = self.plugins.values().filter_map(|p| match p.phase {
+            Phase::RestartAt { at, .. } => Some(at),
+            // Once SIGKILL has gone there is nothing left to time.
+            Phase::Stopping(s) if s.killed.is_some() => None,
+            Phase::Stopping(s) => Some(s.kill_at.unwrap_or(s.term_at)),
+            Phase::Idle | Phase::Running => None,
+        });
+        let interval = self.settings.reap_interval.max(Duration::from_millis(1));
+        timers
+            .map(|at| at.saturating_duration_since(now))
+            .fold(interval, Duration::min)
+    }
+
+    fn answer(&mut self, request: Request) {
+        match request {
+            Request::Start { kind, name, reply } => {
+                let id = client_id(&kind, &name, &self.settings.host);
+                let result = self.start(&id, Origin::User, Instant::now());
+                let _ = reply.send(result);
+            }
+            Request::Stop { kind, name, reply } => {
+                let id = client_id(&kind, &name, &self.settings.host);
+                let result = self.stop(&id, StopCause::Request, Instant::now());
+                let _ = reply.send(result);
+            }
+            Request::NoCleanStop { id } => self.no_clean_stop(&id, Instant::now()),
+        }
+    }
+
+    /// The plugin will not stop by itself (nothing serves its service, the
+    /// broker is gone, it refused): SIGTERM now rather than after the
+    /// grace, which matters most when the whole hub stops, since the
+    /// broker then goes down at the same moment as the manager.
+    fn no_clean_stop(&mut self, id: &str, now: Instant) {
+        if let Some(Plugin {
+            phase: Phase::Stopping(stopping),
+            ..
+        }) = self.plugins.get_mut(id)
+        {
+            if stopping.kill_at.is_none() {
+                stopping.term_at = stopping.term_at.min(now);
+            }
+        }
+    }
+
+    fn report(&self, id: &str, pid: Option<u32>, status: &str, comment: &str) {
+        lock(&self.registry).on_process(id, pid, status, comment, Instant::now());
+    }
+
+    fn start(&mut self, id: &str, origin: Origin, now: Instant) -> Result<u32, String> {
+        let Some(plugin) = self.plugins.get_mut(id) else {
+            return Err(format!(
+                "{id} has no manifest with a command, so this manager cannot start it"
+            ));
+        };
+        match (plugin.phase, plugin.process.as_ref()) {
+            (Phase::Running, Some(child)) => return Err(format!("{id} is already running (pid {})", child.id())),
+            (Phase::Stopping(_), _) => return Err(format!("{id} is stopping; start it again once it has stopped")),
+            _ => {}
+        }
+        if origin == Origin::User {
+            if let Some(status) = lock(&self.registry).running_unsupervised(id) {
+                return Err(format!(
+                    "{id} is already running (status {status}) but was not started by this manager; stop it first"
+                ));
+            }
+            // A start by hand is a fresh start: earlier crashes no longer
+            // count towards the restart limit.
+            plugin.restarts.clear();
+        }
+        match spawn(&plugin.manifest, &self.wiring.environment, &self.wiring.log_dir) {
+            Ok(child) => {
+                let pid = child.id();
+                plugin.process = Some(child);
+                plugin.started_at = now;
+                plugin.phase = Phase::Running;
+                let comment = match origin {
+                    Origin::User | Origin::Autostart => format!("started by the manager, pid {pid}"),
+                    Origin::Restart { attempt } => format!(
+                        "restarted by the manager, pid {pid} (restart {attempt} of at most {} within {} s)",
+                        self.policy.limit,
+                        self.policy.window.as_secs()
+                    ),
+                };
+                tracing::info!(plugin = %id, pid, "{comment}");
+                self.report(id, Some(pid), "starting", &comment);
+                Ok(pid)
+            }
+            Err(reason) => {
+                tracing::warn!(plugin = %id, "could not start: {reason}");
+                if let Origin::Restart { .. } = origin {
+                    // A failed restart is one more death: the policy
+                    // decides again, so a broken binary ends in a give-up
+                    // instead of a tight loop.
+                    let decision = plugin.restarts.after_exit(&self.policy, now, now);
+                    let how = format!("could not be restarted: {reason}");
+                    let (phase, comment) = self.after_death(&how, decision, now);
+                    if let Some(plugin) = self.plugins.get_mut(id) {
+                        plugin.phase = phase;
+                    }
+                    self.report(id, None, "dead", &comment);
+                } else {
+                    plugin.phase = Phase::Idle;
+                    self.report(id, None, "dead", &format!("could not start: {reason}"));
+                }
+                Err(format!("cannot start {id}: {reason}"))
+            }
+        }
+    }
+
+    /// The phase and comment after a death, per the policy's decision.
+    fn after_death(&self, how: &str, decision: RestartDecision, now: Instant) -> (Phase, String) {
+        match decision {
+            RestartDecision::After { delay, attempt } => (
+                Phase::RestartAt {
+                    at: now + delay,
+                    attempt,
+                },
+                format!("{how}; restarting in {} s", delay.as_secs_f64()),
+            ),
+            RestartDecision::GiveUp { restarts } => (
+                Phase::Idle,
+                format!(
+                    "{how}; gave up after {restarts} restarts within {} s (start it again with plugin.start.do)",
+                    self.policy.window.as_secs()
+                ),
+            ),
+        }
+    }
+
+    fn stop(&mut self, id: &str, cause: StopCause, now: Instant) -> Result<(), String> {
+        // SIGKILL's own grace is chosen in `poll`, once SIGTERM has gone.
+        let stop_grace = match cause {
+            StopCause::Request => self.settings.stop_grace,
+            StopCause::Shutdown => self.settings.shutdown_stop_grace,
+        };
+        let Some(plugin) = self.plugins.get_mut(id) else {
+            let status = lock(&self.registry).status(id);
+            return Err(match status {
+                Some(status) => format!(
+                    "{id} was not started by this manager (status {status}); send plugin.stop.do to its own service {id}"
+                ),
+                None => format!("no client '{id}'"),
+            });
+        };
+        match plugin.phase {
+            Phase::Running => {
+                plugin.phase = Phase::Stopping(Stopping {
+                    cause,
+                    term_at: now + stop_grace,
+                    kill_at: None,
+                    killed: None,
+                });
+                let (kind, name) = (plugin.manifest.kind.clone(), plugin.manifest.name.clone());
+                let pid = plugin.process.as_ref().map(Child::id);
+                // Asking costs a round trip; no use waiting past the grace.
+                self.ask_to_stop(id, &kind, &name, self.settings.stop_request_timeout.min(stop_grace));
+                let comment = match cause {
+                    StopCause::Request => "stop requested".to_owned(),
+                    StopCause::Shutdown => "stopping because the manager stops".to_owned(),
+                };
+                self.report(id, pid, "stop-request", &comment);
+                Ok(())
+            }
+            // Already on its way: a second request changes nothing.
+            Phase::Stopping(_) => Ok(()),
+            Phase::RestartAt { .. } => {
+                plugin.phase = Phase::Idle;
+                self.report(id, None, "stopped", "stopped on request while waiting to be restarted");
+                Ok(())
+            }
+            Phase::Idle => {
+                let status = lock(&self.registry).status(id).unwrap_or_else(|| "unknown".to_owned());
+                Err(format!("{id} is not running (status {status})"))
+            }
+        }
+    }
+
+    /// Sends the plugin its own `plugin.stop.do`, from a short-lived thread
+    /// so that reaping and other requests go on meanwhile (that thread
+    /// starts no process, so its end signals nobody).
+    fn ask_to_stop(&mut self, service: &str, kind: &str, name: &str, timeout: Duration) {
+        let broker = self.wiring.broker.clone();
+        let service = service.to_owned();
+        let answer = self.requests.clone();
+        let data = json!({"type": kind, "name": name, "id": name, "host": self.settings.host});
+        let sent = thread::Builder::new().name("manager-stop".into()).spawn(move || {
+            let mut client = Client::new(
+                &broker,
+                ClientOptions {
+                    timeout,
+                    retries: 0,
+                    // The broker is normally on this machine: a connection
+                    // that takes this long is one that will not come.
+                    connect_timeout: timeout.min(Duration::from_millis(500)),
+                },
+            );
+            match client.request_message(&service, &Message::new("plugin.stop.do", data)) {
+                Ok(reply) if reply.status() != Some(false) => {
+                    tracing::debug!(%service, "the plugin agreed to stop");
+                    return;
+                }
+                Ok(reply) => {
+                    tracing::debug!(%service, reason = reply.reason().unwrap_or_default(), "no clean stop")
+                }
+                Err(e) => tracing::debug!(%service, error = %e, "no clean stop"),
+            }
+            // The supervisor may have ended meanwhile; then nobody needs to know.
+            let _ = answer.send(Request::NoCleanStop { id: service });
+        });
+        match sent {
+            Ok(thread) => self.messengers.push(thread),
+            // Not fatal: SIGTERM follows after the grace anyway.
+            Err(e) => tracing::warn!(error = %e, "cannot start a thread to ask a plugin to stop"),
+        }
+    }
+
+    /// Reaps what exited, escalates stops, restarts what is due.
+    fn poll(&mut self, now: Instant) {
+        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        for id in ids {
+            let Some(plugin) = self.plugins.get_mut(&id) else {
+                continue;
+            };
+            if let Some(child) = plugin.process.as_mut() {
+                let pid = child.id();
+                if has_exited(pid) {
+                    // Whatever the plugin left in its group goes with it,
+                    // while the group's id is still safely ours.
+                    signal_group(pid, libc::SIGKILL);
+                    let how = match child.wait() {
+                        Ok(status) => describe_exit(status),
+                        Err(e) => format!("ended (its status could not be read: {e})"),
+                    };
+                    plugin.process = None;
+                    self.on_exit(&id, &how, now);
+                    continue;
+                }
+                if let Phase::Stopping(mut stopping) = plugin.phase {
+                    if stopping.kill_at.is_none() && now >= stopping.term_at {
+                        signal_group(pid, libc::SIGTERM);
+                        let kill_grace = match stopping.cause {
+                            StopCause::Request => self.settings.kill_grace,
+                            StopCause::Shutdown => self.settings.shutdown_kill_grace,
+                        };
+                        stopping.kill_at = Some(now + kill_grace);
+                    } else if let (Some(kill_at), None) = (stopping.kill_at, stopping.killed) {
+                        if now >= kill_at {
+                            signal_group(pid, libc::SIGKILL);
+                            stopping.killed = Some((now, now.saturating_duration_since(stopping.term_at)));
+                        }
+                    }
+                    plugin.phase = Phase::Stopping(stopping);
+                }
+            } else if let Phase::RestartAt { at, attempt } = plugin.phase {
+                if now >= at {
+                    // Failures are reported by `start` itself.
+                    let _ = self.start(&id, Origin::Restart { attempt }, now);
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: &str, how: &str, now: Instant) {
+        let said_stopped = lock(&self.registry).status(id).as_deref() == Some("stopped");
+        let Some(plugin) = self.plugins.get_mut(id) else { return };
+        tracing::info!(plugin = %id, "{how}");
+        match plugin.phase {
+            Phase::Stopping(stopping) => {
+                plugin.phase = Phase::Idle;
+                let forced = stopping
+                    .killed
+                    .map(|(_, ignored)| format!(" after ignoring SIGTERM for {:.1} s", ignored.as_secs_f64()))
+                    .unwrap_or_default();
+                let comment = match stopping.cause {
+                    StopCause::Request => format!("stopped on request ({how}{forced})"),
+                    StopCause::Shutdown => format!("stopped with the manager ({how}{forced})"),
+                };
+                self.report(id, None, "stopped", &comment);
+            }
+            // A plugin that said it stopped (someone sent plugin.stop.do to
+            // its own service) meant to end: it is not restarted.
+            _ if said_stopped => {
+                plugin.phase = Phase::Idle;
+                self.report(id, None, "stopped", &format!("stopped by itself ({how})"));
+            }
+            _ if !plugin.manifest.restart => {
+                plugin.phase = Phase::Idle;
+                self.report(id, None, "dead", how);
+            }
+            _ => {
+                let decision = plugin.restarts.after_exit(&self.policy, plugin.started_at, now);
+                let (phase, comment) = self.after_death(how, decision, now);
+                if let Some(plugin) = self.plugins.get_mut(id) {
+                    plugin.phase = phase;
+                }
+                self.report(id, None, "dead", &comment);
+            }
+        }
+    }
+
+    /// Stops every child (shorter graces than a stop on request) and
+    /// reaps them all, so the manager leaves no orphan.
+    fn stop_everything(&mut self, inbox: &mpsc::Receiver<Request>) {
+        let now = Instant::now();
+        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        for id in &ids {
+            let Some(plugin) = self.plugins.get_mut(id) else {
+                continue;
+            };
+            match plugin.phase {
+                Phase::Running => {
+                    let _ = self.stop(id, StopCause::Shutdown, now);
+                }
+                Phase::RestartAt { .. } => {
+                    plugin.phase = Phase::Idle;
+                    self.report(id, None, "dead", "not restarted: the manager stopped");
+                }
+                Phase::Stopping(_) | Phase::Idle => {}
+            }
+        }
+        // A stop by request already under way keeps its own (longer)
+        // graces; past them, and once SIGKILL had time to work, the thread
+        // gives up waiting rather than hang the manager's exit on a process
+        // the kernel cannot kill (stuck in an uninterruptible wait).
+        let longest = self.settings.stop_grace.max(self.settings.shutdown_stop_grace)
+            + 2 * self.settings.kill_grace.max(self.settings.shutdown_kill_grace);
+        let give_up_at = now + longest;
+        loop {
+            self.poll(Instant::now());
+            let left: Vec<(&String, u32)> = self
+                .plugins
+                .iter()
+                .filter_map(|(id, p)| Some((id, p.process.as_ref()?.id())))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= give_up_at {
+                for (id, pid) in left {
+                    tracing::error!(plugin = %id, pid, "still running after SIGKILL; majordome leaves it behind");
+                }
+                break;
+            }
+            // Requests still arriving are refused; the wait doubles as the
+            // pause between two polls.
+            match inbox.recv_timeout(self.next_wake(Instant::now())) {
+                Ok(Request::Start { reply, .. }) => {
+                    let _ = reply.send(Err("the manager is stopping".to_owned()));
+                }
+                Ok(Request::Stop { reply, .. }) => {
+                    let _ = reply.send(Err("the manager is stopping".to_owned()));
+                }
+                Ok(Request::NoCleanStop { id }) => self.no_clean_stop(&id, Instant::now()),
+                // Time to poll again.
+                Err(_) => {}
+            }
+        }
+        for messenger in self.messengers.drain(..) {
+            let _ = messenger.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy {
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            limit: 5,
+            window: Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn restarts_back_off_doubling_and_give_up_past_the_limit() {
+        let policy = policy();
+        let mut restarts = Restarts::default();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for attempt in 1..=5 {
+            match restarts.after_exit(&policy, now, now + Duration::from_secs(1)) {
+                RestartDecision::After { delay, attempt: a } => {
+                    assert_eq!(a, attempt);
+                    delays.push(delay.as_secs());
+                    now += Duration::from_secs(1) + delay;
+                }
+                other => panic!("restart {attempt}: {other:?}"),
+            }
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 16]);
+        assert_eq!(
+            restarts.after_exit(&policy, now, now + Duration::from_secs(1)),
+            RestartDecision::GiveUp { restarts: 5 }
+        );
+        // Once the oldest restarts leave the window, there is room again.
+        let later = t0 + Duration::from_secs(602);
+        assert!(matches!(
+            restarts.after_exit(&policy, later - Duration::from_secs(1), later),
+            RestartDecision::After { attempt: 5, .. }
+        ));
+    }
+
+    #[test]
+    fn a_plugin_up_for_a_whole_window_starts_afresh_and_the_backoff_is_capped() {
+        let policy = RestartPolicy {
+            backoff_max: Duration::from_secs(5),
+            limit: 10,
+            ..policy()
+        };
+        let mut restarts = Restarts::default();
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            restarts.after_exit(&policy, t0, t0);
+        }
+        assert_eq!(
+            restarts.after_exit(&policy, t0, t0),
+            RestartDecision::After {
+                delay: Duration::from_secs(5),
+                attempt: 5
+            }
+        );
+        let much_later = t0 + Duration::from_secs(700);
+        assert_eq!(
+            restarts.after_exit(&policy, t0 + Duration::from_secs(50), much_later),
+            RestartDecision::After {
+                delay: Duration::from_secs(1),
+                attempt: 1
+            }
+        );
+        let none = RestartPolicy { limit: 0, ..policy };
+        assert_eq!(
+            Restarts::default().after_exit(&none, t0, t0),
+            RestartDecision::GiveUp { restarts: 0 }
+        );
+    }
+
+    #[test]
+    fn exits_are_described_in_words() {
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exited with status 3");
+        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(11 | 0x80)),
+            "killed by signal 11 (SIGSEGV), core dumped"
+        );
+        assert_eq!(describe_exit(ExitStatus::from_raw(40)), "killed by signal 40");
+    }
+
+    #[test]
+    fn majordome_in_a_command_is_this_binary() {
+        let command: Vec<String> = ["majordome", "plugin", "fake"].map(String::from).to_vec();
+        let (program, args) = resolve_command(&command).unwrap();
+        assert_eq!(program, std::env::current_exe().unwrap());
+        assert_eq!(args, ["plugin", "fake"]);
+        let other: Vec<String> = vec!["/usr/bin/env".into()];
+        assert_eq!(resolve_command(&other).unwrap().0, PathBuf::from("/usr/bin/env"));
+        assert!(resolve_command(&[]).unwrap_err().contains("no command"));
+    }
+
+    #[test]
+    fn start_lines_carry_utc_dates() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000.5), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc(4_107_542_399.0), "2100-02-28 23:59:59 UTC");
+    }
 }
