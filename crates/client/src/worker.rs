@@ -28,6 +28,11 @@ pub struct WorkerOptions {
     pub liveness: u32,
     /// How long it waits before reconnecting.
     pub reconnect_delay: Duration,
+    /// On shutdown, how long it waits for the requests its handler holds
+    /// to be answered before it leaves: a handler that stops its own
+    /// service (a plugin answering `plugin.stop.do`) still gets its reply
+    /// out.
+    pub finish_grace: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -36,6 +41,7 @@ impl Default for WorkerOptions {
             heartbeat_interval: Duration::from_millis(1000),
             liveness: 5,
             reconnect_delay: Duration::from_millis(1000),
+            finish_grace: Duration::from_secs(2),
         }
     }
 }
@@ -101,6 +107,33 @@ impl Worker {
         Ok(socket)
     }
 
+    /// Sends the replies to the `pending` requests the handler still
+    /// holds, waiting up to `finish_grace` for them.
+    fn finish(&self, to_handler: &zmq::Socket, dealer: &zmq::Socket, generation: u64, mut pending: usize) {
+        let deadline = Instant::now() + self.options.finish_grace;
+        while pending > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match to_handler.poll(zmq::POLLIN, left.as_millis() as i64) {
+                Ok(0) if left.is_zero() => break,
+                Ok(0) | Err(zmq::Error::EINTR) => continue,
+                Err(_) => break,
+                Ok(_) => {}
+            }
+            let Ok(frames) = net::recv_all(to_handler) else { break };
+            pending -= 1;
+            if frames.first().map(|f| f.as_ref()) == Some(TAG_DONE)
+                && frames.len() >= 3
+                && frames[1].as_ref() == generation.to_be_bytes()
+            {
+                let client = frames[2].clone();
+                let _ = net::send_frames(dealer, &mdp::reply(&client, frames.into_iter().skip(3)), zmq::DONTWAIT);
+            }
+        }
+        if pending > 0 {
+            warn!(service = %self.service, pending, "stopping with requests still unanswered");
+        }
+    }
+
     fn socket_loop(&self, to_handler: &zmq::Socket, shutdown: &Shutdown) -> Result<(), ClientError> {
         let interval = self.options.heartbeat_interval;
         let mut socket = Some(self.connect()?);
@@ -108,6 +141,8 @@ impl Worker {
         let mut generation: u64 = 0;
         let mut liveness = self.options.liveness;
         let mut next_heartbeat = Instant::now() + interval;
+        // Requests given to the handler thread and not answered yet.
+        let mut in_handler: usize = 0;
         loop {
             let now = Instant::now();
             let wake = if socket.is_some() { next_heartbeat } else { reconnect_at };
@@ -132,11 +167,13 @@ impl Worker {
             };
             if stopping {
                 if let Some(dealer) = &socket {
+                    self.finish(to_handler, dealer, generation, in_handler);
                     let _ = net::send_frames(dealer, &mdp::disconnect(), zmq::DONTWAIT);
                 }
                 return Ok(());
             }
             if handler_ready {
+                in_handler = in_handler.saturating_sub(1);
                 let frames = net::recv_all(to_handler)?;
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) if frames.len() >= 3 => {
@@ -181,6 +218,7 @@ impl Worker {
                         ];
                         message.extend(body);
                         net::send_frames(to_handler, &message, 0)?;
+                        in_handler += 1;
                     }
                     Ok(mdp::ToWorker::Heartbeat) => {}
                     Ok(mdp::ToWorker::Disconnect) => {

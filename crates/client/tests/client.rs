@@ -58,6 +58,7 @@ fn fast_worker() -> WorkerOptions {
         heartbeat_interval: Duration::from_millis(100),
         liveness: 3,
         reconnect_delay: Duration::from_millis(100),
+        ..WorkerOptions::default()
     }
 }
 
@@ -284,4 +285,37 @@ fn worker_answers_every_request_a_prefetching_broker_hands_it() {
     assert_eq!(stats(&broker.endpoint)["services"]["echo"]["replies"], json!(100));
     stop.trigger();
     thread.join().unwrap();
+}
+
+/// A handler that stops its own worker (a plugin answering
+/// `plugin.stop.do`) must still get its reply out: the shutdown fires
+/// before the handler returns, and the worker used to leave at once.
+#[test]
+fn a_handler_that_stops_its_worker_still_gets_its_reply_out() {
+    let broker = Running::start("tcp://127.0.0.1:0", fast());
+    let shutdown = Shutdown::new().unwrap();
+    let (stop, at) = (shutdown.clone(), broker.endpoint.clone());
+    let worker = std::thread::spawn(move || {
+        let trigger = stop.clone();
+        let handler = domogik_handler(move |message: Message| {
+            trigger.trigger();
+            // The socket loop sees the shutdown while this reply is built.
+            std::thread::sleep(Duration::from_millis(50));
+            Message::new(
+                "plugin.stop.result",
+                json!({"status": true, "reason": "", "asked": message.action}),
+            )
+        });
+        Worker::new(&at, "stoppable", fast_worker())
+            .run(handler, &stop)
+            .unwrap();
+    });
+    wait_for(&broker.endpoint, "stoppable");
+    let reply = client(&broker.endpoint, Duration::from_secs(5))
+        .request_message("stoppable", &Message::new("plugin.stop.do", json!({})))
+        .unwrap();
+    assert_eq!(reply.status(), Some(true), "{:?}", reply.data);
+    assert_eq!(reply.data["asked"], "plugin.stop.do");
+    worker.join().unwrap();
+    assert!(shutdown.is_triggered());
 }

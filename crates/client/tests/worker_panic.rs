@@ -19,6 +19,7 @@ fn regression_handler_panic_with_a_broker_message_pending_does_not_kill_the_work
         heartbeat_interval: Duration::from_secs(10),
         liveness: 3,
         reconnect_delay: Duration::from_millis(100),
+        ..WorkerOptions::default()
     };
     let worker = Worker::new(&endpoint, "svc", options);
     let thread = std::thread::spawn(move || worker.run(|_: Vec<Bytes>| -> Vec<Bytes> { panic!("handler bug") }, &stop));

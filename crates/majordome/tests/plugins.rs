@@ -195,6 +195,12 @@ fn the_fake_plugin_end_to_end() {
         .unwrap();
     assert_ne!(new_pid, pid, "{back}");
 
+    // Stopped through the manager: the plugin's own clean stop, no restart.
+    let stop = ask(&broker, "manager", "plugin.stop.do", json!({"name": "fake"}));
+    assert_eq!(stop.status(), Some(true), "{:?}", stop.data);
+    let (_, stopped) = fake_client(&broker, "stopped");
+    assert!(!stopped["comment"].as_str().unwrap_or_default().contains("signal"), "{stopped}");
+
     // Config and devices survive a restart of majordome.
     up.signal(libc::SIGTERM);
     assert!(up.wait_exit(LIMIT).is_some_and(|s| s.success()));

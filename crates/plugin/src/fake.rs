@@ -26,15 +26,25 @@ use crate::{Command, Device, Endpoints, Handler, Outcome, Plugin, PluginError, P
 /// The fake plugin's settings, from its config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FakeConfig {
+    /// Seconds between two readings of every device.
     pub interval: f64,
+    /// Seconds of one cycle of the cyclic sensor.
     pub cycle_length: f64,
+    /// The cyclic sensor's value at the start and end of a cycle.
     pub cyclic_min: f64,
+    /// The cyclic sensor's value at half cycle.
     pub cyclic_max: f64,
+    /// The cyclic sensor's unit.
     pub cyclic_unit: String,
+    /// The linear sensor's first value.
     pub linear_start: f64,
+    /// What the linear sensor adds at each reading.
     pub linear_step: f64,
+    /// Seconds the dimmer takes to reach a new level.
     pub dimmer_ramp: f64,
+    /// Seconds between two flips of the binary sensor.
     pub binary_period: f64,
+    /// The room of every fake device.
     pub room: String,
 }
 
@@ -178,6 +188,18 @@ impl Handler for FakeHandler {
 
 /// Runs the fake plugin until `plugin.stop.do` or `shutdown`.
 pub fn run(settings: PluginSettings, endpoints: Endpoints, shutdown: &Shutdown) -> Result<(), PluginError> {
+    // A stop asked for while it still waits for its services is a clean
+    // stop (it has said `stopped`), not a failure.
+    match run_fake(settings, endpoints, shutdown) {
+        Err(PluginError::Stopped(what)) => {
+            tracing::info!("fake: stopped before {what}");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run_fake(settings: PluginSettings, endpoints: Endpoints, shutdown: &Shutdown) -> Result<(), PluginError> {
     let mut plugin = Plugin::start(settings, endpoints)?;
     let config = FakeConfig::from_map(&plugin.config(shutdown)?);
     let device = |id: &str, kind: &str, name: &str| Device {

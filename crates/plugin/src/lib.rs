@@ -38,7 +38,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use majordome_client::{
-    domogik_handler, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
+    domogik_handler, Client, ClientError, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker,
     WorkerOptions,
 };
 use serde_json::{json, Map, Value};
@@ -54,25 +54,38 @@ pub fn builtin_manifests() -> &'static [(&'static str, &'static str)] {
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    /// Talking to the bus failed (an endpoint that is not valid, ZeroMQ).
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The system refused a socket pair or a thread.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The stop signal fired while the plugin was still waiting for a
+    /// service; it names what it was waiting for. The plugins that ship
+    /// take it for a clean stop.
     #[error("stopped before {0}")]
     Stopped(&'static str),
+    /// A core service answered `status: false`; its reason says why.
     #[error("the {service} service refused: {reason}")]
-    Refused { service: &'static str, reason: String },
-    #[error("a plugin thread panicked")]
+    Refused {
+        /// `config` or `devices`.
+        service: &'static str,
+        /// The service's own words.
+        reason: String,
+    },
+    /// A thread of the plugin panicked (a bug in a handler, mostly).
+    #[error("a plugin thread panicked; its log says where")]
     Panicked,
 }
 
 /// Where the bus is.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
+    /// The broker (40410).
     pub broker: String,
-    /// The forwarder's side publishers connect to.
+    /// The forwarder's side publishers connect to (40411).
     pub publish: String,
-    /// The forwarder's side subscribers connect to.
+    /// The forwarder's side subscribers connect to (40412).
     pub subscribe: String,
 }
 
@@ -90,9 +103,11 @@ impl Endpoints {
 /// Who the plugin is and how it paces itself.
 #[derive(Debug, Clone)]
 pub struct PluginSettings {
+    /// Its name, e.g. `fake`: the manifest's and the config's name.
     pub name: String,
     /// Domogik's client type, `plugin`.
     pub kind: String,
+    /// The host it runs for, the last part of its client id.
     pub host: String,
     /// How often `alive` is repeated.
     pub status_interval: Duration,
@@ -126,13 +141,16 @@ pub struct Device {
     pub id: String,
     /// A type of the schema (`device_types.get`).
     pub kind: String,
+    /// The name users see first (they may rename it).
     pub name: String,
+    /// The room it is in; empty: none.
     pub room: String,
     /// Seconds of silence before it is stale; `None`: the type's default.
     pub stale_after: Option<f64>,
 }
 
 impl Device {
+    /// A device in no room, stale after its type's default.
     pub fn new(id: &str, kind: &str, name: &str) -> Device {
         Device {
             id: id.to_owned(),
@@ -147,9 +165,11 @@ impl Device {
 /// A command the device service forwarded.
 #[derive(Debug, Clone)]
 pub struct Command {
+    /// The device's uuid, as [`Plugin::register`] returned it.
     pub uuid: String,
     /// The plugin's own id of the device.
     pub id: String,
+    /// The command's name, e.g. `on`, `setlevel`.
     pub command: String,
     /// The parameters, checked against the schema.
     pub data: Value,
@@ -163,7 +183,12 @@ pub enum Outcome {
     /// Will be carried out; the events it causes carry this `ref`.
     Queued(String),
     /// Refused or failed, with ago's identifier (`error.…`).
-    Failed { identifier: String, message: String },
+    Failed {
+        /// e.g. `error.command.invalid`, `error.device.unreachable`.
+        identifier: String,
+        /// What went wrong, for a person.
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -288,25 +313,38 @@ impl Plugin {
         publish_status(&self.values, &self.settings, event, comment);
     }
 
+    /// Says `stopped` and gives the error that tells the caller why it
+    /// returns before the plugin is up.
+    fn stopped(&self, what: &'static str) -> PluginError {
+        self.status("stopped", &format!("stopped before {what}"));
+        PluginError::Stopped(what)
+    }
+
     /// Asks `service` until it answers (it may not be up yet: the broker
     /// holds the request until its deadline, then the plugin asks again).
     fn ask(&mut self, service: &'static str, message: &Message, shutdown: &Shutdown) -> Result<Message, PluginError> {
         let mut pause = Duration::from_millis(100);
         loop {
             if shutdown.is_triggered() {
-                return Err(PluginError::Stopped(service));
+                return Err(self.stopped(service));
             }
             match self.client.request_message(service, message) {
                 // The broker's own failure (no worker yet) carries an
                 // `error` string: wait for the service.
                 Ok(reply) if reply.data.get("error").is_some_and(Value::is_string) => {}
                 Ok(reply) => return Ok(reply),
-                Err(ClientError::Timeout { .. } | ClientError::NotConnected { .. }) => {}
+                // A signal (SIGINT, SIGTERM) interrupts the wait with EINTR:
+                // the stop check above decides.
+                Err(
+                    ClientError::Timeout { .. }
+                    | ClientError::NotConnected { .. }
+                    | ClientError::Zmq(zmq::Error::EINTR),
+                ) => {}
                 Err(e) => return Err(e.into()),
             }
             tracing::info!(service, "waiting for the {service} service");
             if shutdown.wait_timeout(pause) {
-                return Err(PluginError::Stopped(service));
+                return Err(self.stopped(service));
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
@@ -339,11 +377,16 @@ impl Plugin {
                 return Ok(values);
             }
             self.status("not-configured", "set its required keys with config.set");
-            loop {
+            // It asks again at the status interval even without an event:
+            // saying `not-configured` again keeps the manager from taking
+            // the silence for death, and an event lost on the way (pub/sub
+            // does not replay) cannot leave it waiting for good.
+            let ask_again = Instant::now() + self.settings.status_interval;
+            while Instant::now() < ask_again {
                 if shutdown.is_triggered() {
-                    return Err(PluginError::Stopped("being configured"));
+                    return Err(self.stopped("being configured"));
                 }
-                if let Some(event) = self.subscriber.recv(Duration::from_millis(500))? {
+                if let Some(event) = next_event(&mut self.subscriber, Duration::from_millis(500))? {
                     if is_about(&event.data, &self.settings) {
                         break;
                     }
@@ -386,7 +429,10 @@ impl Plugin {
             mut subscriber,
             ..
         } = self;
-        // One signal for both ways to stop.
+        // One signal for both ways to stop: `plugin.stop.do` and the
+        // outside shutdown. The worker still sends the reply to
+        // `plugin.stop.do` before it leaves (it finishes what its handler
+        // holds).
         let stop = Shutdown::new()?;
         let (config_tx, config_rx) = mpsc::channel();
         let mut threads = Vec::new();
@@ -401,7 +447,10 @@ impl Plugin {
                 action => handler.action(&message).unwrap_or_else(|| {
                     Message::failure(
                         action,
-                        format!("unknown action '{action}': a plugin answers device.command.do and plugin.stop.do"),
+                        format!(
+                            "unknown action '{action}': a plugin answers device.command.do, plugin.stop.do \
+                             and the actions of its own that it documents"
+                        ),
                     )
                 }),
             });
@@ -427,7 +476,7 @@ impl Plugin {
                 publish_status(&values, &settings, "alive", "");
                 let mut next = Instant::now() + settings.status_interval;
                 while !stop.is_triggered() {
-                    if let Some(event) = subscriber.recv(Duration::from_millis(200))? {
+                    if let Some(event) = next_event(&mut subscriber, Duration::from_millis(200))? {
                         if is_about(&event.data, &settings) {
                             let request = Message::new(
                                 "config.get",
@@ -450,18 +499,27 @@ impl Plugin {
                 Ok(())
             })?);
         }
-        // The outside shutdown stops it too.
+        // The outside shutdown (SIGINT, SIGTERM) stops it too.
         {
             let (outside, stop) = (shutdown.clone(), stop.clone());
-            thread::Builder::new().name("plugin-stop".into()).spawn(move || loop {
-                if outside.wait_timeout(Duration::from_millis(200)) {
-                    stop.trigger();
-                    return;
+            threads.push(thread::Builder::new().name("plugin-stop".into()).spawn(move || {
+                let mut items = [
+                    zmq::PollItem::from_fd(outside.fd(), zmq::POLLIN),
+                    zmq::PollItem::from_fd(stop.fd(), zmq::POLLIN),
+                ];
+                loop {
+                    match zmq::poll(&mut items, -1) {
+                        Ok(_) if items.iter().any(zmq::PollItem::is_readable) => break,
+                        Ok(_) | Err(zmq::Error::EINTR) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot wait for a stop; stopping");
+                            break;
+                        }
+                    }
                 }
-                if stop.is_triggered() {
-                    return;
-                }
-            })?;
+                stop.trigger();
+                Ok(())
+            })?);
         }
         Ok(Running {
             stop,
@@ -478,6 +536,16 @@ fn publish_status(values: &Values, settings: &PluginSettings, event: &str, comme
         &json!({"type": settings.kind, "name": settings.name, "id": settings.name, "host": settings.host,
                 "event": event, "comment": comment}),
     );
+}
+
+/// The next event, or `None` after `timeout`. A signal (SIGINT, SIGTERM)
+/// that interrupts the wait counts as a timeout: the loops around this
+/// check their stop signal next, and a stop asked for is not an error.
+fn next_event(subscriber: &mut Subscriber, timeout: Duration) -> Result<Option<Event>, ClientError> {
+    match subscriber.recv(timeout) {
+        Err(ClientError::Zmq(zmq::Error::EINTR)) => Ok(None),
+        other => other,
+    }
 }
 
 /// Whether a `plugin.configuration` event is about this plugin.

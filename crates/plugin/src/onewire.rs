@@ -71,9 +71,13 @@ pub fn sensors(root: &Path) -> BTreeMap<String, PathBuf> {
 /// The plugin's counters.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Counters {
+    /// Good readings, each published.
     pub reads: u64,
+    /// Readings skipped because the CRC line said `NO`.
     pub crc_errors: u64,
+    /// Files that could not be read or parsed.
     pub unreadable: u64,
+    /// Sensors that were there and went away (each counted once).
     pub vanished: u64,
 }
 
@@ -102,6 +106,18 @@ impl Handler for OneWireHandler {
 
 /// Runs the onewire plugin until `plugin.stop.do` or `shutdown`.
 pub fn run(settings: PluginSettings, endpoints: Endpoints, shutdown: &Shutdown) -> Result<(), PluginError> {
+    // A stop asked for while it still waits for its services is a clean
+    // stop (it has said `stopped`), not a failure.
+    match run_onewire(settings, endpoints, shutdown) {
+        Err(PluginError::Stopped(what)) => {
+            tracing::info!("onewire: stopped before {what}");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run_onewire(settings: PluginSettings, endpoints: Endpoints, shutdown: &Shutdown) -> Result<(), PluginError> {
     let mut plugin = Plugin::start(settings, endpoints)?;
     let config = plugin.config(shutdown)?;
     let root = PathBuf::from(
