@@ -29,7 +29,7 @@ use majordome_mdp::{mmi, Frames};
 use tracing::{debug, info, warn};
 
 use crate::settings::Settings;
-use crate::stats::{ServiceCounters, ServiceStats, Snapshot};
+use crate::stats::{LatencyHistogram, ServiceCounters, ServiceStats, Snapshot};
 
 /// How often a noisy drop reason may be logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -81,6 +81,8 @@ struct Service {
     spare: VecDeque<(Bytes, u64)>,
     workers: usize,
     counters: ServiceCounters,
+    /// Request → reply times, for `mmi.stats`.
+    latency: LatencyHistogram,
     last_active: Instant,
 }
 
@@ -94,6 +96,7 @@ impl Service {
             spare: VecDeque::new(),
             workers: 0,
             counters: ServiceCounters::default(),
+            latency: LatencyHistogram::default(),
             last_active: now,
         }
     }
@@ -133,6 +136,8 @@ struct Request {
     dialect_action: Option<Bytes>,
     timeout: Duration,
     state: RequestState,
+    /// When the broker took it: its reply's latency counts from here.
+    accepted_at: Instant,
 }
 
 /// Why a request failed, as told to a Domogik-dialect client.
@@ -280,6 +285,8 @@ impl Core {
                     workers: service.workers,
                     idle_workers: service.idle_workers,
                     late_workers: late.get(name).copied().unwrap_or(0),
+                    latency_p50_us: service.latency.quantile_us(0.5),
+                    latency_p99_us: service.latency.quantile_us(0.99),
                 };
                 (String::from_utf8_lossy(name).into_owned(), stats)
             })
@@ -367,6 +374,7 @@ impl Core {
                 dialect_action,
                 timeout,
                 state: RequestState::Queued,
+                accepted_at: now,
             },
         );
         self.dispatch(&service);
@@ -480,6 +488,7 @@ impl Core {
                 self.outbox.push(mdp::client_reply(&request.address, &service, body));
                 if let Some(entry) = self.services.get_mut(&service) {
                     entry.counters.replies += 1;
+                    entry.latency.record(now.saturating_duration_since(request.accepted_at));
                     entry.last_active = now;
                 }
             }

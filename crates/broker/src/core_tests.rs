@@ -784,3 +784,20 @@ fn a_dialect_request_with_a_bad_service_name_is_told_why() {
     let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
     assert!(message.reason().unwrap().contains("service name"), "{message:?}");
 }
+
+#[test]
+fn stats_give_each_service_its_request_to_reply_latency() {
+    let mut h = Harness::new();
+    h.ready("w1", "slow");
+    assert_eq!(h.core.stats(h.now).services["slow"].latency_p50_us, None);
+    for _ in 0..3 {
+        h.request("c1", "slow", &["x"]);
+        h.advance(Duration::from_millis(3));
+        h.reply("w1", "c1", &["x"]);
+    }
+    let stats = h.core.stats(h.now);
+    // 3 ms lands in the bucket [2.9 ms, 4.1 ms).
+    let p50 = stats.services["slow"].latency_p50_us.unwrap();
+    assert!((3000..=4100).contains(&p50), "{p50}");
+    assert_eq!(stats.services["slow"].latency_p99_us, Some(p50));
+}

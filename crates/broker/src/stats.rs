@@ -35,6 +35,59 @@ pub struct ServiceStats {
     /// they may still be running it.
     #[serde(default)]
     pub late_workers: usize,
+    /// Median time from request to reply since the service was first
+    /// seen, in µs (to within a factor of √2), if it has replied.
+    #[serde(default)]
+    pub latency_p50_us: Option<u64>,
+    /// The 99th percentile of the same.
+    #[serde(default)]
+    pub latency_p99_us: Option<u64>,
+}
+
+/// Request → reply times in buckets a factor of √2 apart (1 µs to about
+/// an hour): constant memory and constant time per reply, and a quantile
+/// good to within a bucket.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    counts: [u64; LATENCY_BUCKETS],
+    total: u64,
+}
+
+const LATENCY_BUCKETS: usize = 64;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            counts: [0; LATENCY_BUCKETS],
+            total: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Counts one request → reply time.
+    pub fn record(&mut self, elapsed: std::time::Duration) {
+        let micros = elapsed.as_micros().max(1) as f64;
+        let bucket = ((micros.log2() * 2.0).floor() as usize).min(LATENCY_BUCKETS - 1);
+        self.counts[bucket] += 1;
+        self.total += 1;
+    }
+
+    /// The upper bound of the bucket holding quantile `q`, in µs.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((self.total as f64 * q).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (bucket, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(2f64.powf((bucket + 1) as f64 / 2.0).round() as u64);
+            }
+        }
+        None
+    }
 }
 
 /// The broker's statistics as `mmi.stats` returns them.
@@ -56,4 +109,30 @@ pub struct Snapshot {
     pub workers_disconnected: u64,
     /// Per service, by name.
     pub services: BTreeMap<String, ServiceStats>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_quantiles_fall_in_the_right_bucket() {
+        let mut histogram = LatencyHistogram::default();
+        assert_eq!(histogram.quantile_us(0.5), None);
+        for _ in 0..98 {
+            histogram.record(Duration::from_micros(500));
+        }
+        histogram.record(Duration::from_millis(20));
+        histogram.record(Duration::from_millis(20));
+        let p50 = histogram.quantile_us(0.5).unwrap();
+        assert!((500..=708).contains(&p50), "{p50}");
+        let p99 = histogram.quantile_us(0.99).unwrap();
+        assert!((20_000..=28_285).contains(&p99), "{p99}");
+        histogram.record(Duration::from_secs(100_000));
+        assert!(
+            histogram.quantile_us(1.0).is_some(),
+            "huge times land in the last bucket"
+        );
+    }
 }

@@ -620,12 +620,23 @@ fn render_status(endpoint: &str, stats: &Snapshot) -> String {
         .unwrap_or(0)
         .max("SERVICE".len());
     out += &format!(
-        "{:width$}  {:>7} {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>5}\n",
-        "SERVICE", "WORKERS", "IDLE", "QUEUED", "REQUESTS", "REPLIES", "EXPIRED", "REJECTED", "LATE"
+        "{:width$}  {:>7} {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>5} {:>9} {:>9}\n",
+        "SERVICE",
+        "WORKERS",
+        "IDLE",
+        "QUEUED",
+        "REQUESTS",
+        "REPLIES",
+        "EXPIRED",
+        "REJECTED",
+        "LATE",
+        "P50 µs",
+        "P99 µs"
     );
+    let micros = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     for (name, s) in &stats.services {
         out += &format!(
-            "{name:width$}  {:>7} {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>5}\n",
+            "{name:width$}  {:>7} {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>5} {:>9} {:>9}\n",
             s.workers,
             s.idle_workers,
             s.queued,
@@ -633,7 +644,9 @@ fn render_status(endpoint: &str, stats: &Snapshot) -> String {
             s.counters.replies,
             s.counters.expired,
             s.counters.rejected,
-            s.counters.late_replies
+            s.counters.late_replies,
+            micros(s.latency_p50_us),
+            micros(s.latency_p99_us)
         );
     }
     let dropped: Vec<String> = stats

@@ -195,11 +195,31 @@ fn the_fake_plugin_end_to_end() {
         .unwrap();
     assert_ne!(new_pid, pid, "{back}");
 
+    // `majordome status` shows the services' latencies, the clients, and
+    // the device and history counters.
+    let out = run(&["status", "--broker", &broker]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let devices_row = text.lines().find(|l| l.starts_with("devices ")).expect("a devices row");
+    assert!(
+        !devices_row.trim_end().ends_with('-'),
+        "devices has replied, so a latency: {text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with(&id) && l.contains("alive")),
+        "{text}"
+    );
+    assert!(text.contains("success.queued=1"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("history: ")), "{text}");
+
     // Stopped through the manager: the plugin's own clean stop, no restart.
     let stop = ask(&broker, "manager", "plugin.stop.do", json!({"name": "fake"}));
     assert_eq!(stop.status(), Some(true), "{:?}", stop.data);
     let (_, stopped) = fake_client(&broker, "stopped");
-    assert!(!stopped["comment"].as_str().unwrap_or_default().contains("signal"), "{stopped}");
+    assert!(
+        !stopped["comment"].as_str().unwrap_or_default().contains("signal"),
+        "{stopped}"
+    );
 
     // Config and devices survive a restart of majordome.
     up.signal(libc::SIGTERM);

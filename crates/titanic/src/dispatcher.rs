@@ -864,6 +864,8 @@ mod tests {
             workers,
             idle_workers,
             late_workers,
+            latency_p50_us: None,
+            latency_p99_us: None,
         };
         let after_failure = Gate {
             uuid: "a".into(),
