@@ -132,6 +132,13 @@ fn up(
     data: &DataArgs,
     plugins: &PluginArgs,
 ) -> Result<ExitCode> {
+    // Settings first: nothing is bound or started for a bad command line.
+    if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
+        bail!("--dead-after must be a positive number of seconds");
+    }
+    if !(data.history_days.is_finite() && data.history_days >= 0.0) {
+        bail!("--history-days must be a number of days (0 keeps everything)");
+    }
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
     let broker = Broker::bind(&args.bind, args.settings()?)?;
     let forwarder = Forwarder::bind(&event_args.pub_bind, &event_args.sub_bind, event_args.settings()?)?;
@@ -159,9 +166,6 @@ fn up(
         for manifest in &mut manifests.manifests {
             manifest.autostart = false;
         }
-    }
-    if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
-        bail!("--dead-after must be a positive number of seconds");
     }
     let endpoint = broker.endpoint().to_owned();
     let (publish_at, subscribe_at) = (
@@ -202,52 +206,6 @@ fn up(
         manifests.manifests.clone(),
         majordome_store::Durability::Full,
     )?;
-    let counters = forwarder.counters();
-    let mut threads: Vec<(&str, thread::JoinHandle<Result<()>>)> = Vec::new();
-    let stop = shutdown.clone();
-    threads.push((
-        "broker",
-        thread::Builder::new()
-            .name("broker".into())
-            .spawn(move || Ok(broker.run(&stop)?))?,
-    ));
-    let stop = shutdown.clone();
-    threads.push((
-        "forwarder",
-        thread::Builder::new()
-            .name("forwarder".into())
-            .spawn(move || Ok(forwarder.run(&stop)?))?,
-    ));
-    let stop = shutdown.clone();
-    threads.push((
-        "state",
-        thread::Builder::new()
-            .name("state".into())
-            .spawn(move || Ok(state.run(&stop)?))?,
-    ));
-    let (stop, at, publish) = (shutdown.clone(), endpoint.clone(), publish_at.clone());
-    threads.push((
-        "config",
-        thread::Builder::new()
-            .name("config".into())
-            .spawn(move || Ok(config.run(&at, Some(&publish), &stop)?))?,
-    ));
-    let stop = shutdown.clone();
-    threads.push((
-        "manager",
-        thread::Builder::new().name("manager".into()).spawn(move || {
-            Ok(majordome_services::manager::run(
-                registry,
-                &manager_endpoints,
-                &log_dir,
-                &stop,
-            )?)
-        })?,
-    ));
-    // The device service and the history it feeds, in the same database.
-    if !(data.history_days.is_finite() && data.history_days >= 0.0) {
-        bail!("--history-days must be a number of days (0 keeps everything)");
-    }
     let history_settings = majordome_services::HistorySettings {
         retention: (data.history_days > 0.0)
             .then(|| Duration::from_secs_f64(data.history_days.min(36_500.0) * 86_400.0)),
@@ -257,6 +215,26 @@ fn up(
     for (plugin, why) in rejected {
         tracing::warn!(plugin, "ignored a device type from a manifest: {why}");
     }
+    let counters = forwarder.counters();
+    let mut parts = Parts {
+        shutdown: shutdown.clone(),
+        threads: Vec::new(),
+    };
+    parts.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
+    parts.spawn("forwarder", move |stop| Ok(forwarder.run(stop)?))?;
+    parts.spawn("state", move |stop| Ok(state.run(stop)?))?;
+    let (at, publish) = (endpoint.clone(), publish_at.clone());
+    parts.spawn("config", move |stop| Ok(config.run(&at, Some(&publish), stop)?))?;
+    parts.spawn("manager", move |stop| {
+        Ok(majordome_services::manager::run(
+            registry,
+            &manager_endpoints,
+            &log_dir,
+            stop,
+        )?)
+    })?;
+    // The device service and the history it feeds, in the same database.
+    // Opened once the Clone server runs: the service writes values there.
     let devices = majordome_services::DeviceService::open(
         &database,
         schema,
@@ -271,48 +249,26 @@ fn up(
         },
     )?;
     let history = majordome_services::HistoryService::new(&database, history_settings, devices.history_counters());
-    let stop = shutdown.clone();
-    threads.push((
-        "devices",
-        thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || Ok(devices.run(&stop)?))?,
-    ));
-    let (stop, at) = (shutdown.clone(), endpoint.clone());
-    threads.push((
-        "history",
-        thread::Builder::new()
-            .name("history".into())
-            .spawn(move || Ok(history.run(&at, &stop)?))?,
-    ));
-    let stop = shutdown.clone();
-    threads.push((
-        "titanic",
-        thread::Builder::new()
-            .name("titanic".into())
-            .spawn(move || Ok(titanic.run(&stop)?))?,
-    ));
-    let (stop, at) = (shutdown.clone(), endpoint.clone());
-    threads.push((
-        "echo",
-        thread::Builder::new().name("echo".into()).spawn(move || {
-            Ok(Worker::new(&at, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), &stop)?)
-        })?,
-    ));
+    parts.spawn("devices", move |stop| Ok(devices.run(stop)?))?;
+    let at = endpoint.clone();
+    parts.spawn("history", move |stop| Ok(history.run(&at, stop)?))?;
+    parts.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
+    let at = endpoint.clone();
+    parts.spawn("echo", move |stop| {
+        Ok(Worker::new(&at, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), stop)?)
+    })?;
     // The forwarder's and the Clone server's counters, served on the bus
     // like everything else.
-    threads.push((
-        "events",
-        stats_service(&endpoint, "events", &shutdown, move || {
-            serde_json::to_value(counters.snapshot())
-        })?,
-    ));
-    threads.push((
-        "state",
-        stats_service(&endpoint, "state", &shutdown, move || {
+    let at = endpoint.clone();
+    parts.spawn("events-stats", move |stop| {
+        stats_service(&at, "events", stop, move || serde_json::to_value(counters.snapshot()))
+    })?;
+    let at = endpoint.clone();
+    parts.spawn("state-stats", move |stop| {
+        stats_service(&at, "state", stop, move || {
             serde_json::to_value(state_counters.snapshot())
-        })?,
-    ));
+        })
+    })?;
     println!("majordome broker listening on {endpoint}");
     println!("  request/reply (MDP/0.1, MMI, Domogik dialect)  {endpoint}");
     println!("  events: publishers connect to                  {publish_at}");
@@ -337,7 +293,7 @@ fn up(
     println!("stop with Ctrl-C");
     std::io::stdout().flush()?;
     shutdown.wait();
-    for (name, thread) in threads {
+    for (name, thread) in parts.threads {
         thread
             .join()
             .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))??;
@@ -345,27 +301,41 @@ fn up(
     Ok(ExitCode::SUCCESS)
 }
 
-/// A worker for `service` that answers `stats.get` with `snapshot()`.
-fn stats_service<F>(
-    broker: &str,
-    service: &'static str,
-    shutdown: &Shutdown,
-    snapshot: F,
-) -> std::io::Result<thread::JoinHandle<Result<()>>>
+/// The threads of `up`: each named, each stopped by the same signal.
+struct Parts {
+    shutdown: Shutdown,
+    threads: Vec<(&'static str, thread::JoinHandle<Result<()>>)>,
+}
+
+impl Parts {
+    fn spawn<F>(&mut self, name: &'static str, run: F) -> Result<()>
+    where
+        F: FnOnce(&Shutdown) -> Result<()> + Send + 'static,
+    {
+        let stop = self.shutdown.clone();
+        let thread = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(&stop))
+            .with_context(|| format!("cannot start the {name} thread"))?;
+        self.threads.push((name, thread));
+        Ok(())
+    }
+}
+
+/// Serves `service` at `broker`, answering `stats.get` with `snapshot()`,
+/// until `shutdown`.
+fn stats_service<F>(broker: &str, service: &'static str, shutdown: &Shutdown, snapshot: F) -> Result<()>
 where
     F: Fn() -> serde_json::Result<Value> + Send + 'static,
 {
-    let (stop, at) = (shutdown.clone(), broker.to_owned());
-    thread::Builder::new().name(format!("{service}-stats")).spawn(move || {
-        let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-            "stats.get" => Message::new("stats.result", snapshot().unwrap_or_default()),
-            other => Message::failure(
-                other,
-                format!("unknown action '{other}': the {service} service answers stats.get"),
-            ),
-        });
-        Ok(Worker::new(&at, service, WorkerOptions::default()).run(handler, &stop)?)
-    })
+    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+        "stats.get" => Message::new("stats.result", snapshot().unwrap_or_default()),
+        other => Message::failure(
+            other,
+            format!("unknown action '{other}': the {service} service answers stats.get"),
+        ),
+    });
+    Ok(Worker::new(broker, service, WorkerOptions::default()).run(handler, shutdown)?)
 }
 
 fn forwarder_only(args: &EventArgs) -> Result<ExitCode> {
