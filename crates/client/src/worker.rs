@@ -121,12 +121,8 @@ impl Worker {
             }
             let Ok(frames) = net::recv_all(to_handler) else { break };
             pending -= 1;
-            if frames.first().map(|f| f.as_ref()) == Some(TAG_DONE)
-                && frames.len() >= 3
-                && frames[1].as_ref() == generation.to_be_bytes()
-            {
-                let client = frames[2].clone();
-                let _ = net::send_frames(dealer, &mdp::reply(&client, frames.into_iter().skip(3)), zmq::DONTWAIT);
+            if frames.first().map(|f| f.as_ref()) == Some(TAG_DONE) {
+                send_reply(frames, Some(dealer), generation);
             }
         }
         if pending > 0 {
@@ -176,19 +172,9 @@ impl Worker {
                 in_handler = in_handler.saturating_sub(1);
                 let frames = net::recv_all(to_handler)?;
                 match frames.first().map(|f| f.as_ref()) {
-                    Some(TAG_DONE) if frames.len() >= 3 => {
-                        let reply_generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
-                        match &socket {
-                            // The request came on this connection: answer it.
-                            Some(dealer) if reply_generation == generation => {
-                                let client = frames[2].clone();
-                                let reply = mdp::reply(&client, frames.into_iter().skip(3));
-                                if let Err(e) = net::send_frames(dealer, &reply, zmq::DONTWAIT) {
-                                    warn!(error = %e, "could not send a reply");
-                                }
-                                next_heartbeat = Instant::now() + interval;
-                            }
-                            _ => debug!("dropping a reply for a connection that is gone"),
+                    Some(TAG_DONE) => {
+                        if send_reply(frames, socket.as_ref(), generation) {
+                            next_heartbeat = Instant::now() + interval;
                         }
                     }
                     Some(TAG_PANICKED) => {
@@ -247,6 +233,32 @@ impl Worker {
                     next_heartbeat = now + interval;
                 }
             }
+        }
+    }
+}
+
+/// Sends a reply the handler finished (`TAG_DONE | generation | client |
+/// body…`) on `dealer`, if the request came on this connection
+/// (`generation`); true when it was sent.
+fn send_reply(frames: Frames, dealer: Option<&zmq::Socket>, generation: u64) -> bool {
+    if frames.len() < 3 {
+        warn!("unexpected message from the handler thread");
+        return false;
+    }
+    let reply_generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
+    match dealer {
+        // The request came on this connection: answer it.
+        Some(dealer) if reply_generation == generation => {
+            let client = frames[2].clone();
+            let reply = mdp::reply(&client, frames.into_iter().skip(3));
+            if let Err(e) = net::send_frames(dealer, &reply, zmq::DONTWAIT) {
+                warn!(error = %e, "could not send a reply");
+            }
+            true
+        }
+        _ => {
+            debug!("dropping a reply for a connection that is gone");
+            false
         }
     }
 }
