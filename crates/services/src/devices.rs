@@ -43,6 +43,20 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 ";
 
+/// The actions `devices` answers.
+const ACTIONS: &[&str] = &[
+    "device.create.do",
+    "device.get",
+    "devices.get",
+    "device.update.do",
+    "device.delete.do",
+    "device.command.do",
+    "inventory.get",
+    "inventory",
+    "device_types.get",
+    "stats.get",
+];
+
 /// Subjects the service publishes itself; the follower skips them.
 const OWN_SUBJECTS: &[&str] = &["event.device.announce", "event.device.remove", "event.device.stale"];
 
@@ -240,7 +254,11 @@ const LATENCY_WINDOW: usize = 1024;
 
 impl Stats {
     fn outcome(&mut self, client: Option<&str>, identifier: &str) {
-        *self.outcomes.entry(identifier.to_owned()).or_default() += 1;
+        // Plugins choose their identifiers: past a few dozen kinds, new
+        // ones count together, so the map stays bounded.
+        let known = self.outcomes.len() < 64 || self.outcomes.contains_key(identifier);
+        let counted = if known { identifier } else { "other" };
+        *self.outcomes.entry(counted.to_owned()).or_default() += 1;
         if let Some(client) = client {
             let entry = self.clients.entry(client.to_owned()).or_default();
             entry.commands += 1;
@@ -612,7 +630,10 @@ impl Shared {
 
     fn handle(&self, client: &mut Client, message: &Message) -> Message {
         let action = message.action.as_str();
-        *lock(&self.stats).requests.entry(action.to_owned()).or_default() += 1;
+        // Counted by action, but any action a client makes up counts as
+        // "unknown": the map must not grow with bad input.
+        let counted = if ACTIONS.contains(&action) { action } else { "unknown" };
+        *lock(&self.stats).requests.entry(counted.to_owned()).or_default() += 1;
         let data = message.data.as_object().cloned().unwrap_or_default();
         match action {
             "device.create.do" => self.create(action, &data),
@@ -629,8 +650,8 @@ impl Shared {
             other => Message::failure(
                 other,
                 format!(
-                    "unknown action '{other}': the devices service answers device.create.do, device.get, \
-                     device.update.do, device.delete.do, device.command.do, inventory.get, device_types.get, stats.get"
+                    "unknown action '{other}': the devices service answers {}",
+                    ACTIONS.join(", ")
                 ),
             ),
         }
