@@ -20,13 +20,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use majordome_broker::Broker;
-use majordome_client::{domogik_handler, Client, ClientOptions, Message, Publisher, Worker, WorkerOptions};
-use majordome_net::Shutdown;
+use majordome_client::{domogik_handler, Client, Message, Publisher, Worker, WorkerOptions};
 use majordome_services::history::HistoryCounters;
 use majordome_services::{DeviceEndpoints, DeviceService, DeviceSettings, HistorySettings, Schema};
 use serde_json::json;
@@ -71,8 +70,8 @@ type RunRow = (f64, f64, f64, Option<f64>, f64);
 struct Stack {
     broker: String,
     publish: String,
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
+    /// Held for its Drop: stops and joins the stack before the folder goes.
+    _background: crate::Background,
     history: Arc<HistoryCounters>,
     commits: Arc<majordome_store::CommitStats>,
     _folder: Option<tempfile::TempDir>,
@@ -82,7 +81,6 @@ impl Stack {
     fn start(options: &DeviceOptions) -> Result<Stack> {
         let (folder, path) = crate::data_folder(options.data.as_ref(), "majordome-bench-devices")?;
         let database = majordome_store::database_path(&path);
-        let shutdown = Shutdown::new()?;
         let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default())?;
         let forwarder = majordome_events::Forwarder::bind(
             "tcp://127.0.0.1:0",
@@ -97,20 +95,10 @@ impl Stack {
             subscribe: forwarder.subscriber_endpoint().to_owned(),
             state: Some(state.endpoints().snapshot.clone()),
         };
-        let mut threads = Vec::new();
-        let report = |name: &'static str| move |e: &dyn std::fmt::Display| eprintln!("{name}: {e}");
-        let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
-            broker.run(&stop).unwrap_or_else(|e| report("broker")(&e))
-        }));
-        let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
-            forwarder.run(&stop).unwrap_or_else(|e| report("forwarder")(&e))
-        }));
-        let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
-            state.run(&stop).unwrap_or_else(|e| report("state")(&e))
-        }));
+        let mut background = crate::Background::new()?;
+        background.spawn("bench-broker", move |stop| broker.run(stop))?;
+        background.spawn("bench-forwarder", move |stop| forwarder.run(stop))?;
+        background.spawn("bench-state", move |stop| state.run(stop))?;
         let devices = DeviceService::open(
             &database,
             Schema::shipped(),
@@ -120,55 +108,30 @@ impl Stack {
             endpoints.clone(),
         )?;
         let (history, commits) = (devices.history_counters(), devices.history_commit_stats());
-        let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
-            devices.run(&stop).unwrap_or_else(|e| report("devices")(&e))
-        }));
+        background.spawn("bench-devices", move |stop| devices.run(stop))?;
         // The plugin: as quick as a plugin can be, so the figure is the
         // bus's and the device service's.
         for _ in 0..2 {
-            let (stop, at) = (shutdown.clone(), endpoints.broker.clone());
-            threads.push(thread::spawn(move || {
+            let at = endpoints.broker.clone();
+            background.spawn("bench-plugin", move |stop| {
                 let handler = domogik_handler(|_message: Message| {
                     Message::new(
                         "device.command.result",
                         json!({"status": true, "reason": "", "result": {"identifier": "success"}}),
                     )
                 });
-                Worker::new(&at, PLUGIN, WorkerOptions::default())
-                    .run(handler, &stop)
-                    .unwrap_or_else(|e| report("plugin")(&e))
-            }));
+                Worker::new(&at, PLUGIN, WorkerOptions::default()).run(handler, stop)
+            })?;
         }
         Ok(Stack {
             broker: endpoints.broker,
             publish: endpoints.publish,
-            shutdown,
-            threads,
+            _background: background,
             history,
             commits,
             _folder: folder,
         })
     }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn client(broker: &str) -> Client {
-    Client::new(
-        broker,
-        ClientOptions {
-            timeout: Duration::from_secs(30),
-            ..ClientOptions::default()
-        },
-    )
 }
 
 fn register(client: &mut Client, id: &str, kind: &str) -> Result<String> {
@@ -195,7 +158,7 @@ fn commands(options: &DeviceOptions, broker: &str, uuid: &str, direct: bool) -> 
         let share = options.commands / options.clients + usize::from(t < options.commands % options.clients);
         let (barrier, broker, uuid) = (barrier.clone(), broker.to_owned(), uuid.to_owned());
         handles.push(thread::spawn(move || -> Result<Vec<u32>> {
-            let mut client = client(&broker);
+            let mut client = crate::client(&broker);
             let (service, message) = if direct {
                 let data = json!({"uuid": uuid, "id": "dimmer", "command": "setlevel", "data": {"level": 50}});
                 (PLUGIN, Message::new("device.command.do", data))
@@ -293,7 +256,7 @@ pub fn run(options: &DeviceOptions, out: &mut dyn Write) -> Result<DeviceFigures
         options.commands, options.clients, options.values, options.sensors, options.window, options.runs, options.durability
     )?;
     let stack = Stack::start(options)?;
-    let mut admin = client(&stack.broker);
+    let mut admin = crate::client(&stack.broker);
     let dimmer = register(&mut admin, "dimmer", "dimmer")?;
     let sensors = (0..options.sensors)
         .map(|i| register(&mut admin, &format!("sensor-{i}"), "temperaturesensor"))

@@ -25,3 +25,56 @@ pub(crate) fn data_folder(
         }
     })
 }
+
+/// The threads of a bench's in-process stack (broker, services, workers):
+/// each stopped by one signal and joined when this is dropped. A thread
+/// that fails says so on stderr.
+pub(crate) struct Background {
+    shutdown: majordome_net::Shutdown,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub(crate) fn new() -> std::io::Result<Background> {
+        Ok(Background {
+            shutdown: majordome_net::Shutdown::new()?,
+            threads: Vec::new(),
+        })
+    }
+
+    /// Runs `run` on a thread named `name` until the stack is dropped.
+    pub(crate) fn spawn<F, E>(&mut self, name: &'static str, run: F) -> std::io::Result<()>
+    where
+        F: FnOnce(&majordome_net::Shutdown) -> Result<(), E> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let stop = self.shutdown.clone();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            if let Err(e) = run(&stop) {
+                eprintln!("{name}: {e}");
+            }
+        })?;
+        self.threads.push(thread);
+        Ok(())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A client with a timeout long enough for any bench's slowest reply.
+pub(crate) fn client(broker: &str) -> majordome_client::Client {
+    majordome_client::Client::new(
+        broker,
+        majordome_client::ClientOptions {
+            timeout: std::time::Duration::from_secs(30),
+            ..majordome_client::ClientOptions::default()
+        },
+    )
+}

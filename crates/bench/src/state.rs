@@ -13,7 +13,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -58,8 +58,8 @@ pub struct StateFigures {
 /// A server run in this process for the bench.
 struct LocalServer {
     endpoints: Endpoints,
-    shutdown: Shutdown,
-    thread: Option<JoinHandle<()>>,
+    /// Held for its Drop: stops and joins the server before the folder goes.
+    _background: crate::Background,
     _folder: Option<tempfile::TempDir>,
 }
 
@@ -72,28 +72,13 @@ impl LocalServer {
             majordome_state::Settings::default(),
         )?;
         let endpoints = server.endpoints().clone();
-        let shutdown = Shutdown::new()?;
-        let stop = shutdown.clone();
-        let thread = thread::Builder::new().name("bench-state".into()).spawn(move || {
-            if let Err(e) = server.run(&stop) {
-                eprintln!("state server: {e}");
-            }
-        })?;
+        let mut background = crate::Background::new()?;
+        background.spawn("bench-state", move |stop| server.run(stop))?;
         Ok(LocalServer {
             endpoints,
-            shutdown,
-            thread: Some(thread),
+            _background: background,
             _folder: folder,
         })
-    }
-}
-
-impl Drop for LocalServer {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

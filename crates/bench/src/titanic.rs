@@ -15,14 +15,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use bytes::Bytes;
 use majordome_broker::Broker;
-use majordome_client::{Client, ClientOptions, Worker, WorkerOptions};
-use majordome_net::Shutdown;
+use majordome_client::{Client, Worker, WorkerOptions};
 use majordome_titanic::{client, ReplyStatus, Titanic};
 
 use crate::reqrep::{median, percentile};
@@ -60,8 +59,8 @@ const ECHO_WORKERS: usize = 4;
 /// The broker, Titanic and the echo workers, each on its own thread.
 struct Stack {
     broker: String,
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
+    /// Held for its Drop: stops and joins the stack before the folder goes.
+    _background: crate::Background,
     commits: Arc<majordome_store::CommitStats>,
     _folder: Option<tempfile::TempDir>,
 }
@@ -69,16 +68,10 @@ struct Stack {
 impl Stack {
     fn start(data: Option<&PathBuf>, durability: majordome_store::Durability) -> Result<Stack> {
         let (folder, path) = crate::data_folder(data, "majordome-bench-titanic")?;
-        let shutdown = Shutdown::new()?;
+        let mut background = crate::Background::new()?;
         let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default())?;
         let endpoint = broker.endpoint().to_owned();
-        let mut threads = Vec::new();
-        let stop = shutdown.clone();
-        threads.push(thread::Builder::new().name("bench-broker".into()).spawn(move || {
-            if let Err(e) = broker.run(&stop) {
-                eprintln!("broker: {e}");
-            }
-        })?);
+        background.spawn("bench-broker", move |stop| broker.run(stop))?;
         let titanic = Titanic::start(
             &endpoint,
             &majordome_store::database_path(&path),
@@ -88,48 +81,20 @@ impl Stack {
             },
         )?;
         let commits = titanic.commit_stats();
-        let stop = shutdown.clone();
-        threads.push(thread::spawn(move || {
-            if let Err(e) = titanic.run(&stop) {
-                eprintln!("titanic: {e}");
-            }
-        }));
+        background.spawn("bench-titanic", move |stop| titanic.run(stop))?;
         for _ in 0..ECHO_WORKERS {
-            let (stop, at) = (shutdown.clone(), endpoint.clone());
-            threads.push(thread::spawn(move || {
-                let worker = Worker::new(&at, SERVICE, WorkerOptions::default());
-                if let Err(e) = worker.run(|body| body, &stop) {
-                    eprintln!("echo worker: {e}");
-                }
-            }));
+            let at = endpoint.clone();
+            background.spawn("bench-echo", move |stop| {
+                Worker::new(&at, SERVICE, WorkerOptions::default()).run(|body| body, stop)
+            })?;
         }
         Ok(Stack {
             broker: endpoint,
-            shutdown,
-            threads,
+            _background: background,
             commits,
             _folder: folder,
         })
     }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn client(broker: &str) -> Client {
-    Client::new(
-        broker,
-        ClientOptions {
-            timeout: Duration::from_secs(30),
-            ..ClientOptions::default()
-        },
-    )
 }
 
 /// One request through Titanic, from `titanic.request` to `titanic.close`;
@@ -167,7 +132,7 @@ fn load(options: &TitanicOptions, broker: &str, durable: bool) -> Result<(f64, V
         let share = options.requests / threads + usize::from(t < options.requests % threads);
         let (barrier, broker, body) = (barrier.clone(), broker.to_owned(), body.clone());
         handles.push(thread::spawn(move || -> Result<(Vec<u32>, u64)> {
-            let mut client_ = client(&broker);
+            let mut client_ = crate::client(&broker);
             barrier.wait();
             let mut latencies = Vec::with_capacity(share);
             let mut polls = 0;
@@ -213,7 +178,7 @@ pub fn run(options: &TitanicOptions, out: &mut dyn Write) -> Result<(TitanicFigu
     )?;
     let stack = Stack::start(options.data.as_ref(), options.durability)?;
     // Warm up: the workers must be registered before timing.
-    durable_round(&mut client(&stack.broker), &Bytes::from_static(b"warm-up"))?;
+    durable_round(&mut crate::client(&stack.broker), &Bytes::from_static(b"warm-up"))?;
     let mut figures: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
     for run in 1..=options.runs {
         let targets: &[bool] = if options.baseline_direct {
