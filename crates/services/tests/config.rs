@@ -5,79 +5,34 @@
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use majordome_broker::Broker;
-use majordome_client::{Client, ClientOptions, Message, Shutdown, Subscriber};
-use majordome_events::Forwarder;
+use majordome_client::{Client, Message, Shutdown, Subscriber};
 use majordome_services::{ConfigService, Manifest};
 use majordome_store::Durability;
 use serde_json::{json, Value};
 
-const LIMIT: Duration = Duration::from_secs(20);
+mod common;
 
-struct Bus {
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
-    broker: String,
-    publish_at: String,
-    subscribe_at: String,
-}
+use common::{Bus, LIMIT};
 
-impl Bus {
-    fn start() -> Bus {
-        let shutdown = Shutdown::new().unwrap();
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
-        let forwarder = Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )
-        .unwrap();
-        let endpoint = broker.endpoint().to_owned();
-        let (publish_at, subscribe_at) = (
-            forwarder.publisher_endpoint().to_owned(),
-            forwarder.subscriber_endpoint().to_owned(),
-        );
-        let (a, b) = (shutdown.clone(), shutdown.clone());
-        let threads = vec![
-            thread::spawn(move || broker.run(&a).unwrap()),
-            thread::spawn(move || forwarder.run(&b).unwrap()),
-        ];
-        Bus {
-            shutdown,
-            threads,
-            broker: endpoint,
-            publish_at,
-            subscribe_at,
-        }
-    }
-
-    /// Runs a config service on `database`; returns its own stop signal.
-    fn config(&mut self, database: &std::path::Path) -> (Shutdown, JoinHandle<()>) {
-        let manifest = Manifest::parse(
-            &json!({
-                "name": "fake", "version": "1.0",
-                "config": [
-                    {"key": "interval", "type": "integer", "default": 5, "min": 1, "max": 3600},
-                    {"key": "unit", "type": "string", "choices": ["C", "F"], "required": true},
-                    {"key": "enabled", "type": "boolean", "default": true}
-                ]
-            })
-            .to_string(),
-        )
-        .unwrap();
-        let service = ConfigService::open(database, vec![manifest], Durability::Full).unwrap();
-        let stop = Shutdown::new().unwrap();
-        let (own, broker, publish_at) = (stop.clone(), self.broker.clone(), self.publish_at.clone());
-        let thread = thread::spawn(move || service.run(&broker, Some(&publish_at), &own).unwrap());
-        (stop, thread)
-    }
-
-    fn stop(self) {
-        self.shutdown.trigger();
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
-    }
+/// Runs a config service on `database`; returns its own stop signal.
+fn start_config(bus: &Bus, database: &std::path::Path) -> (Shutdown, JoinHandle<()>) {
+    let manifest = Manifest::parse(
+        &json!({
+            "name": "fake", "version": "1.0",
+            "config": [
+                {"key": "interval", "type": "integer", "default": 5, "min": 1, "max": 3600},
+                {"key": "unit", "type": "string", "choices": ["C", "F"], "required": true},
+                {"key": "enabled", "type": "boolean", "default": true}
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let service = ConfigService::open(database, vec![manifest], Durability::Full).unwrap();
+    let stop = Shutdown::new().unwrap();
+    let (own, broker, publish_at) = (stop.clone(), bus.broker.clone(), bus.publish_at.clone());
+    let thread = thread::spawn(move || service.run(&broker, Some(&publish_at), &own).unwrap());
+    (stop, thread)
 }
 
 fn call(client: &mut Client, service: &str, action: &str, data: Value) -> Value {
@@ -87,21 +42,15 @@ fn call(client: &mut Client, service: &str, action: &str, data: Value) -> Value 
 }
 
 fn client(bus: &Bus) -> Client {
-    Client::new(
-        &bus.broker,
-        ClientOptions {
-            timeout: LIMIT,
-            ..ClientOptions::default()
-        },
-    )
+    bus.client(LIMIT)
 }
 
 #[test]
 fn get_set_delete_with_manifest_checks_events_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let database = majordome_store::database_path(dir.path());
-    let mut bus = Bus::start();
-    let (stop, config) = bus.config(&database);
+    let bus = Bus::start();
+    let (stop, config) = start_config(&bus, &database);
     let mut c = client(&bus);
     let fake = json!({"type": "plugin", "name": "fake", "host": "box"});
     let with = |extra: Value| {
@@ -184,7 +133,7 @@ fn get_set_delete_with_manifest_checks_events_and_a_restart() {
     // Restart the service on the same database: everything is still there.
     stop.trigger();
     config.join().unwrap();
-    let (stop, config) = bus.config(&database);
+    let (stop, config) = start_config(&bus, &database);
     let all = call(&mut c, "config", "config.get", fake.clone());
     assert_eq!(all["data"], json!({"interval": 30, "enabled": false, "unit": "C"}));
     let paths = call(

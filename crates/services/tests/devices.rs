@@ -9,131 +9,53 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use majordome_broker::Broker;
-use majordome_client::{
-    domogik_handler, Client, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
-};
-use majordome_events::Forwarder;
+use majordome_client::{domogik_handler, Client, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions};
 use majordome_services::{DeviceEndpoints, DeviceService, DeviceSettings, HistoryService, HistorySettings, Schema};
 use majordome_store::Durability;
 use serde_json::{json, Value};
 
-const LIMIT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::{eventually, Bus, LIMIT};
+
 const PLUGIN: &str = "plugin-test.box";
 
-struct Bus {
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
-    broker: String,
-    publish_at: String,
-    subscribe_at: String,
-    state: String,
-}
-
-impl Bus {
-    fn start(data: &Path) -> Bus {
-        let shutdown = Shutdown::new().unwrap();
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
-        let forwarder = Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )
-        .unwrap();
-        let state = majordome_state::Server::bind(
-            "tcp://127.0.0.1:0",
-            &data.join("state.db"),
-            majordome_state::Settings::default(),
-        )
-        .unwrap();
-        let bus_endpoints = (
-            broker.endpoint().to_owned(),
-            forwarder.publisher_endpoint().to_owned(),
-            forwarder.subscriber_endpoint().to_owned(),
-            state.endpoints().snapshot.clone(),
-        );
-        let (a, b, c) = (shutdown.clone(), shutdown.clone(), shutdown.clone());
-        let threads = vec![
-            thread::spawn(move || broker.run(&a).unwrap()),
-            thread::spawn(move || forwarder.run(&b).unwrap()),
-            thread::spawn(move || state.run(&c).unwrap()),
-        ];
-        Bus {
-            shutdown,
-            threads,
-            broker: bus_endpoints.0,
-            publish_at: bus_endpoints.1,
-            subscribe_at: bus_endpoints.2,
-            state: bus_endpoints.3,
-        }
-    }
-
-    /// Runs the device and history services on `database`; returns their
-    /// own stop signal and threads.
-    fn services(&self, database: &Path) -> (Shutdown, Vec<JoinHandle<()>>) {
-        let settings = DeviceSettings {
-            command_timeout: Duration::from_millis(1500),
-            stale_check: Duration::from_millis(50),
-            ..DeviceSettings::default()
-        };
-        let endpoints = DeviceEndpoints {
-            broker: self.broker.clone(),
-            publish: self.publish_at.clone(),
-            subscribe: self.subscribe_at.clone(),
-            state: Some(self.state.clone()),
-        };
-        let history_settings = HistorySettings::default();
-        let devices = DeviceService::open(
-            database,
-            Schema::shipped(),
-            Durability::Full,
-            settings,
-            &history_settings,
-            endpoints,
-        )
-        .unwrap();
-        let history = HistoryService::new(database, history_settings, devices.history_counters());
-        let stop = Shutdown::new().unwrap();
-        let (a, b, broker) = (stop.clone(), stop.clone(), self.broker.clone());
-        let threads = vec![
-            thread::spawn(move || devices.run(&a).unwrap()),
-            thread::spawn(move || history.run(&broker, &b).unwrap()),
-        ];
-        (stop, threads)
-    }
-
-    fn client(&self) -> Client {
-        Client::new(
-            &self.broker,
-            ClientOptions {
-                timeout: Duration::from_secs(5),
-                ..ClientOptions::default()
-            },
-        )
-    }
-
-    fn stop(self) {
-        self.shutdown.trigger();
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
-    }
+/// Runs the device and history services on `database`; returns their
+/// own stop signal and threads.
+fn start_services(bus: &Bus, database: &Path) -> (Shutdown, Vec<JoinHandle<()>>) {
+    let settings = DeviceSettings {
+        command_timeout: Duration::from_millis(1500),
+        stale_check: Duration::from_millis(50),
+        ..DeviceSettings::default()
+    };
+    let endpoints = DeviceEndpoints {
+        broker: bus.broker.clone(),
+        publish: bus.publish_at.clone(),
+        subscribe: bus.subscribe_at.clone(),
+        state: bus.state.clone(),
+    };
+    let history_settings = HistorySettings::default();
+    let devices = DeviceService::open(
+        database,
+        Schema::shipped(),
+        Durability::Full,
+        settings,
+        &history_settings,
+        endpoints,
+    )
+    .unwrap();
+    let history = HistoryService::new(database, history_settings, devices.history_counters());
+    let stop = Shutdown::new().unwrap();
+    let (a, b, broker) = (stop.clone(), stop.clone(), bus.broker.clone());
+    let threads = vec![
+        thread::spawn(move || devices.run(&a).unwrap()),
+        thread::spawn(move || history.run(&broker, &b).unwrap()),
+    ];
+    (stop, threads)
 }
 
 fn call(client: &mut Client, service: &str, action: &str, data: Value) -> Message {
     client.request_message(service, &Message::new(action, data)).unwrap()
-}
-
-/// Polls `check` until it gives a value or the limit passes.
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The next event of `subject` that satisfies `accept`.
@@ -198,11 +120,11 @@ fn start_plugin(bus: &Bus, stop: &Shutdown) -> (Arc<Mutex<Vec<Value>>>, JoinHand
 fn devices_commands_values_history_clone_and_stale() {
     let data = tempfile::tempdir().unwrap();
     let database = data.path().join("majordome.db");
-    let bus = Bus::start(data.path());
-    let (services_stop, services) = bus.services(&database);
+    let bus = Bus::with_state(data.path());
+    let (services_stop, services) = start_services(&bus, &database);
     let plugin_stop = Shutdown::new().unwrap();
     let (received, plugin) = start_plugin(&bus, &plugin_stop);
-    let mut client = bus.client();
+    let mut client = bus.client(Duration::from_secs(5));
     let mut events = Subscriber::connect(&bus.subscribe_at, &["event."]).unwrap();
 
     // Registration: idempotent per (client, id), with RasPy's oids.
@@ -359,7 +281,7 @@ fn devices_commands_values_history_clone_and_stale() {
         .collect();
     assert_eq!(values, [20.5, 21.0, 21.5]);
     let key = format!("/device/{sensor_uuid}/temperature");
-    let (entries, _) = majordome_state::snapshot(bus.state.as_str(), "/device/", LIMIT).unwrap();
+    let (entries, _) = majordome_state::snapshot(bus.state.as_deref().unwrap(), "/device/", LIMIT).unwrap();
     let mirrored = entries.iter().find(|e| e.key == key).expect("the value is in Clone");
     let mirrored: Value = serde_json::from_slice(&mirrored.value).unwrap();
     assert_eq!(mirrored["level"], 21.5);
@@ -395,7 +317,7 @@ fn devices_commands_values_history_clone_and_stale() {
     for thread in services {
         thread.join().unwrap();
     }
-    let (services_stop, services) = bus.services(&database);
+    let (services_stop, services) = start_services(&bus, &database);
     let device = call(&mut client, "devices", "device.get", json!({"uuid": dimmer_uuid}));
     assert_eq!(device.data["devices"][0]["name"], "Kitchen light");
     let inventory = call(&mut client, "devices", "inventory.get", json!({}));

@@ -12,66 +12,23 @@ use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use majordome_broker::Broker;
-use majordome_client::{Client, ClientOptions, Message, Shutdown};
-use majordome_events::Forwarder;
+use majordome_client::{Client, Message, Shutdown};
 use majordome_services::manager::{self, ManagerEndpoints, ManagerSettings, Registry};
 use majordome_services::{ConfigService, Manifest};
 use majordome_store::Durability;
 use serde_json::{json, Value};
 
-/// How long any awaited state may take to show.
-const LIMIT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::{eventually, Bus};
+
 const HOST: &str = "box";
 
-struct Bus {
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
-    endpoints: ManagerEndpoints,
-}
-
-impl Bus {
-    fn start() -> Bus {
-        let shutdown = Shutdown::new().unwrap();
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
-        let forwarder = Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )
-        .unwrap();
-        let endpoints = ManagerEndpoints {
-            broker: broker.endpoint().to_owned(),
-            publish: forwarder.publisher_endpoint().to_owned(),
-            subscribe: forwarder.subscriber_endpoint().to_owned(),
-        };
-        let (a, b) = (shutdown.clone(), shutdown.clone());
-        let threads = vec![
-            thread::spawn(move || broker.run(&a).unwrap()),
-            thread::spawn(move || forwarder.run(&b).unwrap()),
-        ];
-        Bus {
-            shutdown,
-            threads,
-            endpoints,
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(
-            &self.endpoints.broker,
-            ClientOptions {
-                timeout: Duration::from_secs(10),
-                ..ClientOptions::default()
-            },
-        )
-    }
-
-    fn stop(self) {
-        self.shutdown.trigger();
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
+fn manager_endpoints(bus: &Bus) -> ManagerEndpoints {
+    ManagerEndpoints {
+        broker: bus.broker.clone(),
+        publish: bus.publish_at.clone(),
+        subscribe: bus.subscribe_at.clone(),
     }
 }
 
@@ -117,7 +74,7 @@ impl Manager {
         let database = majordome_store::database_path(data);
         let registry = Registry::open(manifests, settings, &database, Durability::Process).unwrap();
         let shutdown = Shutdown::new().unwrap();
-        let (own, endpoints, logs) = (shutdown.clone(), bus.endpoints.clone(), log_dir(data));
+        let (own, endpoints, logs) = (shutdown.clone(), manager_endpoints(bus), log_dir(data));
         let thread = thread::spawn(move || manager::run(registry, &endpoints, &logs, &own).unwrap());
         Manager { shutdown, thread }
     }
@@ -156,19 +113,6 @@ fn history(client: &mut Client, name: &str) -> Vec<Value> {
     reply.data["history"].as_array().cloned().unwrap_or_default()
 }
 
-/// Polls `check` until it gives something; fails after [`LIMIT`].
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
-        // The pause between two looks, not the assertion.
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// True while `pid` is a live (not zombie) process.
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -196,7 +140,7 @@ fn a_plugin_starts_with_its_log_dies_restarts_and_its_history_survives_the_manag
         exec sleep 1000"#;
     let manifests = vec![plugin("sleeper", script, true, false)];
     let manager = Manager::start(&bus, data.path(), manifests.clone(), settings());
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
 
     let started = ask(&mut c, "plugin.start.do", json!({"name": "sleeper"}));
     assert_eq!(started.action, "plugin.start.result");
@@ -221,9 +165,9 @@ fn a_plugin_starts_with_its_log_dies_restarts_and_its_history_survives_the_manag
     assert!(log.starts_with("--- "), "{log}");
     assert!(log.lines().any(|l| l == "started"), "{log}");
     for line in [
-        format!("broker={}", bus.endpoints.broker),
-        format!("publish={}", bus.endpoints.publish),
-        format!("subscribe={}", bus.endpoints.subscribe),
+        format!("broker={}", bus.broker),
+        format!("publish={}", bus.publish_at),
+        format!("subscribe={}", bus.subscribe_at),
         format!("host={HOST}"),
         "extra=extra".to_owned(),
     ] {
@@ -315,7 +259,7 @@ fn a_plugin_that_keeps_dying_is_given_up_on() {
             ..settings()
         },
     );
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
     let started = ask(&mut c, "plugin.start.do", json!({"id": "crasher"}));
     assert_eq!(started.status(), Some(true), "{:?}", started.data);
     let entry = eventually("the supervisor to give up", || {
@@ -372,7 +316,7 @@ fn a_stop_ends_in_sigkill_for_a_plugin_that_ignores_sigterm_and_is_never_restart
         vec![plugin("stubborn", script, true, false)],
         settings(),
     );
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
     let started = ask(&mut c, "plugin.start.do", json!({"name": "stubborn"}));
     assert_eq!(started.status(), Some(true), "{:?}", started.data);
     let pid = started.data["pid"].as_u64().unwrap() as u32;
@@ -443,7 +387,7 @@ fn autostarted_plugins_are_reaped_at_shutdown_even_when_they_ignore_sigterm() {
         plugin("manual", "exec sleep 1000", false, false),
     ];
     let manager = Manager::start(&bus, data.path(), manifests, settings());
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
     let pids: Vec<u32> = ["first", "second"]
         .iter()
         .map(|name| eventually("an autostart", || pid_in(&detail(&mut c, name))))
@@ -473,7 +417,7 @@ fn wrong_requests_get_clear_reasons() {
             .unwrap(),
     ];
     let manager = Manager::start(&bus, data.path(), manifests, settings());
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
     for (action, data, reason) in [
         (
             "plugin.start.do",
@@ -523,16 +467,12 @@ fn configured_follows_the_config_service() {
     // The manager first: the config service comes up later, as it may in
     // `majordome up`.
     let manager = Manager::start(&bus, data.path(), manifests.clone(), settings());
-    let mut c = bus.client();
+    let mut c = bus.client(Duration::from_secs(10));
     assert_eq!(detail(&mut c, "sleeper")["configured"], Value::Null);
     let database = majordome_store::database_path(data.path());
     let config = ConfigService::open(&database, manifests, Durability::Process).unwrap();
     let config_stop = Shutdown::new().unwrap();
-    let (own, broker, publish) = (
-        config_stop.clone(),
-        bus.endpoints.broker.clone(),
-        bus.endpoints.publish.clone(),
-    );
+    let (own, broker, publish) = (config_stop.clone(), bus.broker.clone(), bus.publish_at.clone());
     let config_thread = thread::spawn(move || config.run(&broker, Some(&publish), &own).unwrap());
     // "unit" is required and has no default.
     eventually("configured false from config.get", || {
