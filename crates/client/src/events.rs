@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::error::ClientError;
 
-fn unix_now() -> f64 {
+/// The current Unix time in seconds, as events are stamped with (0 if the
+/// clock is before 1970).
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -11,7 +11,7 @@ mod worker;
 
 pub use async_client::{AsyncClient, PendingReply};
 pub use error::ClientError;
-pub use events::{Publisher, Subscriber};
+pub use events::{unix_now, Publisher, Subscriber};
 pub use majordome_mdp::domogik::Event;
 pub use majordome_mdp::domogik::Message;
 pub use majordome_mdp::{Bytes, Frames};

@@ -35,11 +35,11 @@ pub mod onewire;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use majordome_client::{
-    domogik_handler, Client, ClientError, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker,
-    WorkerOptions,
+    domogik_handler, unix_now, Client, ClientError, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber,
+    Worker, WorkerOptions,
 };
 use serde_json::{json, Map, Value};
 
@@ -196,13 +196,6 @@ impl Outcome {
     pub fn new_ref() -> String {
         uuid::Uuid::new_v4().to_string()
     }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 /// Publishes values; cheap to clone and shared between threads.

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
-use majordome_client::{domogik_handler, Message, Publisher, Shutdown, Worker, WorkerOptions};
+use majordome_client::{domogik_handler, unix_now, Message, Publisher, Shutdown, Worker, WorkerOptions};
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
@@ -347,13 +347,6 @@ impl ConfigService {
         let event = (deleted > 0).then_some(Value::Object(event));
         Ok((result(true, "", fields), event))
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 /// `type` (default `plugin`), `name` (or Domogik's `id`, or the seed's

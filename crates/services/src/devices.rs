@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use majordome_client::{
-    domogik_handler, Client, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
+    domogik_handler, unix_now, Client, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker,
+    WorkerOptions,
 };
 use majordome_state::{Writer, WriterOptions};
 use majordome_store::rusqlite::{params, Connection};
@@ -26,6 +27,7 @@ use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
 use crate::history::{HistoryCounters, HistoryWriter, Sample};
+use crate::lock;
 use crate::schema::{error_map, Schema};
 
 const SCHEMA: &str = "
@@ -115,13 +117,6 @@ pub enum DeviceError {
     State(#[from] majordome_state::StateError),
     #[error("cannot start a device thread: {0}")]
     Thread(#[from] std::io::Error),
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 /// A current value.
@@ -286,12 +281,6 @@ struct Shared {
     writer: Option<Mutex<Writer>>,
     stats: Mutex<Stats>,
     history: Arc<HistoryCounters>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking holder leaves consistent data here (every update is a
-    // whole assignment), so a poisoned lock is taken over, not fatal.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The device service, ready to run.

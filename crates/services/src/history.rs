@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use majordome_client::{domogik_handler, Message, Shutdown, Worker, WorkerOptions};
+use majordome_client::{domogik_handler, unix_now, Message, Shutdown, Worker, WorkerOptions};
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{CommitStats, Committer, Durability, StoreError};
 use serde_json::{json, Value};
@@ -97,13 +97,6 @@ pub enum HistoryError {
     Client(#[from] majordome_client::ClientError),
     #[error("cannot start a history thread: {0}")]
     Thread(#[from] std::io::Error),
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 impl HistoryWriter {

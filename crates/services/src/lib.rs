@@ -16,3 +16,10 @@ pub use devices::{DeviceEndpoints, DeviceError, DeviceService, DeviceSettings};
 pub use history::{HistoryService, HistorySettings};
 pub use manifest::{load_folder, ConfigKey, Manifest, ValueType};
 pub use schema::Schema;
+
+/// Locks what a service's threads share. Every update to such data is a
+/// whole step, so a thread that panicked while holding the lock leaves it
+/// consistent: the others take it over rather than fail.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

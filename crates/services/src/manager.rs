@@ -20,18 +20,19 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use majordome_client::{
-    domogik_handler, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
+    domogik_handler, unix_now, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
     WorkerOptions,
 };
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
+use crate::lock;
 use crate::manifest::Manifest;
 use crate::supervisor::{self, SupervisorHandle};
 
@@ -128,13 +129,6 @@ pub fn local_host() -> String {
         .map(|h| h.trim().split('.').next().unwrap_or_default().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 /// Errors starting or running the manager.
@@ -320,13 +314,6 @@ fn split_client_id(id: &str) -> Option<(&str, &str, &str)> {
     let (kind, rest) = id.split_once('-')?;
     let (name, host) = rest.split_once('.')?;
     (!kind.is_empty() && !name.is_empty() && !host.is_empty()).then_some((kind, name, host))
-}
-
-/// Locks the registry (or anything else shared by the manager's threads).
-/// A thread that panicked while holding the lock leaves data that is still
-/// consistent at every step, so the others carry on with it.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Registry {

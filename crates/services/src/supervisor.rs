@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use majordome_client::{Client, ClientOptions, Message, Shutdown};
 use serde_json::json;
 
-use crate::manager::{client_id, lock, ManagerSettings, Registry};
+use crate::lock;
+use crate::manager::{client_id, ManagerSettings, Registry};
 use crate::manifest::Manifest;
 
 /// When and how often a crashed plugin is restarted.

@@ -1,7 +1,5 @@
 //! Titanic's table in the one SQLite database, and the frame encoding.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use bytes::Bytes;
 use majordome_client::Frames;
 use majordome_store::rusqlite::{self, params, Connection, OptionalExtension};
@@ -47,12 +45,7 @@ pub fn prepare(connection: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
-}
+pub use majordome_client::unix_now;
 
 /// Frames as one blob: each frame as a 4-byte big-endian length, then its
 /// bytes.
