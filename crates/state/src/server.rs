@@ -646,6 +646,7 @@ impl Server {
         }
         drop(writes);
         Counters::add(&self.counters.commits, 1);
+        let mut published = Vec::with_capacity(changes.len());
         for ((change, entry), sequence) in changes.into_iter().zip(stored).zip(first..) {
             let frames = [
                 Bytes::copy_from_slice(change.key.as_bytes()),
@@ -666,8 +667,10 @@ impl Server {
                 }
             }
             self.sequence = sequence;
-            self.publish(&frames);
+            published.push(frames);
         }
+        // Counters first, then the updates: whoever sees an update and then
+        // reads the counters finds it counted.
         let changed = last - first + 1;
         if expiry {
             Counters::add(&self.counters.expired, changed as u64);
@@ -675,6 +678,9 @@ impl Server {
         Counters::add(&self.counters.updates, changed as u64);
         self.counters.sequence.store(self.sequence, Ordering::Relaxed);
         self.counters.keys.store(self.entries.len() as u64, Ordering::Relaxed);
+        for frames in &published {
+            self.publish(frames);
+        }
         // The heap holds stale hints for keys set again; rebuild it once it
         // is twice the size it needs, so it stays bounded by the map.
         if self.expiries.len() > 2 * self.entries.len() + 1024 {
