@@ -17,6 +17,13 @@
 //! - A worker holds at most one request. A reply is matched to the request
 //!   the broker gave that worker, never to one it merely names, so a late
 //!   reply cannot reach the wrong client.
+//! - A request with a timeout frame expires at that fixed deadline; one
+//!   without expires after `request_timeout` without progress of its
+//!   service (a dispatch or an answer), or of its worker once dispatched.
+//!   The heap holds its first possible deadline and pushes it back when it
+//!   comes due early, so progress costs nothing on the hot path.
+//! - Queued requests are bounded in bytes (frames plus a fixed overhead
+//!   each), per service and in all; `queued_bytes` counts them exactly.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -28,7 +35,7 @@ use majordome_mdp::mdp::{self, FromWorker, Inbound};
 use majordome_mdp::{mmi, Frames};
 use tracing::{debug, info, warn};
 
-use crate::settings::Settings;
+use crate::settings::{Settings, QUEUED_REQUEST_OVERHEAD};
 use crate::stats::{LatencyHistogram, ServiceCounters, ServiceStats, Snapshot};
 
 /// How often a noisy drop reason may be logged.
@@ -59,6 +66,9 @@ pub struct Core {
     worker_checks: BinaryHeap<Reverse<(Instant, u64, Bytes)>>,
     next_heartbeat: Instant,
     outbox: Vec<Frames>,
+    /// Bytes of every queued request, as counted against
+    /// `max_queued_bytes`.
+    queued_bytes: usize,
     messages_in: u64,
     messages_out: u64,
     dropped: BTreeMap<&'static str, u64>,
@@ -72,6 +82,12 @@ struct Service {
     queue: VecDeque<RequestId>,
     /// Live entries of `queue` (it may also hold expired ones).
     queued: usize,
+    /// Their bytes, as counted against `max_queue_bytes_per_service`.
+    queued_bytes: usize,
+    /// When it last gave a request to a worker or had one answered.
+    /// Requests without a timeout frame expire only after
+    /// `request_timeout` without progress.
+    last_progress: Instant,
     /// Workers with nothing in flight, least recently used first.
     idle: VecDeque<(Bytes, u64)>,
     /// Live entries of `idle`.
@@ -91,6 +107,8 @@ impl Service {
         Service {
             queue: VecDeque::new(),
             queued: 0,
+            queued_bytes: 0,
+            last_progress: now,
             idle: VecDeque::new(),
             idle_workers: 0,
             spare: VecDeque::new(),
@@ -123,7 +141,7 @@ struct Worker {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RequestState {
     Queued,
-    Dispatched { worker: Bytes },
+    Dispatched { worker: Bytes, at: Instant },
 }
 
 struct Request {
@@ -135,6 +153,12 @@ struct Request {
     /// reported to the client as a `.result` with `status: false`.
     dialect_action: Option<Bytes>,
     timeout: Duration,
+    /// The client sent a timeout frame: the deadline is fixed, since the
+    /// client gives up then. Otherwise it counts from progress (see
+    /// `Settings::request_timeout`).
+    fixed_deadline: bool,
+    /// What it counts against the queue bounds while queued.
+    cost: usize,
     state: RequestState,
     /// When the broker took it: its reply's latency counts from here.
     accepted_at: Instant,
@@ -147,6 +171,7 @@ enum Failure {
     NoAnswer,
     WorkerGone,
     QueueFull,
+    BrokerFull,
     TooManyServices,
     BadServiceName,
 }
@@ -158,7 +183,7 @@ impl Failure {
             Failure::NoWorker => "no_worker",
             Failure::NoAnswer => "no_answer",
             Failure::WorkerGone => "worker_gone",
-            Failure::QueueFull => "queue_full",
+            Failure::QueueFull | Failure::BrokerFull => "queue_full",
             Failure::TooManyServices => "too_many_services",
             Failure::BadServiceName => "bad_service_name",
         }
@@ -184,6 +209,7 @@ impl Core {
             worker_checks: BinaryHeap::new(),
             next_heartbeat,
             outbox: Vec::new(),
+            queued_bytes: 0,
             messages_in: 0,
             messages_out: 0,
             dropped: BTreeMap::new(),
@@ -282,6 +308,7 @@ impl Core {
                 let stats = ServiceStats {
                     counters: service.counters.clone(),
                     queued: service.queued,
+                    queued_bytes: service.queued_bytes,
                     workers: service.workers,
                     idle_workers: service.idle_workers,
                     late_workers: late.get(name).copied().unwrap_or(0),
@@ -295,6 +322,7 @@ impl Core {
             uptime_seconds: now.saturating_duration_since(self.started).as_secs(),
             workers: self.workers.len(),
             requests_in_flight: self.requests.len(),
+            queued_bytes: self.queued_bytes,
             messages: BTreeMap::from([
                 ("in".to_owned(), self.messages_in),
                 ("out".to_owned(), self.messages_out),
@@ -315,11 +343,11 @@ impl Core {
             .settings
             .domogik_timeout_frame
             .then(|| domogik::take_timeout_frame(&mut body));
-        let (timeout, expires_in) = match frame.flatten() {
+        let (timeout, expires_in, fixed_deadline) = match frame.flatten() {
             // Domogik's client waits exactly its timeout; the broker answers
             // a little before, so that the client hears why.
-            Some(TimeoutFrame::Seconds(seconds)) => (seconds, seconds - (seconds / 10).min(EXPIRY_HEAD_START)),
-            Some(TimeoutFrame::Unset) | None => (self.settings.request_timeout, self.settings.request_timeout),
+            Some(TimeoutFrame::Seconds(seconds)) => (seconds, seconds - (seconds / 10).min(EXPIRY_HEAD_START), true),
+            Some(TimeoutFrame::Unset) | None => (self.settings.request_timeout, self.settings.request_timeout, false),
         };
         if mmi::is_internal(&service) {
             self.on_mmi(now, address, service, body);
@@ -333,7 +361,7 @@ impl Core {
                 &service,
                 dialect_action.as_ref(),
                 Failure::BadServiceName,
-                timeout,
+                Duration::ZERO,
             );
             return;
         }
@@ -344,23 +372,31 @@ impl Core {
                 &service,
                 dialect_action.as_ref(),
                 Failure::TooManyServices,
-                timeout,
+                Duration::ZERO,
             );
             return;
         }
-        let max_queue = self.settings.max_queue_per_service;
+        let cost = QUEUED_REQUEST_OVERHEAD + body.iter().chain(address.iter()).map(Bytes::len).sum::<usize>();
+        let total_full = self.queued_bytes + cost > self.settings.max_queued_bytes;
         let entry = self
             .services
             .entry(service.clone())
             .or_insert_with(|| Service::new(now));
         entry.last_active = now;
-        if entry.queued >= max_queue {
+        if total_full || entry.queued_bytes + cost > self.settings.max_queue_bytes_per_service {
             entry.counters.rejected += 1;
-            self.fail(&address, &service, dialect_action.as_ref(), Failure::QueueFull, timeout);
+            let failure = if total_full {
+                Failure::BrokerFull
+            } else {
+                Failure::QueueFull
+            };
+            self.fail(&address, &service, dialect_action.as_ref(), failure, Duration::ZERO);
             return;
         }
         entry.counters.requests += 1;
         entry.queued += 1;
+        entry.queued_bytes += cost;
+        self.queued_bytes += cost;
         let id = self.next_request;
         self.next_request += 1;
         entry.queue.push_back(id);
@@ -373,11 +409,13 @@ impl Core {
                 body,
                 dialect_action,
                 timeout,
+                fixed_deadline,
+                cost,
                 state: RequestState::Queued,
                 accepted_at: now,
             },
         );
-        self.dispatch(&service);
+        self.dispatch(now, &service);
     }
 
     fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker) {
@@ -465,7 +503,7 @@ impl Core {
         );
         debug!(worker = ?identity, service = %String::from_utf8_lossy(&service), "worker ready");
         self.make_ready(&identity);
-        self.dispatch(&service);
+        self.dispatch(now, &service);
     }
 
     fn on_reply(&mut self, now: Instant, identity: Bytes, client: Bytes, body: Frames) {
@@ -490,6 +528,7 @@ impl Core {
                     entry.counters.replies += 1;
                     entry.latency.record(now.saturating_duration_since(request.accepted_at));
                     entry.last_active = now;
+                    entry.last_progress = now;
                 }
             }
             Some(None) => {
@@ -512,7 +551,7 @@ impl Core {
             }
         }
         self.make_ready(&identity);
-        self.dispatch(&service);
+        self.dispatch(now, &service);
     }
 
     fn on_mmi(&mut self, now: Instant, address: Frames, service: Bytes, body: Frames) {
@@ -557,7 +596,7 @@ impl Core {
     /// Gives queued requests of `service` to its workers, oldest request
     /// first: to the least recently used idle worker, or, when none is idle
     /// and `worker_prefetch` allows, to a worker with room for more.
-    fn dispatch(&mut self, service_name: &Bytes) {
+    fn dispatch(&mut self, now: Instant, service_name: &Bytes) {
         let prefetch = self.settings.worker_prefetch.max(1);
         let Some(service) = self.services.get_mut(service_name) else {
             return;
@@ -592,13 +631,17 @@ impl Core {
                     break id;
                 }
             };
-            service.queued -= 1;
             let request = self.requests.get_mut(&id).expect("checked live");
+            service.queued -= 1;
+            service.queued_bytes -= request.cost;
+            self.queued_bytes -= request.cost;
+            service.last_progress = now;
             let body = std::mem::take(&mut request.body);
             self.outbox
                 .push(mdp::worker_request(&identity, &request.address[0], body));
             request.state = RequestState::Dispatched {
                 worker: identity.clone(),
+                at: now,
             };
             let worker = self.workers.get_mut(&identity).expect("checked live");
             if worker.in_flight.is_empty() {
@@ -672,17 +715,37 @@ impl Core {
     }
 
     fn expire_request(&mut self, now: Instant, id: RequestId) {
-        let Some(request) = self.requests.remove(&id) else {
+        let Some(request) = self.requests.get(&id) else {
             return;
         };
+        if !request.fixed_deadline {
+            // No timeout frame: the request lives while its service makes
+            // progress. Waiting behind requests that are being answered
+            // does not count, so its deadline moves on, lazily, here.
+            let progress_from = match &request.state {
+                RequestState::Queued => self
+                    .services
+                    .get(&request.service)
+                    .map_or(request.accepted_at, |s| s.last_progress.max(request.accepted_at)),
+                RequestState::Dispatched { at, .. } => *at,
+            };
+            let due = progress_from + request.timeout;
+            if due > now {
+                self.deadlines.push(Reverse((due, id)));
+                return;
+            }
+        }
+        let request = self.requests.remove(&id).expect("found above");
         let failure = match &request.state {
             RequestState::Queued => {
                 if let Some(service) = self.services.get_mut(&request.service) {
                     service.queued -= 1;
+                    service.queued_bytes -= request.cost;
                 }
+                self.queued_bytes -= request.cost;
                 Failure::NoWorker
             }
-            RequestState::Dispatched { worker } => {
+            RequestState::Dispatched { worker, .. } => {
                 if let Some(worker) = self.workers.get_mut(worker) {
                     if let Some(slot) = worker.in_flight.iter_mut().find(|slot| **slot == Some(id)) {
                         *slot = None;
@@ -701,7 +764,7 @@ impl Core {
             &request.service,
             request.dialect_action.as_ref(),
             failure,
-            request.timeout,
+            now.saturating_duration_since(request.accepted_at),
         );
         self.compact(&request.service);
     }
@@ -764,7 +827,7 @@ impl Core {
                     &request.service,
                     request.dialect_action.as_ref(),
                     Failure::WorkerGone,
-                    request.timeout,
+                    now.saturating_duration_since(request.accepted_at),
                 );
             }
         }
@@ -772,31 +835,38 @@ impl Core {
         self.compact_deadlines();
     }
 
-    /// Tells a Domogik-dialect client that its request failed. A plain MDP
-    /// client gets nothing: RFC 7 has no error reply, and anything sent would
-    /// be taken for the service's answer.
-    fn fail(
-        &mut self,
-        address: &[Bytes],
-        service: &Bytes,
-        action: Option<&Bytes>,
-        failure: Failure,
-        timeout: Duration,
-    ) {
+    /// Tells a Domogik-dialect client that its request failed, `waited`
+    /// after the broker took it. A plain MDP client gets nothing: RFC 7 has
+    /// no error reply, and anything sent would be taken for the service's
+    /// answer.
+    fn fail(&mut self, address: &[Bytes], service: &Bytes, action: Option<&Bytes>, failure: Failure, waited: Duration) {
         let Some(action) = action else { return };
         let name = String::from_utf8_lossy(service);
+        let mebibytes = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
         let reason = match failure {
             Failure::NoWorker => {
                 format!(
                     "no worker for service '{name}' became available within {:.1} s",
-                    timeout.as_secs_f64()
+                    waited.as_secs_f64()
                 )
             }
-            Failure::NoAnswer => format!("service '{name}' did not answer within {:.1} s", timeout.as_secs_f64()),
+            Failure::NoAnswer => format!("service '{name}' did not answer within {:.1} s", waited.as_secs_f64()),
             Failure::WorkerGone => format!("the worker of service '{name}' went away while handling the request"),
-            Failure::QueueFull => format!(
-                "service '{name}' has {} requests waiting already; try again later",
-                self.settings.max_queue_per_service
+            Failure::QueueFull => {
+                let (queued, bytes) = self
+                    .services
+                    .get(service)
+                    .map_or((0, 0), |s| (s.queued, s.queued_bytes));
+                format!(
+                    "service '{name}' has {queued} requests ({:.1} MiB) waiting already, its limit is {:.1} MiB; \
+                     try again later",
+                    mebibytes(bytes),
+                    mebibytes(self.settings.max_queue_bytes_per_service)
+                )
+            }
+            Failure::BrokerFull => format!(
+                "the broker holds {:.1} MiB of waiting requests, its limit; try again later",
+                mebibytes(self.queued_bytes)
             ),
             Failure::BadServiceName => {
                 format!("the service name must be 1 to {MAX_SERVICE_NAME} bytes long")
@@ -871,6 +941,8 @@ impl Core {
                 .map(|(id, _)| *id)
                 .collect();
             assert_eq!(service.queued, queued.len(), "queued of {name:?}");
+            let bytes: usize = queued.iter().map(|id| self.requests[id].cost).sum();
+            assert_eq!(service.queued_bytes, bytes, "queued bytes of {name:?}");
             for id in queued {
                 assert!(service.queue.contains(&id), "request {id} is in its queue");
             }
@@ -879,6 +951,8 @@ impl Core {
                 "{name:?}: work and an idle worker both wait"
             );
         }
+        let total: usize = self.services.values().map(|s| s.queued_bytes).sum();
+        assert_eq!(self.queued_bytes, total, "queued bytes of the broker");
         for (id, request) in &self.requests {
             assert!(
                 self.services.contains_key(&request.service),
@@ -888,7 +962,7 @@ impl Core {
                 self.deadlines.iter().any(|Reverse((_, entry))| entry == id),
                 "request {id} has a deadline"
             );
-            if let RequestState::Dispatched { worker } = &request.state {
+            if let RequestState::Dispatched { worker, .. } = &request.state {
                 let holder = self.workers.get(worker).expect("a dispatched request's worker exists");
                 assert!(
                     holder.in_flight.contains(&Some(*id)),
@@ -903,11 +977,9 @@ impl Core {
             );
             for id in worker.in_flight.iter().flatten() {
                 let request = self.requests.get(id).expect("a request in flight exists");
-                assert_eq!(
-                    request.state,
-                    RequestState::Dispatched {
-                        worker: identity.clone()
-                    }
+                assert!(
+                    matches!(&request.state, RequestState::Dispatched { worker, .. } if worker == identity),
+                    "request {id} is dispatched to {identity:?}"
                 );
             }
             let checks = self

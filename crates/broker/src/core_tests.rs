@@ -405,18 +405,169 @@ fn plain_mdp_clients_get_no_made_up_reply_on_expiry() {
     assert_eq!(h.core.stats(h.now).services["nothere"].counters.expired, 1);
 }
 
+/// Each of these requests counts 256 bytes plus 9 of frames ("c1",
+/// "a.get", "{}").
+const SMALL_REQUEST: usize = 265;
+
 #[test]
 fn a_full_queue_rejects_with_a_clear_error() {
     let mut h = Harness::with(Settings {
-        max_queue_per_service: 2,
+        max_queue_bytes_per_service: 2 * SMALL_REQUEST,
         ..Settings::default()
     });
     assert!(h.request("c1", "svc", &["a.get", "{}"]).is_empty());
     assert!(h.request("c2", "svc", &["a.get", "{}"]).is_empty());
     let out = h.request("c3", "svc", &["a.get", "{}"]);
     let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
-    assert!(message.reason().unwrap().contains("try again later"), "{message:?}");
-    assert_eq!(h.core.stats(h.now).services["svc"].counters.rejected, 1);
+    let reason = message.reason().unwrap();
+    assert!(
+        reason.contains("has 2 requests") && reason.contains("try again later"),
+        "{message:?}"
+    );
+    assert_eq!(message.data["error"], "queue_full");
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services["svc"].counters.rejected, 1);
+    assert_eq!(stats.services["svc"].queued_bytes, 2 * SMALL_REQUEST);
+    assert_eq!(stats.queued_bytes, 2 * SMALL_REQUEST);
+}
+
+/// The queue bound is in bytes: a few large requests fill it as surely as
+/// many small ones, and a dispatched request no longer counts.
+#[test]
+fn the_queue_bound_counts_bytes_not_requests() {
+    let mut h = Harness::with(Settings {
+        max_queue_bytes_per_service: 1024 * 1024,
+        ..Settings::default()
+    });
+    let big = format!("{{\"x\": \"{}\"}}", "x".repeat(400 * 1024));
+    assert!(h.request("c1", "svc", &["a.get", &big]).is_empty());
+    assert!(h.request("c2", "svc", &["a.get", &big]).is_empty());
+    let out = h.request("c3", "svc", &["a.get", &big]);
+    let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
+    assert_eq!(
+        message.data["error"], "queue_full",
+        "the third large request is refused"
+    );
+    // Hundreds of small ones still fit in what is left.
+    for i in 0..500 {
+        assert!(
+            h.request(&format!("s{i}"), "svc", &["a.get", "{}"]).is_empty(),
+            "small request {i}"
+        );
+    }
+    // A worker takes the first: its bytes are free again.
+    assert_eq!(h.ready("w", "svc").len(), 1);
+    assert!(h.request("c3", "svc", &["a.get", &big]).is_empty());
+    h.core.check_invariants();
+}
+
+#[test]
+fn all_queues_together_are_bounded_too() {
+    let mut h = Harness::with(Settings {
+        max_queue_bytes_per_service: 2 * SMALL_REQUEST,
+        max_queued_bytes: 3 * SMALL_REQUEST,
+        ..Settings::default()
+    });
+    assert!(h.request("c1", "a", &["a.get", "{}"]).is_empty());
+    assert!(h.request("c2", "a", &["a.get", "{}"]).is_empty());
+    assert!(h.request("c3", "b", &["a.get", "{}"]).is_empty());
+    let out = h.request("c4", "b", &["a.get", "{}"]);
+    let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
+    assert!(message.reason().unwrap().contains("the broker holds"), "{message:?}");
+    assert_eq!(message.data["error"], "queue_full");
+    h.core.check_invariants();
+}
+
+/// The zguide's `mdclient2` sends 100,000 requests before reading a reply.
+/// With a deadline counted from arrival, the tail of such a burst expired
+/// while its service was busy answering the head, and RFC 7 gave no way to
+/// say so: the client just lost them. Without a timeout frame, the clock
+/// runs only while the service makes no progress.
+#[test]
+fn regression_pipelined_plain_requests_live_while_their_service_answers() {
+    let mut h = Harness::with(Settings {
+        request_timeout: Duration::from_secs(1),
+        ..Settings::default()
+    });
+    h.ready("w", "echo");
+    let mut out = Vec::new();
+    for i in 0..50 {
+        out.extend(h.request(&format!("c{i}"), "echo", &["hello"]));
+    }
+    assert_eq!(out.len(), 1, "one at a time");
+    // The worker answers one request every 200 ms: the last is answered
+    // 10 s after it arrived, ten times the timeout.
+    let is_request = |m: &Frames| m.len() > 3 && m[3] == Bytes::from_static(b"\x02");
+    for i in 0..50 {
+        let request = out.iter().find(|m| is_request(m)).expect("w has a request");
+        assert_eq!(as_request(request).1, Bytes::from(format!("c{i}")));
+        h.advance(Duration::from_millis(200));
+        out = h.reply("w", &format!("c{i}"), &["hello"]);
+        assert!(out.iter().any(|m| m[0] == format!("c{i}")), "c{i} has its reply");
+        h.core.check_invariants();
+    }
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services["echo"].counters.replies, 50);
+    assert_eq!(stats.services["echo"].counters.expired, 0);
+}
+
+/// Without progress, the same requests expire after the timeout: a worker
+/// that holds one and never answers frees its queue.
+#[test]
+fn plain_requests_expire_after_the_timeout_without_progress() {
+    let mut h = Harness::with(Settings {
+        request_timeout: Duration::from_secs(1),
+        ..Settings::default()
+    });
+    h.ready("w", "svc");
+    assert_eq!(h.request("c0", "svc", &["a"]).len(), 1);
+    h.advance(Duration::from_millis(600));
+    assert!(h.request("c1", "svc", &["b"]).is_empty());
+    // The held request expires 1 s after it was given to the worker.
+    h.advance(Duration::from_millis(399));
+    assert_eq!(h.core.stats(h.now).services["svc"].counters.expired, 0);
+    h.advance(Duration::from_millis(2));
+    assert_eq!(h.core.stats(h.now).services["svc"].counters.expired, 1);
+    // The waiting one lives 1 s from when it came, the service having
+    // made no progress since.
+    h.advance(Duration::from_millis(598));
+    assert_eq!(h.core.stats(h.now).services["svc"].counters.expired, 1);
+    h.advance(Duration::from_millis(2));
+    assert_eq!(h.core.stats(h.now).services["svc"].counters.expired, 2);
+    h.core.check_invariants();
+}
+
+/// A request with a timeout frame keeps its deadline however busy its
+/// service: its client gives up then.
+#[test]
+fn a_timeout_frame_deadline_does_not_move_with_progress() {
+    let mut h = Harness::new();
+    h.ready("w", "svc");
+    assert_eq!(h.request("c0", "svc", &["x.get", "{}"]).len(), 1);
+    assert!(h.request("c1", "svc", &["1", "y.get", "{}"]).is_empty());
+    h.advance(Duration::from_millis(500));
+    let out = h.reply("w", "c0", &["x.result", "{}"]);
+    assert_eq!(out.len(), 2, "c0's reply, and c1's request to w");
+    h.advance(Duration::from_millis(401));
+    let out = h.out();
+    let failure = out.iter().find(|m| m[0] == "c1").expect("c1 is told at 0.9 s");
+    let message = Message::from_frames(&as_reply(failure).2).unwrap();
+    assert_eq!(message.data["error"], "no_answer");
+}
+
+/// Domogik's client with a 2 s timeout is answered at 1.8 s; the reason
+/// said "within 2.0 s". It says what happened.
+#[test]
+fn a_failure_says_how_long_the_request_waited() {
+    let mut h = Harness::new();
+    h.request("c", "nobody", &["2", "x.get", "{}"]);
+    h.advance(Duration::from_millis(1800));
+    let out = h.out();
+    let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
+    assert_eq!(
+        message.reason().unwrap(),
+        "no worker for service 'nobody' became available within 1.8 s"
+    );
 }
 
 #[test]
@@ -615,7 +766,8 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
             heartbeat_interval: Duration::from_millis(100),
             liveness: 3,
             request_timeout: Duration::from_millis(700),
-            max_queue_per_service: 4,
+            max_queue_bytes_per_service: 4 * 300,
+            max_queued_bytes: 6 * 300,
             max_services: 3,
             worker_prefetch: 1 + rng.below(3),
             idle_service_retention: Duration::from_millis(500),

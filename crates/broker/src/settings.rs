@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// What one queued request is counted as beyond its frames: its entry in
+/// the request table, its queue and its deadline, and the frames' own
+/// headers. Without it, a flood of empty requests would look free.
+pub const QUEUED_REQUEST_OVERHEAD: usize = 256;
+
 /// The broker's tunables. `Settings::default()` is what `majordome broker`
 /// runs with.
 #[derive(Debug, Clone)]
@@ -11,11 +16,19 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Heartbeat intervals a worker may miss before it is declared dead.
     pub liveness: u32,
-    /// Deadline of a request whose client sent no timeout frame.
+    /// How long a request whose client sent no timeout frame may go
+    /// without progress: waiting while its service answers nobody, or held
+    /// by a worker that does not answer. Time spent queued behind other
+    /// requests that are being answered does not count, so a plain RFC 7
+    /// client may pipeline a long burst (RFC 7 has no way to tell it that a
+    /// request expired).
     pub request_timeout: Duration,
-    /// Requests waiting for a worker, per service; beyond it new requests are
+    /// Bytes of the requests waiting for a worker, per service: their frames
+    /// plus [`QUEUED_REQUEST_OVERHEAD`] each. Beyond it new requests are
     /// rejected.
-    pub max_queue_per_service: usize,
+    pub max_queue_bytes_per_service: usize,
+    /// The same, for all services together.
+    pub max_queued_bytes: usize,
     /// Services known at once (with a worker, a queue, or recent activity);
     /// bounds memory against clients asking for random names.
     pub max_services: usize,
@@ -49,7 +62,8 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_millis(1000),
             liveness: 5,
             request_timeout: Duration::from_secs(10),
-            max_queue_per_service: 10_000,
+            max_queue_bytes_per_service: 64 * 1024 * 1024,
+            max_queued_bytes: 256 * 1024 * 1024,
             max_services: 10_000,
             max_frames: 64,
             max_message_bytes: 16 * 1024 * 1024,

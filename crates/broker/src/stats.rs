@@ -27,6 +27,9 @@ pub struct ServiceStats {
     pub counters: ServiceCounters,
     /// Requests waiting for a worker now.
     pub queued: usize,
+    /// Their bytes, as counted against the queue bound.
+    #[serde(default)]
+    pub queued_bytes: usize,
     /// Workers registered now.
     pub workers: usize,
     /// Of those, workers waiting for a request.
@@ -99,6 +102,9 @@ pub struct Snapshot {
     pub workers: usize,
     /// Requests accepted and not yet answered or expired.
     pub requests_in_flight: usize,
+    /// Bytes of all the requests waiting for a worker.
+    #[serde(default)]
+    pub queued_bytes: usize,
     /// Messages handled, by direction: `in`, `out`.
     pub messages: BTreeMap<String, u64>,
     /// Messages dropped, by reason.

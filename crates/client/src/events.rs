@@ -75,8 +75,13 @@ impl Publisher {
                 return Ok(true);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.socket.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
+            if left.is_zero() {
                 return Ok(false);
+            }
+            match self.socket.poll(zmq::POLLIN, left.as_millis() as i64) {
+                Ok(0) | Err(zmq::Error::EINTR) => return Ok(false),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -135,8 +140,12 @@ impl Subscriber {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.socket.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
-                return Ok(None);
+            match self.socket.poll(zmq::POLLIN, left.as_millis() as i64) {
+                // A signal (SIGINT, SIGTERM) interrupts the wait: no event,
+                // so that the caller can look at its shutdown.
+                Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
             }
             let frames: Vec<Bytes> = net::recv_all(&self.socket)?;
             match Event::from_frames(&frames) {

@@ -415,12 +415,18 @@ pub struct BrokerArgs {
     /// Heartbeats a worker may miss before it is declared dead.
     #[arg(long, default_value_t = 5)]
     pub liveness: u32,
-    /// Deadline, in seconds, of requests that carry no timeout frame.
+    /// How long, in seconds, a request without a timeout frame may go
+    /// without progress (its service answering nobody, or its worker not
+    /// answering it); waiting behind requests that are answered is free.
     #[arg(long, default_value_t = 10.0)]
     pub request_timeout: f64,
-    /// Requests waiting per service before new ones are rejected.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_queue: usize,
+    /// Bytes of requests waiting per service before new ones are rejected
+    /// (each counts its frames plus 256).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+    /// The same for all services together.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub max_queued_bytes: usize,
     /// Requests a worker may hold before answering the first (1: one at a
     /// time, as RFC 7; more saves wake-ups under load, idle workers first).
     #[arg(long, default_value_t = 1)]
@@ -447,7 +453,8 @@ impl BrokerArgs {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             liveness: self.liveness,
             request_timeout: Duration::from_secs_f64(self.request_timeout.min(86_400.0)),
-            max_queue_per_service: self.max_queue,
+            max_queue_bytes_per_service: self.max_queue_bytes,
+            max_queued_bytes: self.max_queued_bytes,
             max_frames: self.max_frames,
             worker_prefetch: self.worker_prefetch,
             max_message_bytes: self.max_message_bytes,

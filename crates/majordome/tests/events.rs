@@ -213,6 +213,37 @@ fn pub_and_sub_commands() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: the JSON argument is not valid JSON"));
 }
 
+/// `majordome sub` stopped by SIGTERM printed "Error: ZeroMQ error:
+/// Interrupted system call" and exited 1: the signal interrupts its wait.
+#[test]
+fn regression_sub_leaves_quietly_on_sigterm() {
+    let (_forwarder, publish_at, subscribe_at) = forwarder(&[]);
+    let mut sub = majordome()
+        .args(["sub", "plugin.", "--endpoint", &subscribe_at])
+        .env("MAJORDOME_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it has printed an event, it is in its receive loop.
+    let out = run(&["pub", "plugin.status", "{}", "--endpoint", &publish_at, "--wait", "20"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let mut line = String::new();
+    BufReader::new(sub.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("plugin.status"), "{line}");
+    let mut stderr = sub.stderr.take().unwrap();
+    let mut sub = Process {
+        child: sub,
+        endpoint: String::new(),
+    };
+    sub.signal(libc::SIGTERM);
+    let status = sub.wait_exit(LIMIT).expect("sub exits on SIGTERM");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    assert!(status.success(), "{status:?}: {said}");
+    assert_eq!(said, "", "nothing on stderr");
+}
+
 #[test]
 fn up_serves_events_and_their_counters() {
     let data = tempfile::tempdir().unwrap();

@@ -861,6 +861,7 @@ mod tests {
         let stats = |queued, workers, idle_workers, late_workers| majordome_broker::stats::ServiceStats {
             counters: Default::default(),
             queued,
+            queued_bytes: 0,
             workers,
             idle_workers,
             late_workers,
