@@ -512,7 +512,7 @@ fn status(endpoint: &str, json: bool) -> Result<ExitCode> {
 }
 
 fn render_clients(list: &Value) -> String {
-    let Some(clients) = list["clients"].as_object().filter(|c| !c.is_empty()) else {
+    let Some(clients) = list.as_object().filter(|c| !c.is_empty()) else {
         return "clients: none\n".to_owned();
     };
     let width = clients.keys().map(String::len).max().unwrap_or(0).max("CLIENT".len());

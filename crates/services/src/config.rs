@@ -9,6 +9,12 @@
 //! its defaults fill unset keys. An unknown key is JSON `null` with status
 //! true and a reason that says so (Domogik answered the string "None").
 //! Every change is published as a `plugin.configuration` event.
+//!
+//! `configured` is a built-in key for every client, as in Domogik (whose
+//! plugins ask for it at start and stop unless it is true): reading it gives
+//! whether the client is configured; setting it to false marks a client
+//! unconfigured whatever its keys, and setting it to true is accepted once
+//! the required keys of its manifest have values.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +27,25 @@ use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
+
+/// The built-in key that says whether a client is configured.
+pub const CONFIGURED: &str = "configured";
+
+/// A `configured` value as Domogik writes it: a JSON boolean, or the
+/// strings "1"/"0", "true"/"false", "True"/"False".
+fn configured_flag(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(flag) => Some(*flag),
+        Value::Number(n) if n.as_i64() == Some(1) => Some(true),
+        Value::Number(n) if n.as_i64() == Some(0) => Some(false),
+        Value::String(text) => match text.to_ascii_lowercase().as_str() {
+            "1" | "true" | "y" => Some(true),
+            "0" | "false" | "n" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// The names the service answers on.
 pub const SERVICE_NAMES: &[&str] = &["config", "dbmgr", "admin", "dbmanager"];
@@ -187,17 +212,30 @@ impl ConfigService {
         Ok(values)
     }
 
-    /// Every required key of the manifest has a value (stored or default);
-    /// with no manifest, any key is set.
+    /// Whether the client is configured: not if `configured` was set to
+    /// false; else every required key of its manifest has a value (stored
+    /// or default), or, with no manifest, some key was set.
     fn configured(&self, target: &Target, stored: &Map<String, Value>) -> bool {
+        let explicit = stored.get(CONFIGURED).and_then(configured_flag);
+        if explicit == Some(false) {
+            return false;
+        }
         match self.manifest(target) {
-            Some(manifest) => manifest
+            Some(_) => self.missing_required(target, stored).is_empty(),
+            None => explicit == Some(true) || stored.keys().any(|key| key != CONFIGURED),
+        }
+    }
+
+    /// The required keys of the client's manifest that have no value.
+    fn missing_required(&self, target: &Target, stored: &Map<String, Value>) -> Vec<String> {
+        self.manifest(target).map_or_else(Vec::new, |manifest| {
+            manifest
                 .config
                 .iter()
-                .filter(|k| k.required)
-                .all(|k| stored.contains_key(&k.key) || k.default.is_some()),
-            None => !stored.is_empty(),
-        }
+                .filter(|k| k.required && !stored.contains_key(&k.key) && k.default.is_none())
+                .map(|k| k.key.clone())
+                .collect()
+        })
     }
 
     fn get(&self, reader: &Connection, target: &Target, data: &Value) -> Result<(Message, Option<Value>), ConfigError> {
@@ -206,6 +244,12 @@ impl ConfigService {
         fields.insert("configured".into(), self.configured(target, &stored).into());
         let who = format!("{}-{}.{}", target.kind, target.name, target.host);
         match data.get("key") {
+            Some(Value::String(key)) if key == CONFIGURED => {
+                fields.insert("key".into(), key.clone().into());
+                let configured = fields["configured"].clone();
+                fields.insert("value".into(), configured);
+                Ok((result(true, "", fields), None))
+            }
             Some(Value::String(key)) => {
                 fields.insert("key".into(), key.clone().into());
                 let default = self
@@ -264,6 +308,13 @@ impl ConfigService {
                     None,
                 ));
             }
+            if key == CONFIGURED {
+                match configured_flag(value) {
+                    Some(flag) => *value = Value::Bool(flag),
+                    None => return Ok((fail(format!("'{CONFIGURED}' must be true or false, not {value}")), None)),
+                }
+                continue;
+            }
             if let Some(manifest) = self.manifest(target) {
                 let Some(spec) = manifest.key(key) else {
                     let known: Vec<&str> = manifest.config.iter().map(|k| k.key.as_str()).collect();
@@ -281,6 +332,24 @@ impl ConfigService {
                     Ok(checked) => *value = checked,
                     Err(reason) => return Ok((fail(reason), None)),
                 }
+            }
+        }
+        // Marking a client configured needs its required keys, set before
+        // or in this same request.
+        if values.iter().any(|(k, v)| k == CONFIGURED && *v == Value::Bool(true)) {
+            let mut after = self.stored(reader, target)?;
+            after.extend(values.iter().cloned());
+            let missing = self.missing_required(target, &after);
+            if !missing.is_empty() {
+                return Ok((
+                    fail(format!(
+                        "{} '{}' cannot be marked configured: its required keys {} have no value",
+                        target.kind,
+                        target.name,
+                        missing.join(", ")
+                    )),
+                    None,
+                ));
             }
         }
         let rows: Vec<(String, String)> = values.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();

@@ -618,54 +618,107 @@ impl Registry {
         self.configured(id).map_or(Value::Null, Value::Bool)
     }
 
-    /// `{id: {status, host, type, id, configured}}`, as `client.list`.
+    /// One client as Domogik's manager lists it (`Clients.add` in its
+    /// `manager.py`): `name`, `type`, `host`, `status`, `configured`,
+    /// `pid` (null when not running here; Domogik said 0), `package_id`
+    /// (`<type>-<name>`),
+    /// `xpl_source` (`domogik-<name>.<host>`), `last_seen` (unix time), the
+    /// xPL client lists (always empty here), plus the seed's `id` (the
+    /// name) and majordome's `comment`.
+    fn listed(&self, id: &str, client: &ClientEntry) -> Map<String, Value> {
+        let entry = json!({
+            "name": client.name, "id": client.name, "type": client.kind, "host": client.host,
+            "status": client.status, "configured": self.configured_json(id),
+            "pid": client.pid, "package_id": format!("{}-{}", client.kind, client.name),
+            "xpl_source": format!("domogik-{}.{}", client.name, client.host),
+            "last_seen": client.last_seen, "comment": client.comment,
+            "compliant_xpl_clients": [], "xpl_clients_only": [],
+        });
+        match entry {
+            Value::Object(map) => map,
+            _ => unreachable!("a JSON object"),
+        }
+    }
+
+    /// Every client by id, flat, as Domogik's `client.list.get` answers and
+    /// its `client.list` event carries: `{"plugin-fake.box": {…}, …}`.
     pub fn list(&self) -> Value {
         let clients: Map<String, Value> = self
             .clients
             .iter()
-            .map(|(id, c)| {
-                let entry = json!({
-                    "status": c.status, "host": c.host, "type": c.kind, "id": c.name,
-                    "configured": self.configured_json(id),
-                });
-                (id.clone(), entry)
-            })
+            .map(|(id, c)| (id.clone(), Value::Object(self.listed(id, c))))
             .collect();
         Value::Object(clients)
     }
 
-    /// The list's fields plus last seen, comment, the process id when the
-    /// supervisor runs it, and the manifest.
+    /// The list's entries plus `data`, what the manifest says (version,
+    /// description, config keys, device types), as Domogik's
+    /// `client.detail.get`; `only` keeps one client.
     pub fn detail(&self, only: Option<&str>) -> Value {
         let clients: Map<String, Value> = self
             .clients
             .iter()
             .filter(|(id, _)| only.is_none_or(|only| only == id.as_str()))
             .map(|(id, c)| {
+                let mut entry = self.listed(id, c);
                 let manifest = self.manifest(&c.kind, &c.name);
-                let entry = json!({
-                    "status": c.status, "host": c.host, "type": c.kind, "id": c.name,
-                    "configured": self.configured_json(id),
-                    "comment": c.comment, "last_seen": c.last_seen, "pid": c.pid,
-                    "data": manifest.map_or(json!({}), |m| json!({
+                let data = manifest.map_or(json!({}), |m| {
+                    json!({
                         "version": m.version, "description": m.description,
                         "config": m.config, "device_types": m.device_types,
-                    })),
+                    })
                 });
-                (id.clone(), entry)
+                entry.insert("data".into(), data);
+                (id.clone(), Value::Object(entry))
             })
             .collect();
         Value::Object(clients)
     }
 
+    /// A client's status changes, newest first (as Domogik's database
+    /// gives them), each `{status, comment, timestamp}` plus `time` (the
+    /// same unix time).
     fn history(&self, id: &str) -> Option<Value> {
         let client = self.clients.get(id)?;
         let history: Vec<Value> = client
             .history
             .iter()
-            .map(|(time, status, comment)| json!({"time": time, "status": status, "comment": comment}))
+            .rev()
+            .map(|(time, status, comment)| {
+                json!({"status": status, "comment": comment, "timestamp": time, "time": time})
+            })
             .collect();
         Some(Value::Array(history))
+    }
+
+    /// `client.history.get`, for a client named by `id` or, as Domogik's
+    /// admin asks, by `type`, `name` and `host`. The reply carries both
+    /// forms and Domogik's `status`/`reason`; an unknown client has an
+    /// empty history and status false.
+    fn history_reply(&self, action: &str, data: &Value) -> Message {
+        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let id = match (text("id"), text("name"), text("host")) {
+            (Some(id), _, _) => id.to_owned(),
+            (None, Some(name), Some(host)) => client_id(text("type").unwrap_or("plugin"), name, host),
+            _ => {
+                return Message::failure(
+                    action,
+                    "client.history.get needs 'id' (e.g. plugin-fake.box), or 'type', 'name' and 'host'",
+                )
+            }
+        };
+        let (status, reason, history) = match self.history(&id) {
+            Some(history) => (true, String::new(), history),
+            None => (false, format!("no client '{id}'"), json!([])),
+        };
+        let (kind, name, host) = split_client_id(&id).unwrap_or_default();
+        Message::new(
+            majordome_mdp::domogik::result_action(action),
+            json!({
+                "id": id, "type": kind, "name": name, "host": host, "history": history,
+                "status": status, "reason": reason,
+            }),
+        )
     }
 
     /// Answers one request to the manager, except `plugin.start.do` and
@@ -674,24 +727,24 @@ impl Registry {
         let action = message.action.as_str();
         let reply = |data: Value| Message::new(majordome_mdp::domogik::result_action(action), data);
         match action {
-            "client.list.get" | "clients.list.get" => reply(json!({"clients": self.list()})),
+            // Domogik's own code answers the singular spelling with the
+            // clients at the top level of the data; the seed documents'
+            // plural spelling wraps them in "clients".
+            "client.list.get" => reply(self.list()),
+            "clients.list.get" => reply(json!({"clients": self.list()})),
             "client.detail.get" | "clients.detail.get" => {
+                // Domogik asks for every client; `id` (majordome's) keeps one.
                 let only = message.data.get("id").and_then(Value::as_str);
                 let detail = self.detail(only);
                 if only.is_some() && detail.as_object().is_some_and(Map::is_empty) {
                     return Message::failure(action, format!("no client '{}'", only.unwrap_or_default()));
                 }
-                reply(json!({"clients": detail}))
-            }
-            "client.history.get" | "clients.history.get" => {
-                let Some(id) = message.data.get("id").and_then(Value::as_str) else {
-                    return Message::failure(action, "client.history.get needs 'id', e.g. plugin-fake.box");
-                };
-                match self.history(id) {
-                    Some(history) => reply(json!({"id": id, "history": history})),
-                    None => Message::failure(action, format!("no client '{id}'")),
+                match action {
+                    "client.detail.get" => reply(detail),
+                    _ => reply(json!({"clients": detail})),
                 }
             }
+            "client.history.get" | "clients.history.get" => self.history_reply(action, &message.data),
             "package.detail.get" | "packages.detail.get" => {
                 let packages: Map<String, Value> = self
                     .manifests
@@ -983,20 +1036,25 @@ mod tests {
         ));
         let history = reply.data["history"].as_array().unwrap();
         let statuses: Vec<&str> = history.iter().map(|h| h["status"].as_str().unwrap()).collect();
-        assert_eq!(statuses, ["alive", "stop-request", "stopped"]);
+        assert_eq!(statuses, ["stopped", "stop-request", "alive"], "newest first");
     }
 
     #[test]
     fn actions_in_both_spellings_and_clear_errors() {
         let manifest = manifest(json!({"name": "fake", "version": "2", "device_types": ["switch", "dimmer"]}));
         let registry = Registry::new(vec![manifest], settings());
-        for action in ["client.list.get", "clients.list.get"] {
-            let reply = registry.handle(&Message::new(action, json!({})));
-            assert!(reply.action.ends_with(".list.result"));
-            assert_eq!(reply.data["clients"]["plugin-fake.box"]["id"], "fake");
-        }
+        // The seed's plural spelling wraps the clients; Domogik's code
+        // answers the singular one flat.
+        let seed = registry.handle(&Message::new("clients.list.get", json!({})));
+        assert_eq!(seed.action, "clients.list.result");
+        assert_eq!(seed.data["clients"]["plugin-fake.box"]["id"], "fake");
+        let domogik = registry.handle(&Message::new("client.list.get", json!({})));
+        assert_eq!(domogik.action, "client.list.result");
+        assert_eq!(domogik.data["plugin-fake.box"]["name"], "fake");
         let detail = registry.handle(&Message::new("clients.detail.get", json!({"id": "plugin-fake.box"})));
         assert_eq!(detail.data["clients"]["plugin-fake.box"]["data"]["version"], "2");
+        let detail = registry.handle(&Message::new("client.detail.get", json!({})));
+        assert_eq!(detail.data["plugin-fake.box"]["data"]["version"], "2");
         let missing = registry.handle(&Message::new("client.detail.get", json!({"id": "nope"})));
         assert_eq!(missing.status(), Some(false));
         let types = registry.handle(&Message::new("device_types.get", json!({})));
@@ -1004,6 +1062,71 @@ mod tests {
         let unknown = registry.handle(&Message::new("plugin.frob.do", json!({})));
         assert_eq!(unknown.action, "plugin.frob.result");
         assert!(unknown.reason().unwrap().contains("unknown action"));
+    }
+
+    /// Domogik's admin reads `client.list.get` as `{id: entry}` and each
+    /// entry's fields by name (`admin/views/clients.py`, the templates):
+    /// every field Domogik's manager gives is there.
+    #[test]
+    fn regression_client_list_and_detail_have_domogik_s_flat_shape_and_fields() {
+        let mut registry = Registry::new(vec![manifest(json!({"name": "fake", "version": "2"}))], settings());
+        registry.on_status(
+            &json!({"id": "diskfree", "host": "darkstar", "event": "alive"}),
+            Instant::now(),
+        );
+        let list = registry.handle(&Message::new("client.list.get", json!({})));
+        assert_eq!(list.action, "client.list.result");
+        let ids: Vec<&String> = list.data.as_object().unwrap().keys().collect();
+        assert_eq!(ids, ["plugin-diskfree.darkstar", "plugin-fake.box"]);
+        let entry = &list.data["plugin-diskfree.darkstar"];
+        for field in [
+            "status",
+            "name",
+            "xpl_source",
+            "configured",
+            "pid",
+            "package_id",
+            "host",
+            "type",
+            "last_seen",
+            "compliant_xpl_clients",
+            "xpl_clients_only",
+        ] {
+            assert!(entry.get(field).is_some(), "{field} in {entry}");
+        }
+        assert_eq!(
+            (&entry["name"], &entry["type"], &entry["host"], &entry["status"]),
+            (
+                &json!("diskfree"),
+                &json!("plugin"),
+                &json!("darkstar"),
+                &json!("alive")
+            )
+        );
+        assert_eq!(entry["package_id"], "plugin-diskfree");
+        assert_eq!(entry["xpl_source"], "domogik-diskfree.darkstar");
+        assert_eq!(entry["pid"], Value::Null, "not running here");
+        assert!(entry["last_seen"].as_f64().unwrap() > 1e9);
+        let detail = registry.handle(&Message::new("client.detail.get", json!({})));
+        assert_eq!(detail.data["plugin-fake.box"]["package_id"], "plugin-fake");
+        assert_eq!(detail.data["plugin-fake.box"]["data"]["version"], "2");
+        // The admin asks for a history by type, name and host.
+        let history = registry.handle(&Message::new(
+            "client.history.get",
+            json!({"type": "plugin", "name": "diskfree", "host": "darkstar"}),
+        ));
+        assert_eq!(history.status(), Some(true));
+        assert_eq!(
+            (&history.data["type"], &history.data["name"], &history.data["host"]),
+            (&json!("plugin"), &json!("diskfree"), &json!("darkstar"))
+        );
+        assert_eq!(history.data["history"][0]["status"], "alive");
+        assert!(history.data["history"][0]["timestamp"].as_f64().is_some());
+        let unknown = registry.handle(&Message::new(
+            "client.history.get",
+            json!({"type": "plugin", "name": "nope", "host": "darkstar"}),
+        ));
+        assert_eq!((unknown.status(), &unknown.data["history"]), (Some(false), &json!([])));
     }
 
     #[test]
@@ -1096,7 +1219,7 @@ mod tests {
             .iter()
             .map(|h| h["time"].as_f64().unwrap())
             .collect();
-        assert_eq!(times, [2.0, 3.0, 4.0]);
+        assert_eq!(times, [4.0, 3.0, 2.0], "newest first");
         assert!(!registry.tick(t0 + Duration::from_secs(29)));
         assert!(registry.tick(t0 + Duration::from_secs(30)));
         assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("dead"));
@@ -1190,7 +1313,7 @@ mod tests {
                 .map(|h| h["status"].as_str().unwrap().to_owned())
                 .collect()
         };
-        assert_eq!(statuses("plugin-fake.box"), ["alive", "stop-request", "stopped"]);
+        assert_eq!(statuses("plugin-fake.box"), ["stopped", "stop-request", "alive"]);
         assert_eq!(statuses("plugin-other.box"), ["alive"]);
         assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("stopped"));
         drop(registry);

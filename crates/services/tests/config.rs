@@ -158,3 +158,66 @@ fn get_set_delete_with_manifest_checks_events_and_a_restart() {
     config.join().unwrap();
     bus.stop();
 }
+
+/// A Domogik plugin asks `admin` for the key `configured` at start and
+/// stops unless it is true (`Plugin.check_configured`). For a plugin with a
+/// manifest, `configured` was answered `null` and could not be set.
+#[test]
+fn regression_configured_is_a_built_in_key_for_every_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = majordome_store::database_path(dir.path());
+    let bus = Bus::start();
+    let (stop, config) = start_config(&bus, &database);
+    let mut c = client(&bus);
+    let ask = |c: &mut Client, name: &str| {
+        let data = json!({"type": "plugin", "name": name, "host": "box", "key": "configured"});
+        let reply = call(c, "admin", "config.get", data);
+        assert_eq!(
+            (reply["status"].clone(), reply["reason"].clone()),
+            (json!(true), json!(""))
+        );
+        reply["value"].clone()
+    };
+    let set = |c: &mut Client, name: &str, value: Value| {
+        let data = json!({"type": "plugin", "name": name, "host": "box", "key": "configured", "value": value});
+        call(c, "admin", "config.set", data)
+    };
+    // With a manifest whose required key `unit` has no value: false, and
+    // it cannot be marked configured yet.
+    assert_eq!(ask(&mut c, "fake"), false);
+    let refused = set(&mut c, "fake", json!(true));
+    assert_eq!(refused["status"], false);
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("required keys unit have no value"),
+        "{refused}"
+    );
+    // Domogik's admin sets the keys and `configured` in one request.
+    let both = json!({"type": "plugin", "name": "fake", "host": "box", "data": {"unit": "F", "configured": true}});
+    assert_eq!(call(&mut c, "admin", "config.set", both)["status"], true);
+    assert_eq!(ask(&mut c, "fake"), true);
+    // Set to false (Domogik's "1"/"0" strings too), it says false whatever
+    // the keys; deleting it brings back what the keys say.
+    assert_eq!(set(&mut c, "fake", json!("0"))["status"], true);
+    assert_eq!(ask(&mut c, "fake"), false);
+    let all = call(&mut c, "config", "config.get", json!({"name": "fake", "host": "box"}));
+    assert_eq!(all["configured"], false);
+    let deleted = call(
+        &mut c,
+        "config",
+        "config.delete",
+        json!({"name": "fake", "host": "box", "key": "configured"}),
+    );
+    assert_eq!(deleted["configured"], true);
+    assert_eq!(set(&mut c, "fake", json!("maybe"))["status"], false);
+    // Without a manifest: not configured until something is set, and
+    // `configured` itself is enough, as Domogik's admin does it.
+    assert_eq!(ask(&mut c, "diskfree"), false);
+    assert_eq!(set(&mut c, "diskfree", json!("1"))["status"], true);
+    assert_eq!(ask(&mut c, "diskfree"), true);
+    stop.trigger();
+    config.join().unwrap();
+    bus.stop();
+}

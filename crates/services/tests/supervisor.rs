@@ -101,7 +101,7 @@ fn ask(client: &mut Client, action: &str, data: Value) -> Message {
 fn detail(client: &mut Client, name: &str) -> Value {
     let id = format!("plugin-{name}.{HOST}");
     let reply = ask(client, "client.detail.get", json!({"id": id}));
-    reply.data["clients"][&id].clone()
+    reply.data[&id].clone()
 }
 
 fn history(client: &mut Client, name: &str) -> Vec<Value> {
@@ -110,7 +110,10 @@ fn history(client: &mut Client, name: &str) -> Vec<Value> {
         "client.history.get",
         json!({"id": format!("plugin-{name}.{HOST}")}),
     );
-    reply.data["history"].as_array().cloned().unwrap_or_default()
+    // Newest first on the wire; oldest first reads better here.
+    let mut entries = reply.data["history"].as_array().cloned().unwrap_or_default();
+    entries.reverse();
+    entries
 }
 
 /// True while `pid` is a live (not zombie) process.
@@ -487,7 +490,7 @@ fn configured_follows_the_config_service() {
             .request_message("config", &Message::new("config.set", target.clone()))
             .unwrap();
         assert_eq!(set.status(), Some(true), "{:?}", set.data);
-        let list = ask(&mut c, "client.list.get", json!({})).data["clients"].clone();
+        let list = ask(&mut c, "client.list.get", json!({})).data;
         (list[format!("plugin-sleeper.{HOST}")]["configured"] == true).then_some(list)
     });
     assert_eq!(list[format!("plugin-sleeper.{HOST}")]["status"], "unknown");
