@@ -15,13 +15,21 @@
 //! whether the client is configured; setting it to false marks a client
 //! unconfigured whatever its keys, and setting it to true is accepted once
 //! the required keys of its manifest have values.
+//!
+//! Domogik's plugins also ask `admin` for their devices (`device.get` with
+//! `type`, `name`, `host`): that request is passed to the `devices`
+//! service over the bus and answered as Domogik's admin did
+//! (`device.result` with `status`, `reason`, `type`, `name`, `host`,
+//! `devices`).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
-use majordome_client::{domogik_handler, unix_now, Message, Publisher, Shutdown, Worker, WorkerOptions};
+use majordome_client::{
+    domogik_handler, unix_now, Client, ClientOptions, Message, Publisher, Shutdown, Worker, WorkerOptions,
+};
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
@@ -101,10 +109,8 @@ pub struct ConfigService {
 }
 
 /// A reply: `config.result` with `status`, `reason` and the rest.
-fn result(status: bool, reason: impl Into<String>, mut fields: Map<String, Value>) -> Message {
-    fields.insert("status".into(), status.into());
-    fields.insert("reason".into(), Value::String(reason.into()));
-    Message::new("config.result", Value::Object(fields))
+fn result(status: bool, reason: impl Into<String>, fields: Map<String, Value>) -> Message {
+    Message::new("config.result", Value::Object(with_status(fields, status, reason)))
 }
 
 fn fail(reason: impl Into<String>) -> Message {
@@ -141,7 +147,17 @@ impl ConfigService {
             let reader = majordome_store::open(&service.database, service.durability)?;
             let mut publisher = publish_at.map(Publisher::connect).transpose()?;
             let service = service.clone();
-            let handler = domogik_handler(move |message: Message| service.handle(&reader, publisher.as_mut(), message));
+            let options = ClientOptions {
+                timeout: DEVICES_TIMEOUT,
+                ..ClientOptions::default()
+            };
+            let mut bus = Client::new(broker, options);
+            let handler = domogik_handler(move |message: Message| {
+                if message.action == "device.get" {
+                    return devices_of(&mut bus, &message.data);
+                }
+                service.handle(&reader, publisher.as_mut(), message)
+            });
             let worker = Worker::new(broker, name, WorkerOptions::default());
             let stop = shutdown.clone();
             threads.push(
@@ -172,7 +188,8 @@ impl ConfigService {
                 return Message::failure(
                     other,
                     format!(
-                        "unknown action '{other}': the config service answers config.get, config.set, config.delete"
+                        "unknown action '{other}': the config service answers config.get, config.set, \
+                         config.delete (and device.get, from the devices service)"
                     ),
                 )
             }
@@ -416,6 +433,42 @@ impl ConfigService {
         let event = (deleted > 0).then_some(Value::Object(event));
         Ok((result(true, "", fields), event))
     }
+}
+
+/// How long the `devices` service has to answer a `device.get` passed on.
+const DEVICES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Domogik's `device.get` to `admin`: the devices of one client (`type`,
+/// `name`, `host`), or of all when none is given, asked of `devices`.
+fn devices_of(bus: &mut Client, data: &Value) -> Message {
+    let mut fields = Map::new();
+    let mut request = json!({});
+    let named = ["type", "name", "host"].iter().any(|field| data.get(field).is_some());
+    if named {
+        match target(data) {
+            Ok(target) => {
+                request["client"] = format!("{}-{}.{}", target.kind, target.name, target.host).into();
+                fields = target.json();
+            }
+            Err(reason) => {
+                fields.insert("devices".into(), json!([]));
+                return Message::new("device.result", Value::Object(with_status(fields, false, reason)));
+            }
+        }
+    }
+    let (status, reason, devices) = match bus.request_message("devices", &Message::new("device.get", request)) {
+        Ok(reply) if reply.status() != Some(false) => (true, String::new(), reply.data["devices"].clone()),
+        Ok(reply) => (false, reply.reason().unwrap_or_default().to_owned(), json!([])),
+        Err(e) => (false, format!("the devices service did not answer: {e}"), json!([])),
+    };
+    fields.insert("devices".into(), devices);
+    Message::new("device.result", Value::Object(with_status(fields, status, reason)))
+}
+
+fn with_status(mut fields: Map<String, Value>, status: bool, reason: impl Into<String>) -> Map<String, Value> {
+    fields.insert("status".into(), status.into());
+    fields.insert("reason".into(), Value::String(reason.into()));
+    fields
 }
 
 /// `type` (default `plugin`), `name` (or Domogik's `id`, or the seed's

@@ -10,6 +10,15 @@
 //! `/device/<uuid>/<quantity>`, and marks silent devices stale. The device
 //! table is written through the group committer, and a write is durable
 //! before its reply.
+//!
+//! Domogik's side of values: each (device, quantity) is a *sensor* with a
+//! number of its own ([`sensor_id`]), listed in the device's `sensors`.
+//! Domogik plugins publish `client.sensor` (`{"<sensor id>": value, …,
+//! "atTimestamp"?}`); those values are taken like ago's events. Every
+//! stored value, from either, is published as `device-stats`
+//! (`{timestamp, device_id, sensor_id, stored_value}`) once its history
+//! commit is durable, and every change to a device as `device.update`
+//! (`{device_id, client_id}`), as Domogik's own services did.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -23,7 +32,7 @@ use majordome_client::{
 };
 use majordome_state::{Writer, WriterOptions};
 use majordome_store::rusqlite::{params, Connection};
-use majordome_store::{Committer, Durability, StoreError};
+use majordome_store::{Committer, Durability, StoreError, Ticket};
 use serde_json::{json, Map, Value};
 
 use crate::history::{HistoryCounters, HistoryWriter, Sample};
@@ -58,6 +67,31 @@ const ACTIONS: &[&str] = &[
     "device_types.get",
     "stats.get",
 ];
+
+/// The most quantities (sensors) one device may have values for; values
+/// of further quantities are dropped and counted, so that a plugin making
+/// up names cannot grow the registry without bound.
+const MAX_QUANTITIES: usize = 64;
+
+/// The Domogik category of sensor values.
+const CLIENT_SENSOR: &str = "client.sensor";
+
+/// A sensor's number: a 53-bit FNV-1a hash of `<uuid>/<quantity>`, so it
+/// is the same on every start and in every process without being stored,
+/// and exact as a JSON number in any language. Domogik's sensor ids were
+/// database rows; any number serves, since plugins read theirs from
+/// `device.get`.
+pub fn sensor_id(uuid: &str, quantity: &str) -> i64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for byte in uuid.bytes().chain(std::iter::once(b'/')).chain(quantity.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    // Never 0, so that it cannot be mistaken for "no sensor".
+    ((hash & ((1 << 53) - 1)) as i64).max(1)
+}
 
 /// Subjects the service publishes itself; the follower skips them.
 const OWN_SUBJECTS: &[&str] = &["event.device.announce", "event.device.remove", "event.device.stale"];
@@ -139,6 +173,9 @@ struct Device {
     stale_after: Option<f64>,
     created: f64,
     values: BTreeMap<String, Reading>,
+    /// Its sensors (Domogik's name for a quantity of a device): those of
+    /// its type, and any other it has had values for.
+    sensors: BTreeMap<String, i64>,
     /// Unix time of the last value, if any.
     last_seen: Option<f64>,
     /// Silence is counted from here: the last value, or when the service
@@ -165,7 +202,46 @@ impl Device {
         })
     }
 
-    fn inventory_entry(&self) -> Value {
+    /// Adds the sensors its type declares.
+    fn add_type_sensors(&mut self, schema: &Schema) {
+        if let Some(kind) = schema.get(&self.kind) {
+            for quantity in kind.values.keys() {
+                self.sensors
+                    .entry(quantity.clone())
+                    .or_insert_with(|| sensor_id(&self.uuid, quantity));
+            }
+        }
+    }
+
+    /// What `device.get` and the inventory say of it: its info, current
+    /// values and state, plus the fields a Domogik plugin reads from its
+    /// device list (`device_type_id`, `client_id`, `sensors` with their
+    /// ids, `commands`, and empty `parameters`, `xpl_stats`,
+    /// `xpl_commands`).
+    fn inventory_entry(&self, schema: &Schema) -> Value {
+        let sensors: Map<String, Value> = self
+            .sensors
+            .iter()
+            .map(|(quantity, id)| {
+                let reading = self.values.get(quantity);
+                let sensor = json!({
+                    "id": id, "name": quantity, "reference": quantity,
+                    "unit": reading.map_or_else(|| device_unit(schema, &self.kind, quantity), |r| r.unit.clone()),
+                    "last_value": reading.map(|r| r.level.clone()),
+                    "last_received": reading.map(|r| r.time),
+                });
+                (quantity.clone(), sensor)
+            })
+            .collect();
+        let commands: Map<String, Value> = schema
+            .get(&self.kind)
+            .map(|kind| {
+                kind.commands
+                    .keys()
+                    .map(|name| (name.clone(), json!({"name": name})))
+                    .collect()
+            })
+            .unwrap_or_default();
         let values: Map<String, Value> = self
             .values
             .iter()
@@ -185,6 +261,13 @@ impl Device {
         entry["state"] = state;
         entry["values"] = Value::Object(values);
         entry["devicetype"] = self.kind.clone().into();
+        entry["device_type_id"] = self.kind.clone().into();
+        entry["client_id"] = self.client.clone().into();
+        entry["sensors"] = Value::Object(sensors);
+        entry["commands"] = Value::Object(commands);
+        for empty in ["parameters", "xpl_stats", "xpl_commands"] {
+            entry[empty] = json!({});
+        }
         entry
     }
 }
@@ -194,6 +277,8 @@ struct Registry {
     devices: HashMap<String, Device>,
     by_key: HashMap<(String, String), String>,
     by_raspy: HashMap<String, String>,
+    /// Sensor id → (uuid, quantity), for Domogik's `client.sensor`.
+    sensors: HashMap<i64, (String, String)>,
 }
 
 impl Registry {
@@ -201,6 +286,9 @@ impl Registry {
         self.by_key
             .insert((device.client.clone(), device.id.clone()), device.uuid.clone());
         self.by_raspy.insert(device.raspy_name(), device.uuid.clone());
+        for (quantity, id) in &device.sensors {
+            self.sensors.insert(*id, (device.uuid.clone(), quantity.clone()));
+        }
         self.devices.insert(device.uuid.clone(), device);
     }
 
@@ -208,7 +296,26 @@ impl Registry {
         let device = self.devices.remove(uuid)?;
         self.by_key.remove(&(device.client.clone(), device.id.clone()));
         self.by_raspy.remove(&device.raspy_name());
+        for id in device.sensors.values() {
+            self.sensors.remove(id);
+        }
         Some(device)
+    }
+
+    /// The sensor of a device's quantity, added if new; `None` for an
+    /// unknown device, or one that already has `MAX_QUANTITIES`.
+    fn sensor(&mut self, uuid: &str, quantity: &str) -> Option<i64> {
+        let device = self.devices.get_mut(uuid)?;
+        if let Some(id) = device.sensors.get(quantity) {
+            return Some(*id);
+        }
+        if device.sensors.len() >= MAX_QUANTITIES {
+            return None;
+        }
+        let id = sensor_id(uuid, quantity);
+        device.sensors.insert(quantity.to_owned(), id);
+        self.sensors.insert(id, (uuid.to_owned(), quantity.to_owned()));
+        Some(id)
     }
 
     /// A device by uuid, or by its RasPy name.
@@ -238,6 +345,12 @@ struct Stats {
     events: u64,
     values: u64,
     unknown_device: u64,
+    /// `client.sensor` values for a sensor id no device has.
+    unknown_sensor: u64,
+    /// Values of a quantity past a device's `MAX_QUANTITIES`.
+    too_many_quantities: u64,
+    /// `device-stats` the publisher could not take.
+    device_stats_dropped: u64,
     malformed_events: u64,
     failed_later: u64,
     clone_failures: u64,
@@ -338,17 +451,23 @@ impl DeviceService {
                     stale_after: row.get(6)?,
                     created: row.get(7)?,
                     values: BTreeMap::new(),
+                    sensors: BTreeMap::new(),
                     last_seen: None,
                     heard_at: now,
                     stale: false,
                 })
             })?;
             for device in rows {
-                registry.insert(device?);
+                let mut device = device?;
+                device.add_type_sensors(&schema);
+                registry.insert(device);
             }
         }
         let history = HistoryWriter::open(database, durability, history_settings)?;
         for (uuid, quantity, time, raw) in HistoryWriter::latest(database)? {
+            if registry.sensor(&uuid, &quantity).is_none() {
+                continue;
+            }
             if let Some(device) = registry.devices.get_mut(&uuid) {
                 let unit = device_unit(&schema, &device.kind, &quantity);
                 device.values.insert(quantity, Reading { level: raw, unit, time });
@@ -396,7 +515,8 @@ impl DeviceService {
         } = self;
         // Values come in bursts (a plugin starting, a gateway catching up):
         // hold many rather than drop them.
-        let subscriber = Subscriber::connect_with_high_water_mark(&endpoints.subscribe, &["event."], 100_000)?;
+        let subscriber =
+            Subscriber::connect_with_high_water_mark(&endpoints.subscribe, &["event.", CLIENT_SENSOR], 100_000)?;
         let mut threads = Vec::new();
         for index in 0..shared.settings.workers.max(1) {
             let worker_shared = shared.clone();
@@ -443,6 +563,17 @@ fn device_unit(schema: &Schema, kind: &str, quantity: &str) -> Value {
         .map_or(Value::Null, Value::String)
 }
 
+/// What a batch of events gave.
+#[derive(Default)]
+struct Applied {
+    /// Values for the history.
+    samples: Vec<Sample>,
+    /// Clone keys to write.
+    mirrored: Vec<(String, Value)>,
+    /// `device-stats` to publish once the samples are durable.
+    stored: Vec<Value>,
+}
+
 /// The follower: events in, values out to the inventory, history, Clone.
 fn follow(
     shared: &Shared,
@@ -451,9 +582,19 @@ fn follow(
     shutdown: &Shutdown,
 ) -> Result<(), DeviceError> {
     let mut last_check = Instant::now();
+    // History commits in flight, oldest first, with the `device-stats`
+    // each will let out once durable.
+    let mut pending: VecDeque<(Ticket<()>, Vec<Value>)> = VecDeque::new();
     while !shutdown.is_triggered() {
         let mut batch = Vec::new();
-        if let Some(event) = subscriber.recv(Duration::from_millis(200))? {
+        // While commits are in flight, look at them often: their
+        // `device-stats` wait for them.
+        let wait = if pending.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_millis(2)
+        };
+        if let Some(event) = subscriber.recv(wait)? {
             batch.push(event);
             while batch.len() < shared.settings.batch {
                 match subscriber.recv(Duration::ZERO)? {
@@ -463,9 +604,19 @@ fn follow(
             }
         }
         if !batch.is_empty() {
-            let (samples, mirrored) = shared.apply_events(&batch);
-            history.append(samples);
-            shared.mirror(mirrored);
+            let applied = shared.apply_events(&batch);
+            if let Some(ticket) = history.append(applied.samples) {
+                pending.push_back((ticket, applied.stored));
+            }
+            shared.mirror(applied.mirrored);
+        }
+        while let Some(outcome) = pending.front().and_then(|(ticket, _)| ticket.try_get()) {
+            let (_, stored) = pending.pop_front().expect("peeked");
+            // A failed commit is counted by the history; its values were
+            // not stored, so nothing is said of them.
+            if outcome.is_ok() {
+                shared.publish_stored(stored);
+            }
         }
         if last_check.elapsed() >= shared.settings.stale_check {
             last_check = Instant::now();
@@ -473,6 +624,11 @@ fn follow(
         }
     }
     lock(&shared.stats).malformed_events += subscriber.malformed();
+    for (ticket, stored) in pending {
+        if ticket.wait().is_ok() {
+            shared.publish_stored(stored);
+        }
+    }
     history.flush()?;
     Ok(())
 }
@@ -481,6 +637,29 @@ impl Shared {
     fn publish(&self, subject: &str, data: &Value) {
         if let Err(e) = lock(&self.publisher).publish(subject, data) {
             tracing::warn!(error = %e, subject, "could not publish");
+        }
+    }
+
+    /// Says `device.update` (`{device_id, client_id}`), as Domogik's admin
+    /// did after a change: its plugins then read their devices again.
+    fn device_changed(&self, device: &Device) {
+        self.publish(
+            "device.update",
+            &json!({"device_id": device.uuid, "client_id": device.client}),
+        );
+    }
+
+    /// Says `device-stats` for values now stored. The publisher drops what
+    /// its subscribers do not take in time; those are counted, not logged
+    /// one by one.
+    fn publish_stored(&self, stored: Vec<Value>) {
+        let mut publisher = lock(&self.publisher);
+        let dropped = stored
+            .iter()
+            .filter(|stat| publisher.publish("device-stats", stat).is_err())
+            .count();
+        if dropped > 0 {
+            lock(&self.stats).device_stats_dropped += dropped as u64;
         }
     }
 
@@ -517,25 +696,66 @@ impl Shared {
         }
     }
 
-    /// Applies a batch of events; returns the history samples and the
-    /// Clone keys to write.
-    fn apply_events(&self, events: &[Event]) -> (Vec<Sample>, Vec<(String, Value)>) {
-        let mut samples = Vec::new();
-        let mut mirrored = Vec::new();
+    /// Applies a batch of events (ago's `event.*` and Domogik's
+    /// `client.sensor`).
+    fn apply_events(&self, events: &[Event]) -> Applied {
+        let mut applied = Applied::default();
         let mut stats = lock(&self.stats);
         let mut registry = lock(&self.registry);
         let now = unix_now();
+        // A plugin's clock is trusted unless it is far off.
+        let plausible = |time: Option<f64>| {
+            time.filter(|t| (now - 86_400.0..=now + 60.0).contains(t))
+                .unwrap_or(now)
+        };
         for event in events {
             stats.events += 1;
             if OWN_SUBJECTS.contains(&event.category.as_str()) {
                 continue;
             }
             let data = &event.data;
+            if event.category == CLIENT_SENSOR {
+                let Some(values) = data.as_object() else {
+                    stats.malformed_events += 1;
+                    continue;
+                };
+                // Domogik sends its `atTimestamp` as a string or a number.
+                let time = values.get("atTimestamp").and_then(|t| match t {
+                    Value::String(text) => text.trim().parse().ok(),
+                    other => other.as_f64(),
+                });
+                let time = plausible(time);
+                for (key, level) in values.iter().filter(|(key, _)| *key != "atTimestamp") {
+                    // The sensor's number, or majordome's `<uuid>/<quantity>`.
+                    let target = match key.parse::<i64>() {
+                        Ok(id) => registry.sensors.get(&id).cloned(),
+                        Err(_) => key
+                            .split_once('/')
+                            .filter(|(uuid, _)| registry.devices.contains_key(*uuid))
+                            .map(|(uuid, quantity)| (uuid.to_owned(), quantity.to_owned())),
+                    };
+                    let Some((uuid, quantity)) = target.filter(|_| !level.is_null()) else {
+                        stats.unknown_sensor += 1;
+                        continue;
+                    };
+                    self.take_value(
+                        &mut registry,
+                        &mut stats,
+                        &mut applied,
+                        &uuid,
+                        &quantity,
+                        level,
+                        None,
+                        time,
+                    );
+                }
+                continue;
+            }
             let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
                 stats.malformed_events += 1;
                 continue;
             };
-            let Some(device) = registry.devices.get_mut(uuid) else {
+            let Some(device) = registry.devices.get(uuid) else {
                 stats.unknown_device += 1;
                 continue;
             };
@@ -549,43 +769,72 @@ impl Shared {
                 continue;
             };
             let quantity = self.schema.quantity_of(&device.kind, &event.category, values);
-            // A plugin's clock is trusted unless it is far off.
-            let time = data
-                .get("timestamp")
-                .and_then(Value::as_f64)
-                .filter(|t| (now - 86_400.0..=now + 60.0).contains(t))
-                .unwrap_or(now);
-            let unit = values
-                .get("unit")
-                .filter(|u| u.is_string())
-                .cloned()
-                .unwrap_or_else(|| device_unit(&self.schema, &device.kind, &quantity));
-            let reading = Reading {
-                level: level.clone(),
-                unit: unit.clone(),
+            let unit = values.get("unit").filter(|u| u.is_string()).cloned();
+            let time = plausible(data.get("timestamp").and_then(Value::as_f64));
+            self.take_value(
+                &mut registry,
+                &mut stats,
+                &mut applied,
+                uuid,
+                &quantity,
+                level,
+                unit,
                 time,
-            };
-            mirrored.push((
-                format!("/device/{uuid}/{quantity}"),
-                json!({"level": level, "unit": unit, "timestamp": time}),
-            ));
-            samples.push(Sample {
-                uuid: uuid.to_owned(),
-                quantity: quantity.clone(),
-                time,
-                raw: level.clone(),
-            });
-            device.values.insert(quantity, reading);
-            device.last_seen = Some(time);
-            device.heard_at = Instant::now();
-            if device.stale {
-                device.stale = false;
-                mirrored.push((format!("/device/{uuid}/info"), device.info()));
-            }
-            stats.values += 1;
-            stats.clients.entry(device.client.clone()).or_default().values += 1;
+            );
         }
-        (samples, mirrored)
+        applied
+    }
+
+    /// One value of a known device: into the inventory, and on its way to
+    /// Clone and history.
+    #[allow(clippy::too_many_arguments)]
+    fn take_value(
+        &self,
+        registry: &mut Registry,
+        stats: &mut Stats,
+        applied: &mut Applied,
+        uuid: &str,
+        quantity: &str,
+        level: &Value,
+        unit: Option<Value>,
+        time: f64,
+    ) {
+        let Some(sensor) = registry.sensor(uuid, quantity) else {
+            stats.too_many_quantities += 1;
+            return;
+        };
+        let device = registry.devices.get_mut(uuid).expect("sensor() found it");
+        let unit = unit.unwrap_or_else(|| device_unit(&self.schema, &device.kind, quantity));
+        applied.mirrored.push((
+            format!("/device/{uuid}/{quantity}"),
+            json!({"level": level, "unit": unit, "timestamp": time}),
+        ));
+        applied.samples.push(Sample {
+            uuid: uuid.to_owned(),
+            quantity: quantity.to_owned(),
+            time,
+            raw: level.clone(),
+        });
+        applied.stored.push(json!({
+            "timestamp": time, "device_id": uuid, "sensor_id": sensor, "stored_value": level,
+            "quantity": quantity,
+        }));
+        device.values.insert(
+            quantity.to_owned(),
+            Reading {
+                level: level.clone(),
+                unit,
+                time,
+            },
+        );
+        device.last_seen = Some(time);
+        device.heard_at = Instant::now();
+        if device.stale {
+            device.stale = false;
+            applied.mirrored.push((format!("/device/{uuid}/info"), device.info()));
+        }
+        stats.values += 1;
+        stats.clients.entry(device.client.clone()).or_default().values += 1;
     }
 
     fn mark_stale(&self) {
@@ -702,14 +951,16 @@ impl Shared {
         };
         let mut registry = lock(&self.registry);
         let existing = registry.by_key.get(&(client.to_owned(), id.to_owned())).cloned();
-        let (device, created) = match existing.and_then(|uuid| registry.devices.get(&uuid).cloned()) {
+        let (mut device, changed, created) = match existing.and_then(|uuid| registry.devices.get(&uuid).cloned()) {
             // Registering again keeps what a user renamed or moved.
             Some(mut device) => {
+                let before = (device.kind.clone(), device.stale_after);
                 device.kind = kind.to_owned();
                 if data.contains_key("stale_after") {
                     device.stale_after = stale_after;
                 }
-                (device, false)
+                let changed = before != (device.kind.clone(), device.stale_after);
+                (device, changed, false)
             }
             None => {
                 if registry.devices.len() >= self.settings.max_devices {
@@ -728,13 +979,15 @@ impl Shared {
                     stale_after,
                     created: unix_now(),
                     values: BTreeMap::new(),
+                    sensors: BTreeMap::new(),
                     last_seen: None,
                     heard_at: Instant::now(),
                     stale: false,
                 };
-                (device, true)
+                (device, true, true)
             }
         };
+        device.add_type_sensors(&self.schema);
         if let Err(e) = self.store(&device) {
             return Message::failure(action, format!("the device store failed: {e}"));
         }
@@ -746,6 +999,9 @@ impl Shared {
                 "event.device.announce",
                 &json!({"uuid": device.uuid, "event": "event.device.announce", "data": info}),
             );
+        }
+        if changed {
+            self.device_changed(&device);
         }
         self.mirror(vec![(format!("/device/{}/info", device.uuid), info.clone())]);
         outcome_reply(
@@ -762,7 +1018,7 @@ impl Shared {
         let result = majordome_mdp::domogik::result_action(action);
         if let Some(uuid) = data.get("uuid").and_then(Value::as_str) {
             return match registry.find(uuid) {
-                Some(device) => Message::new(result, json!({"devices": [device.inventory_entry()]})),
+                Some(device) => Message::new(result, json!({"devices": [device.inventory_entry(&self.schema)]})),
                 None => Message::failure(action, format!("no device '{uuid}'")),
             };
         }
@@ -774,7 +1030,7 @@ impl Shared {
             .filter(|d| field("room").is_none_or(|r| r == d.room))
             .collect();
         devices.sort_by(|a, b| (&a.client, &a.id).cmp(&(&b.client, &b.id)));
-        let devices: Vec<Value> = devices.iter().map(|d| d.inventory_entry()).collect();
+        let devices: Vec<Value> = devices.iter().map(|d| d.inventory_entry(&self.schema)).collect();
         Message::new(result, json!({"devices": devices}))
     }
 
@@ -812,6 +1068,7 @@ impl Shared {
         registry.remove(&device.uuid);
         registry.insert(device.clone());
         drop(registry);
+        self.device_changed(&device);
         self.mirror(vec![(format!("/device/{}/info", device.uuid), info.clone())]);
         outcome_reply(action, json!({"device": info}).as_object().cloned().unwrap_or_default())
     }
@@ -833,6 +1090,7 @@ impl Shared {
         }
         let device = registry.remove(&uuid).expect("found above");
         drop(registry);
+        self.device_changed(&device);
         self.publish(
             "event.device.remove",
             &json!({"uuid": uuid, "event": "event.device.remove", "data": {}}),
@@ -957,7 +1215,7 @@ impl Shared {
                 if !d.room.is_empty() {
                     rooms.entry(d.room.clone()).or_default().push(d.uuid.clone());
                 }
-                (d.uuid.clone(), d.inventory_entry())
+                (d.uuid.clone(), d.inventory_entry(&self.schema))
             })
             .collect();
         let rooms: Map<String, Value> = rooms
@@ -997,6 +1255,9 @@ impl Shared {
             "values_stored": load(&self.history.stored),
             "values_failed": load(&self.history.failed),
             "unknown_device": stats.unknown_device,
+            "unknown_sensor": stats.unknown_sensor,
+            "too_many_quantities": stats.too_many_quantities,
+            "device_stats_dropped": stats.device_stats_dropped,
             "malformed_events": stats.malformed_events,
             "failed_later": stats.failed_later,
             "stale_marked": stats.stale_marked,
@@ -1022,11 +1283,22 @@ mod tests {
             stale_after: None,
             created: 0.0,
             values: BTreeMap::new(),
+            sensors: BTreeMap::new(),
             last_seen: None,
             heard_at: Instant::now(),
             stale: false,
         };
         assert_eq!(device.raspy_name(), "box.fake.fake-dimmer");
+    }
+
+    /// Sensor ids are FNV-1a of `<uuid>/<quantity>` (the 64-bit function's
+    /// published offset and prime), cut to 53 bits: the same in every
+    /// process and on every start, and exact as a JSON number anywhere.
+    #[test]
+    fn sensor_ids_are_a_stable_hash() {
+        assert_eq!(sensor_id("3f2c", "temperature"), 4_662_061_468_038_534);
+        assert_ne!(sensor_id("3f2c", "temperature"), sensor_id("3f2c", "humidity"));
+        assert_ne!(sensor_id("3f2", "c/temperature"), 0);
     }
 
     #[test]

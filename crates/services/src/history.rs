@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use majordome_client::{domogik_handler, unix_now, Message, Shutdown, Worker, WorkerOptions};
 use majordome_store::rusqlite::{params, Connection};
-use majordome_store::{CommitStats, Committer, Durability, StoreError};
+use majordome_store::{CommitStats, Committer, Durability, StoreError, Ticket};
 use serde_json::{json, Value};
 
 const SCHEMA: &str = "
@@ -123,19 +123,21 @@ impl HistoryWriter {
     }
 
     /// Queues `samples` as one job; it commits with whatever else is
-    /// queued. Returns at once: the commit's outcome is counted.
-    pub fn append(&mut self, samples: Vec<Sample>) {
+    /// queued. Returns at once: the commit's outcome is counted, and the
+    /// ticket (none for no samples) says when they are durable.
+    pub fn append(&mut self, samples: Vec<Sample>) -> Option<Ticket<()>> {
         if samples.is_empty() {
-            return;
+            return None;
         }
         let count = samples.len() as u64;
         self.counters.appended.fetch_add(count, Ordering::Relaxed);
         let counters = self.counters.clone();
-        // Fire and forget: the reader of a value is whoever asks history
-        // later, and nobody waits on the fsync. The job counts its own
+        // Nobody waits on the fsync here: the reader of a value is whoever
+        // asks history later, and the follower only looks at the ticket
+        // to say `device-stats` once durable. The job counts its own
         // outcome (a failed job rolls back alone, in its savepoint; a
         // failed commit is counted by the committer's own stats).
-        let _ticket = self.committer.enqueue(move |connection: &Connection| {
+        let ticket = self.committer.enqueue(move |connection: &Connection| {
             let inserted = (|| {
                 let mut insert = connection.prepare_cached(
                     "INSERT INTO history (uuid, quantity, time, level, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -160,6 +162,7 @@ impl HistoryWriter {
             inserted
         });
         self.prune_if_due();
+        Some(ticket)
     }
 
     /// Waits until everything appended so far is committed.

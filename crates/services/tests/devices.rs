@@ -337,3 +337,90 @@ fn devices_commands_values_history_clone_and_stale() {
     }
     bus.stop();
 }
+
+/// Domogik never saw a sensor value: its plugins publish `client.sensor`
+/// (`{"<sensor id>": value, "atTimestamp"?}`, `pub_client_sensor.py`),
+/// which nobody took, and its subscribers wait for `device-stats` after a
+/// value is stored (`xplgw.py`), which nobody said. Both now work, beside
+/// ago's events, and a change to a device says `device.update`.
+#[test]
+fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
+    let data = tempfile::tempdir().unwrap();
+    let database = data.path().join("majordome.db");
+    let bus = Bus::with_state(data.path());
+    let (services_stop, services) = start_services(&bus, &database);
+    let mut client = bus.client(Duration::from_secs(5));
+    let mut said = Subscriber::connect(&bus.subscribe_at, &["device-stats", "device.update"]).unwrap();
+    let domogik_plugin = "plugin-diskfree.darkstar";
+    let created = call(
+        &mut client,
+        "devices",
+        "device.create.do",
+        json!({"client": domogik_plugin, "id": "disk", "type": "temperaturesensor"}),
+    );
+    let uuid = created.data["uuid"].as_str().unwrap().to_owned();
+    let update = next_event(&mut said, "device.update", |e| e["device_id"] == uuid.as_str());
+    assert_eq!(update["client_id"], domogik_plugin);
+    // What a Domogik plugin reads from its device list to learn its
+    // sensor ids (`Plugin.get_sensors`).
+    let listed = call(&mut client, "devices", "device.get", json!({"client": domogik_plugin}));
+    let device = &listed.data["devices"][0];
+    assert_eq!(device["device_type_id"], "temperaturesensor");
+    assert_eq!(device["client_id"], domogik_plugin);
+    assert!(device["xpl_stats"].is_object() && device["parameters"].is_object());
+    let sensor = device["sensors"]["temperature"]["id"].as_i64().expect("a sensor id");
+
+    // Published exactly as Domogik's MQPub does: `client.sensor`, the
+    // sensor id as a string key, the value and atTimestamp as strings.
+    let mut publisher = Publisher::connect(&bus.publish_at).unwrap();
+    assert!(publisher.wait_for_subscriber("client.sensor", LIMIT).unwrap());
+    let at = majordome_client::unix_now().floor() - 10.0;
+    let values = json!({sensor.to_string(): "19.5", "atTimestamp": format!("{at}"), "12345": 1});
+    publisher.publish("client.sensor", &values).unwrap();
+    let stored = next_event(&mut said, "device-stats", |e| e["sensor_id"] == sensor);
+    assert_eq!(
+        (&stored["device_id"], &stored["stored_value"], &stored["timestamp"]),
+        (&json!(uuid), &json!("19.5"), &json!(at))
+    );
+    // Stored before it was said.
+    let history = call(&mut client, "history", "history.get", json!({"uuid": uuid, "last": 5}));
+    assert_eq!(
+        history.data["values"][0]["value"], "19.5",
+        "as sent: {:?}",
+        history.data
+    );
+    let inventory = call(&mut client, "devices", "inventory.get", json!({}));
+    let value = &inventory.data["devices"][&uuid]["values"]["temperature"];
+    assert_eq!((&value["level"], &value["unit"]), (&json!("19.5"), &json!("degC")));
+    let key = format!("/device/{uuid}/temperature");
+    eventually("the value in Clone", || {
+        let (entries, _) = majordome_state::snapshot(bus.state.as_deref().unwrap(), "/device/", LIMIT).unwrap();
+        entries.iter().any(|e| e.key == key).then_some(())
+    });
+
+    // ago's events are said as device-stats too.
+    let event = json!({"uuid": uuid, "event": "event.environment.temperaturechanged",
+                       "data": {"level": 22.0, "unit": "degC"}});
+    publisher
+        .publish("event.environment.temperaturechanged", &event)
+        .unwrap();
+    let stored = next_event(&mut said, "device-stats", |e| e["stored_value"] == 22.0);
+    assert_eq!(stored["sensor_id"], sensor);
+
+    // A user's change says device.update; the sensor id made up above
+    // was counted, not stored.
+    call(
+        &mut client,
+        "devices",
+        "device.update.do",
+        json!({"uuid": uuid, "room": "Cellar"}),
+    );
+    next_event(&mut said, "device.update", |e| e["device_id"] == uuid.as_str());
+    let stats = call(&mut client, "devices", "stats.get", json!({}));
+    assert_eq!(stats.data["unknown_sensor"], 1, "{:?}", stats.data);
+    services_stop.trigger();
+    for thread in services {
+        thread.join().unwrap();
+    }
+    bus.stop();
+}
