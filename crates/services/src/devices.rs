@@ -37,7 +37,7 @@ use serde_json::{json, Map, Value};
 
 use crate::history::{HistoryCounters, HistoryWriter, Sample};
 use crate::lock;
-use crate::schema::{error_map, Schema};
+use crate::schema::{error_map, valid_name, Schema};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -731,7 +731,7 @@ impl Shared {
                         Ok(id) => registry.sensors.get(&id).cloned(),
                         Err(_) => key
                             .split_once('/')
-                            .filter(|(uuid, _)| registry.devices.contains_key(*uuid))
+                            .filter(|(uuid, quantity)| registry.devices.contains_key(*uuid) && valid_name(quantity))
                             .map(|(uuid, quantity)| (uuid.to_owned(), quantity.to_owned())),
                     };
                     let Some((uuid, quantity)) = target.filter(|_| !level.is_null()) else {

@@ -203,7 +203,7 @@ impl Schema {
 }
 
 /// Quantities become Clone keys: keep them to plain words.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
 

@@ -351,6 +351,25 @@ fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
     let (services_stop, services) = start_services(&bus, &database);
     let mut client = bus.client(Duration::from_secs(5));
     let mut said = Subscriber::connect(&bus.subscribe_at, &["device-stats", "device.update"]).unwrap();
+    // A subscription takes a moment to reach the device service's
+    // publisher: change a probe device until its device.update comes.
+    let probe = call(
+        &mut client,
+        "devices",
+        "device.create.do",
+        json!({"client": "plugin-probe.box", "id": "probe", "type": "switch"}),
+    );
+    let probe = probe.data["uuid"].as_str().unwrap().to_owned();
+    eventually("the subscription to reach the device service", || {
+        call(
+            &mut client,
+            "devices",
+            "device.update.do",
+            json!({"uuid": probe, "room": "x"}),
+        );
+        let event = said.recv(Duration::from_millis(100)).unwrap()?;
+        (event.category == "device.update").then_some(())
+    });
     let domogik_plugin = "plugin-diskfree.darkstar";
     let created = call(
         &mut client,
@@ -375,7 +394,12 @@ fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
     let mut publisher = Publisher::connect(&bus.publish_at).unwrap();
     assert!(publisher.wait_for_subscriber("client.sensor", LIMIT).unwrap());
     let at = majordome_client::unix_now().floor() - 10.0;
-    let values = json!({sensor.to_string(): "19.5", "atTimestamp": format!("{at}"), "12345": 1});
+    // Also majordome's `<uuid>/<quantity>` keys; a made-up sensor id and a
+    // quantity that could not be a Clone key segment are counted.
+    let values = json!({
+        sensor.to_string(): "19.5", "atTimestamp": format!("{at}"), "12345": 1,
+        format!("{uuid}/humidity"): 55, format!("{uuid}/no/good"): 1,
+    });
     publisher.publish("client.sensor", &values).unwrap();
     let stored = next_event(&mut said, "device-stats", |e| e["sensor_id"] == sensor);
     assert_eq!(
@@ -383,7 +407,12 @@ fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
         (&json!(uuid), &json!("19.5"), &json!(at))
     );
     // Stored before it was said.
-    let history = call(&mut client, "history", "history.get", json!({"uuid": uuid, "last": 5}));
+    let history = call(
+        &mut client,
+        "history",
+        "history.get",
+        json!({"uuid": uuid, "quantity": "temperature", "last": 5}),
+    );
     assert_eq!(
         history.data["values"][0]["value"], "19.5",
         "as sent: {:?}",
@@ -392,6 +421,8 @@ fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
     let inventory = call(&mut client, "devices", "inventory.get", json!({}));
     let value = &inventory.data["devices"][&uuid]["values"]["temperature"];
     assert_eq!((&value["level"], &value["unit"]), (&json!("19.5"), &json!("degC")));
+    let humidity = &inventory.data["devices"][&uuid]["sensors"]["humidity"];
+    assert_eq!(humidity["last_value"], 55, "a new quantity is a new sensor");
     let key = format!("/device/{uuid}/temperature");
     eventually("the value in Clone", || {
         let (entries, _) = majordome_state::snapshot(bus.state.as_deref().unwrap(), "/device/", LIMIT).unwrap();
@@ -417,7 +448,7 @@ fn regression_domogik_sensor_values_are_taken_and_said_once_stored() {
     );
     next_event(&mut said, "device.update", |e| e["device_id"] == uuid.as_str());
     let stats = call(&mut client, "devices", "stats.get", json!({}));
-    assert_eq!(stats.data["unknown_sensor"], 1, "{:?}", stats.data);
+    assert_eq!(stats.data["unknown_sensor"], 2, "{:?}", stats.data);
     services_stop.trigger();
     for thread in services {
         thread.join().unwrap();
