@@ -48,6 +48,8 @@ pub struct ReqRepOptions {
     pub service: String,
     /// Also run a bare libzmq proxy in the same run and print the ratio.
     pub baseline_proxy: bool,
+    /// What each echo worker announces in READY (1: a plain RFC 7 worker).
+    pub worker_capacity: u32,
     /// Extra idle workers, each on its own service, registered during the run.
     pub idle_services: usize,
     /// Runs of each target; figures are medians.
@@ -161,6 +163,7 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
     let broker_target = Target::Broker {
         endpoint: endpoint.clone(),
         service: Bytes::from(options.service.clone()),
+        capacity: options.worker_capacity,
     };
     let mut broker_workers = EchoWorkers::start(&broker_target, options.workers)?;
     // The workers of each target live through all its runs, so that no
@@ -325,6 +328,7 @@ mod tests {
             window: 4,
             service: "echo".into(),
             baseline_proxy: true,
+            worker_capacity: 1,
             idle_services: 0,
             runs: 1,
             idle_heartbeat: Duration::from_secs(1),

@@ -14,8 +14,10 @@
 //!   the live state. The only periodic
 //!   sweep is the heartbeat to every worker, once per heartbeat interval,
 //!   which the protocol itself asks for.
-//! - A worker holds at most one request. A reply is matched to the request
-//!   the broker gave that worker, never to one it merely names, so a late
+//! - A worker holds at most its capacity: one for a plain RFC 7 worker
+//!   (or `worker_prefetch`), what it announced in READY otherwise. A reply
+//!   is matched to a request the broker gave that worker (the oldest, or
+//!   the one its token names), never to one it merely names, so a late
 //!   reply cannot reach the wrong client.
 //! - A request with a timeout frame expires at that fixed deadline; one
 //!   without expires after `request_timeout` without progress of its
@@ -125,10 +127,17 @@ struct Worker {
     /// Unique per registration, so a heap entry of a former worker with the
     /// same identity is recognised as stale.
     generation: u64,
-    /// The requests given to it, oldest first (at most `worker_prefetch`).
-    /// `None` marks one that expired: the worker still owes its reply,
+    /// The requests given to it, oldest first (at most `capacity`). A slot
+    /// that is no longer `live` expired: the worker still owes its reply,
     /// which will be dropped, and gets no new work in its place until then.
-    in_flight: VecDeque<Option<RequestId>>,
+    in_flight: VecDeque<Slot>,
+    /// How many requests it may hold: what it announced in READY, else
+    /// `worker_prefetch`.
+    capacity: usize,
+    /// It announced its capacity: its requests carry a token in place of
+    /// the client address, and its replies are matched by token, in any
+    /// order. Other workers answer in order.
+    tokens: bool,
     /// Its live entry in its service's `idle` or `spare` FIFO, if any.
     ready_token: Option<u64>,
     last_seen: Instant,
@@ -136,6 +145,19 @@ struct Worker {
     /// that was busy could not heartbeat, so its clock restarts when its
     /// request expires.
     grace_from: Instant,
+}
+
+/// A request a worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    id: RequestId,
+    live: bool,
+}
+
+/// The token that stands for request `id` in place of the client address,
+/// for workers that announced a capacity.
+fn token_of(id: RequestId) -> Bytes {
+    Bytes::copy_from_slice(&id.to_be_bytes())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,7 +319,7 @@ impl Core {
         // Not on the hot path: one pass over the workers for the late ones.
         let mut late: HashMap<&Bytes, usize> = HashMap::new();
         for worker in self.workers.values() {
-            if worker.in_flight.iter().any(Option::is_none) {
+            if worker.in_flight.iter().any(|slot| !slot.live) {
                 *late.entry(&worker.service).or_default() += 1;
             }
         }
@@ -419,8 +441,8 @@ impl Core {
     }
 
     fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker) {
-        if let FromWorker::Ready { service } = message {
-            self.on_ready(now, identity, service);
+        if let FromWorker::Ready { service, capacity } = message {
+            self.on_ready(now, identity, service, capacity);
             return;
         }
         let Some(worker) = self.workers.get_mut(&identity) else {
@@ -452,7 +474,7 @@ impl Core {
         }
     }
 
-    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes) {
+    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes, capacity: Option<u32>) {
         if self.workers.contains_key(&identity) {
             // RFC 7: a second READY is a protocol error.
             self.drop_message(now, "duplicate_ready");
@@ -496,6 +518,8 @@ impl Core {
                 service: service.clone(),
                 generation,
                 in_flight: VecDeque::new(),
+                capacity: capacity.map_or(self.settings.worker_prefetch, |c| c as usize).max(1),
+                tokens: capacity.is_some(),
                 ready_token: None,
                 last_seen: now,
                 grace_from: now,
@@ -509,12 +533,20 @@ impl Core {
     fn on_reply(&mut self, now: Instant, identity: Bytes, client: Bytes, body: Frames) {
         let worker = self.workers.get(&identity).expect("caller checked");
         let service = worker.service.clone();
-        // Workers answer in the order they were asked: the reply is for the
-        // oldest request in flight.
-        match worker.in_flight.front().copied() {
-            Some(Some(id)) => {
+        // A worker that announced its capacity names the request by its
+        // token; others answer in the order they were asked, so the reply
+        // is for the oldest request in flight.
+        let position = if worker.tokens {
+            let id = <[u8; 8]>::try_from(client.as_ref()).map(RequestId::from_be_bytes);
+            id.ok()
+                .and_then(|id| worker.in_flight.iter().position(|slot| slot.id == id))
+        } else {
+            (!worker.in_flight.is_empty()).then_some(0)
+        };
+        match position.map(|at| worker.in_flight[at]) {
+            Some(Slot { id, live: true }) => {
                 let request = self.requests.get(&id).expect("a request in flight exists");
-                if request.address.first() != Some(&client) {
+                if !worker.tokens && request.address.first() != Some(&client) {
                     // The worker answered for someone it was not asked by:
                     // a broken worker. Its requests fail now.
                     self.drop_message(now, "reply_client_mismatch");
@@ -531,7 +563,7 @@ impl Core {
                     entry.last_progress = now;
                 }
             }
-            Some(None) => {
+            Some(Slot { live: false, .. }) => {
                 if let Some(entry) = self.services.get_mut(&service) {
                     entry.counters.late_replies += 1;
                 }
@@ -544,7 +576,7 @@ impl Core {
             }
         }
         let worker = self.workers.get_mut(&identity).expect("still there");
-        worker.in_flight.pop_front();
+        worker.in_flight.remove(position.expect("matched above"));
         if worker.in_flight.is_empty() {
             if let Some(entry) = self.services.get_mut(&service) {
                 entry.idle_workers += 1;
@@ -597,7 +629,6 @@ impl Core {
     /// first: to the least recently used idle worker, or, when none is idle
     /// and `worker_prefetch` allows, to a worker with room for more.
     fn dispatch(&mut self, now: Instant, service_name: &Bytes) {
-        let prefetch = self.settings.worker_prefetch.max(1);
         let Some(service) = self.services.get_mut(service_name) else {
             return;
         };
@@ -637,19 +668,23 @@ impl Core {
             self.queued_bytes -= request.cost;
             service.last_progress = now;
             let body = std::mem::take(&mut request.body);
-            self.outbox
-                .push(mdp::worker_request(&identity, &request.address[0], body));
+            let worker = self.workers.get_mut(&identity).expect("checked live");
+            let address = if worker.tokens {
+                token_of(id)
+            } else {
+                request.address[0].clone()
+            };
+            self.outbox.push(mdp::worker_request(&identity, &address, body));
             request.state = RequestState::Dispatched {
                 worker: identity.clone(),
                 at: now,
             };
-            let worker = self.workers.get_mut(&identity).expect("checked live");
             if worker.in_flight.is_empty() {
                 service.idle_workers -= 1;
             }
-            worker.in_flight.push_back(Some(id));
+            worker.in_flight.push_back(Slot { id, live: true });
             worker.ready_token = None;
-            if worker.in_flight.len() < prefetch {
+            if worker.in_flight.len() < worker.capacity {
                 self.next_token += 1;
                 worker.ready_token = Some(self.next_token);
                 service.spare.push_back((identity, self.next_token));
@@ -662,7 +697,6 @@ impl Core {
     /// flight: idle when nothing, spare when it has room, else nowhere.
     /// `idle_workers` is kept by the callers, who know what changed.
     fn make_ready(&mut self, identity: &Bytes) {
-        let prefetch = self.settings.worker_prefetch.max(1);
         let token = self.token();
         let worker = self.workers.get_mut(identity).expect("caller checked");
         let service = self
@@ -673,7 +707,7 @@ impl Core {
         if worker.in_flight.is_empty() {
             service.idle.push_back((identity.clone(), token));
             worker.ready_token = Some(token);
-        } else if worker.in_flight.len() < prefetch {
+        } else if worker.in_flight.len() < worker.capacity {
             service.spare.push_back((identity.clone(), token));
             worker.ready_token = Some(token);
         }
@@ -747,8 +781,8 @@ impl Core {
             }
             RequestState::Dispatched { worker, .. } => {
                 if let Some(worker) = self.workers.get_mut(worker) {
-                    if let Some(slot) = worker.in_flight.iter_mut().find(|slot| **slot == Some(id)) {
-                        *slot = None;
+                    if let Some(slot) = worker.in_flight.iter_mut().find(|slot| slot.id == id) {
+                        slot.live = false;
                         worker.grace_from = now;
                     }
                 }
@@ -780,7 +814,7 @@ impl Core {
         // A busy worker may be unable to heartbeat (the zguide's and
         // Domogik's workers cannot); it lives while a request it holds does,
         // and its silence is counted from that request's expiry.
-        let busy = worker.in_flight.iter().any(Option::is_some);
+        let busy = worker.in_flight.iter().any(|slot| slot.live);
         let next_check = if busy {
             Some(now + expiry)
         } else {
@@ -817,7 +851,12 @@ impl Core {
                 service.idle_workers -= 1;
             }
         }
-        for id in worker.in_flight.into_iter().flatten() {
+        for id in worker
+            .in_flight
+            .into_iter()
+            .filter(|slot| slot.live)
+            .map(|slot| slot.id)
+        {
             if let Some(request) = self.requests.remove(&id) {
                 if let Some(service) = self.services.get_mut(&request.service) {
                     service.counters.expired += 1;
@@ -965,17 +1004,17 @@ impl Core {
             if let RequestState::Dispatched { worker, .. } = &request.state {
                 let holder = self.workers.get(worker).expect("a dispatched request's worker exists");
                 assert!(
-                    holder.in_flight.contains(&Some(*id)),
+                    holder.in_flight.contains(&Slot { id: *id, live: true }),
                     "request {id} is in its worker's list"
                 );
             }
         }
         for (identity, worker) in &self.workers {
             assert!(
-                worker.in_flight.len() <= self.settings.worker_prefetch.max(1),
-                "{identity:?} over prefetch"
+                worker.in_flight.len() <= worker.capacity,
+                "{identity:?} over its capacity"
             );
-            for id in worker.in_flight.iter().flatten() {
+            for id in worker.in_flight.iter().filter(|slot| slot.live).map(|slot| &slot.id) {
                 let request = self.requests.get(id).expect("a request in flight exists");
                 assert!(
                     matches!(&request.state, RequestState::Dispatched { worker, .. } if worker == identity),

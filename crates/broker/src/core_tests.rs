@@ -781,7 +781,8 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
             let client = rng.pick(&clients);
             let service = rng.pick(&services);
             let frames: Frames = match rng.below(12) {
-                0 | 1 => f(&[worker, "", "MDPW01", "\x01", service]),
+                0 => f(&[worker, "", "MDPW01", "\x01", service]),
+                1 => f(&[worker, "", "MDPW01", "\x01", service, "capacity=3"]),
                 2..=4 => {
                     // A reply, usually to the request the worker holds.
                     let owed = asked
@@ -952,4 +953,95 @@ fn stats_give_each_service_its_request_to_reply_latency() {
     let p50 = stats.services["slow"].latency_p50_us.unwrap();
     assert!((3000..=4100).contains(&p50), "{p50}");
     assert_eq!(stats.services["slow"].latency_p99_us, Some(p50));
+}
+
+/// RFC 7: a worker that announces nothing gets one request at a time, and
+/// its REQUEST carries the client's address.
+#[test]
+fn a_plain_rfc7_worker_gets_one_request_at_a_time() {
+    let mut h = Harness::new();
+    h.ready("w", "svc");
+    let out = h.request("c1", "svc", &["a"]);
+    assert_eq!(as_request(&out[0]).1, Bytes::from("c1"));
+    assert!(h.request("c2", "svc", &["b"]).is_empty(), "c2 waits for w's reply");
+    let out = h.reply("w", "c1", &["a"]);
+    assert_eq!(out.len(), 2, "c1's reply, then c2's request");
+    assert_eq!(as_request(&out[1]).1, Bytes::from("c2"));
+    h.core.check_invariants();
+}
+
+fn ready_with(h: &mut Harness, worker: &str, service: &str, capacity: &str) -> Vec<Frames> {
+    h.input(f(&[worker, "", "MDPW01", "\x01", service, capacity]))
+}
+
+/// A worker that announces a capacity is given that many requests, each
+/// with a token in place of the client address, and may answer them in
+/// any order.
+#[test]
+fn a_worker_with_a_capacity_gets_that_many_and_answers_in_any_order() {
+    let mut h = Harness::new();
+    ready_with(&mut h, "w", "svc", "capacity=3");
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        let out = h.request(&format!("c{i}"), "svc", &[&format!("{i}")]);
+        if i < 3 {
+            let (worker, token, body) = as_request(&out[0]);
+            assert_eq!(worker, Bytes::from("w"));
+            assert_eq!(token.len(), 8, "a token, not the client's address");
+            assert_eq!(body, f(&[&format!("{i}")]));
+            tokens.push(token);
+        } else {
+            assert!(out.is_empty(), "the fourth waits: w holds three");
+        }
+    }
+    h.core.check_invariants();
+    // The second answered first: to c1, and w takes the fourth.
+    let mut reply = f(&["w", "", "MDPW01", "\x03"]);
+    reply.push(tokens[1].clone());
+    reply.extend(f(&["", "one"]));
+    let out = h.input(reply);
+    assert_eq!(as_reply(&out[0]).0, Bytes::from("c1"));
+    assert_eq!(as_request(&out[1]).2, f(&["3"]));
+    // A token it does not hold: the worker is broken.
+    let mut bogus = f(&["w", "", "MDPW01", "\x03"]);
+    bogus.push(Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 99]));
+    bogus.extend(f(&["", "x"]));
+    let out = h.input(bogus);
+    assert!(is_disconnect(&out[0], "w"), "{out:?}");
+    h.core.check_invariants();
+}
+
+/// A late reply, by token, to a request that expired at the worker is
+/// dropped and counted; the others it holds are answered as usual.
+#[test]
+fn a_capacity_worker_s_late_reply_is_dropped_by_token() {
+    let mut h = Harness::new();
+    ready_with(&mut h, "w", "svc", "capacity=2");
+    let first = h.request("c0", "svc", &["1", "a.get", "{}"]);
+    let second = h.request("c1", "svc", &["5", "b.get", "{}"]);
+    let (first, second) = (as_request(&first[0]).1, as_request(&second[0]).1);
+    h.advance(Duration::from_millis(1001));
+    let told = h.out();
+    assert!(told.iter().any(|m| m[0] == "c0"), "c0 is told its request expired");
+    let answer = |h: &mut Harness, token: &Bytes| {
+        let mut reply = f(&["w", "", "MDPW01", "\x03"]);
+        reply.push(token.clone());
+        reply.extend(f(&["", "x.result", "{}"]));
+        h.input(reply)
+    };
+    assert!(answer(&mut h, &first).is_empty(), "the late reply goes nowhere");
+    let out = answer(&mut h, &second);
+    assert_eq!(as_reply(&out[0]).0, Bytes::from("c1"));
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services["svc"].counters.late_replies, 1);
+    assert_eq!(stats.services["svc"].late_workers, 0);
+    h.core.check_invariants();
+}
+
+#[test]
+fn a_bad_capacity_frame_is_a_bad_ready() {
+    let mut h = Harness::new();
+    let out = ready_with(&mut h, "w", "svc", "capacity=lots");
+    assert!(out.is_empty(), "dropped, as any malformed message");
+    assert_eq!(h.core.stats(h.now).dropped["bad_ready"], 1);
 }

@@ -1,11 +1,18 @@
 //! A worker: registers a service with the broker and answers its requests.
 //!
-//! Two threads: the socket thread owns the DEALER and keeps the MDP
-//! conversation alive (READY, HEARTBEAT both ways, reconnecting after
-//! DISCONNECT or a silent broker), and the handler thread runs the user's
-//! handler. They talk over an in-process PAIR. So a slow handler never stops
-//! the heartbeats, and the broker never mistakes a busy worker for a dead
-//! one.
+//! The socket thread owns the DEALER and keeps the MDP conversation alive
+//! (READY, HEARTBEAT both ways, reconnecting after DISCONNECT or a silent
+//! broker); one or more handler threads run the user's handler. Requests go
+//! to the handlers over a channel (the first free one takes the next), and
+//! replies come back over an in-process PUSH/PULL that the socket thread
+//! polls. So a slow handler never stops the heartbeats, and the broker
+//! never mistakes a busy worker for a dead one.
+//!
+//! A worker with a `capacity` above 1 says so in READY (majordome's
+//! extension, see `mdp::ready_with_capacity`): majordome's broker then
+//! keeps up to that many requests in flight to it, each named by a token,
+//! so its handler threads may answer in any order. An RFC 7 broker ignores
+//! the announcement and gives it one request at a time.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +40,9 @@ pub struct WorkerOptions {
     /// service (a plugin answering `plugin.stop.do`) still gets its reply
     /// out.
     pub finish_grace: Duration,
+    /// How many requests it may hold at once, announced in READY when
+    /// above 1. 1 is RFC 7's plain worker.
+    pub capacity: u32,
 }
 
 impl Default for WorkerOptions {
@@ -42,6 +52,7 @@ impl Default for WorkerOptions {
             liveness: 5,
             reconnect_delay: Duration::from_millis(1000),
             finish_grace: Duration::from_secs(2),
+            capacity: 1,
         }
     }
 }
@@ -53,10 +64,16 @@ pub struct Worker {
     options: WorkerOptions,
 }
 
-const TAG_REQUEST: &[u8] = b"R";
 const TAG_DONE: &[u8] = b"D";
 const TAG_PANICKED: &[u8] = b"P";
-const TAG_STOP: &[u8] = b"S";
+
+/// A request on its way to a handler thread: the connection it came on,
+/// the client address (or token), the body.
+struct Job {
+    generation: u64,
+    client: Bytes,
+    body: Frames,
+}
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
@@ -71,25 +88,51 @@ impl Worker {
     }
 
     /// Serves requests with `handler` (request body in, reply body out)
-    /// until `shutdown` fires; then says DISCONNECT to the broker.
+    /// on one handler thread until `shutdown` fires; then says DISCONNECT
+    /// to the broker.
     pub fn run<H>(self, handler: H, shutdown: &Shutdown) -> Result<(), ClientError>
     where
         H: FnMut(Frames) -> Frames + Send + 'static,
     {
+        let mut handler = Some(handler);
+        self.run_pool(1, |_| handler.take().expect("one handler thread"), shutdown)
+    }
+
+    /// Serves requests on `threads` handler threads, each with its own
+    /// handler from `make_handler(index)` (so each may own its database
+    /// connection or bus client), until `shutdown` fires. The first free
+    /// thread takes the next request. Announce a `capacity` of at least
+    /// `threads` for the broker to keep them all busy.
+    pub fn run_pool<H, M>(self, threads: usize, mut make_handler: M, shutdown: &Shutdown) -> Result<(), ClientError>
+    where
+        H: FnMut(Frames) -> Frames + Send + 'static,
+        M: FnMut(usize) -> H,
+    {
         let context = net::context();
         let address = format!("inproc://majordome-worker-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
-        let to_handler = context.socket(zmq::PAIR)?;
-        to_handler.bind(&address)?;
-        let handler_side = context.socket(zmq::PAIR)?;
-        handler_side.connect(&address)?;
-        let service = self.service.clone();
-        let handler_thread = std::thread::Builder::new()
-            .name(format!("worker-{service}"))
-            .spawn(move || handler_loop(handler_side, handler, &service))
-            .map_err(|_| ClientError::Closed)?;
-        let result = self.socket_loop(&to_handler, shutdown);
-        let _ = to_handler.send(TAG_STOP, 0);
-        let _ = handler_thread.join();
+        let replies = context.socket(zmq::PULL)?;
+        replies.set_rcvhwm(0)?;
+        replies.bind(&address)?;
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+        let jobs_rx = std::sync::Arc::new(std::sync::Mutex::new(jobs_rx));
+        let mut handler_threads = Vec::new();
+        for index in 0..threads.max(1) {
+            let reply_tx = context.socket(zmq::PUSH)?;
+            reply_tx.set_sndhwm(0)?;
+            reply_tx.connect(&address)?;
+            let (handler, jobs, service) = (make_handler(index), jobs_rx.clone(), self.service.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("worker-{service}"))
+                .spawn(move || handler_loop(&jobs, &reply_tx, handler, &service))
+                .map_err(|_| ClientError::Closed)?;
+            handler_threads.push(thread);
+        }
+        let result = self.socket_loop(&jobs_tx, &replies, shutdown);
+        // Without a sender, every handler thread's next receive fails.
+        drop(jobs_tx);
+        for thread in handler_threads {
+            let _ = thread.join();
+        }
         result
     }
 
@@ -102,24 +145,25 @@ impl Worker {
         })?;
         // Queued until the connection is up, so a worker may start before
         // its broker.
-        net::send_frames(&socket, &mdp::ready(self.service.as_bytes()), zmq::DONTWAIT)?;
+        let ready = mdp::ready_with_capacity(self.service.as_bytes(), self.options.capacity);
+        net::send_frames(&socket, &ready, zmq::DONTWAIT)?;
         debug!(service = %self.service, endpoint = %self.endpoint, "worker connecting");
         Ok(socket)
     }
 
     /// Sends the replies to the `pending` requests the handler still
     /// holds, waiting up to `finish_grace` for them.
-    fn finish(&self, to_handler: &zmq::Socket, dealer: &zmq::Socket, generation: u64, mut pending: usize) {
+    fn finish(&self, replies: &zmq::Socket, dealer: &zmq::Socket, generation: u64, mut pending: usize) {
         let deadline = Instant::now() + self.options.finish_grace;
         while pending > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
-            match to_handler.poll(zmq::POLLIN, left.as_millis() as i64) {
+            match replies.poll(zmq::POLLIN, left.as_millis() as i64) {
                 Ok(0) if left.is_zero() => break,
                 Ok(0) | Err(zmq::Error::EINTR) => continue,
                 Err(_) => break,
                 Ok(_) => {}
             }
-            let Ok(frames) = net::recv_all(to_handler) else { break };
+            let Ok(frames) = net::recv_all(replies) else { break };
             pending -= 1;
             if frames.first().map(|f| f.as_ref()) == Some(TAG_DONE) {
                 send_reply(frames, Some(dealer), generation);
@@ -130,7 +174,12 @@ impl Worker {
         }
     }
 
-    fn socket_loop(&self, to_handler: &zmq::Socket, shutdown: &Shutdown) -> Result<(), ClientError> {
+    fn socket_loop(
+        &self,
+        jobs: &std::sync::mpsc::Sender<Job>,
+        replies: &zmq::Socket,
+        shutdown: &Shutdown,
+    ) -> Result<(), ClientError> {
         let interval = self.options.heartbeat_interval;
         let mut socket = Some(self.connect()?);
         let mut reconnect_at = Instant::now();
@@ -145,7 +194,7 @@ impl Worker {
             let timeout_ms = wake.saturating_duration_since(now).as_millis() as i64 + 1;
             let (dealer_ready, handler_ready, stopping) = {
                 let mut items = vec![
-                    to_handler.as_poll_item(zmq::POLLIN),
+                    replies.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
                 ];
                 if let Some(dealer) = &socket {
@@ -163,14 +212,14 @@ impl Worker {
             };
             if stopping {
                 if let Some(dealer) = &socket {
-                    self.finish(to_handler, dealer, generation, in_handler);
+                    self.finish(replies, dealer, generation, in_handler);
                     let _ = net::send_frames(dealer, &mdp::disconnect(), zmq::DONTWAIT);
                 }
                 return Ok(());
             }
             if handler_ready {
                 in_handler = in_handler.saturating_sub(1);
-                let frames = net::recv_all(to_handler)?;
+                let frames = net::recv_all(replies)?;
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) => {
                         if send_reply(frames, socket.as_ref(), generation) {
@@ -195,15 +244,15 @@ impl Worker {
                 liveness = self.options.liveness;
                 match mdp::parse_to_worker(frames) {
                     Ok(mdp::ToWorker::Request { client, body }) => {
-                        // A broker that prefetches may send more before the
-                        // first is answered: the handler takes them in order.
-                        let mut message = vec![
-                            Bytes::from_static(TAG_REQUEST),
-                            Bytes::copy_from_slice(&generation.to_be_bytes()),
+                        // A broker may send more before the first is
+                        // answered (up to the capacity, or its prefetch):
+                        // the first free handler thread takes each.
+                        let job = Job {
+                            generation,
                             client,
-                        ];
-                        message.extend(body);
-                        net::send_frames(to_handler, &message, 0)?;
+                            body,
+                        };
+                        jobs.send(job).map_err(|_| ClientError::Closed)?;
                         in_handler += 1;
                     }
                     Ok(mdp::ToWorker::Heartbeat) => {}
@@ -263,20 +312,34 @@ fn send_reply(frames: Frames, dealer: Option<&zmq::Socket>, generation: u64) -> 
     }
 }
 
-fn handler_loop<H>(socket: zmq::Socket, mut handler: H, service: &str)
-where
+/// One handler thread: takes the next job, answers it on `replies`, until
+/// the socket thread drops the jobs' sender.
+fn handler_loop<H>(
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    replies: &zmq::Socket,
+    mut handler: H,
+    service: &str,
+) where
     H: FnMut(Frames) -> Frames,
 {
     loop {
-        let Ok(mut frames) = net::recv_all(&socket) else { return };
-        if frames.first().map(|f| f.as_ref()) != Some(TAG_REQUEST) || frames.len() < 3 {
+        // The lock is held only while waiting for the next job: the
+        // handlers take turns at the queue, not at the work.
+        let job = match jobs.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(poisoned) => poisoned.into_inner().recv(),
+        };
+        let Ok(Job {
+            generation,
+            client,
+            body,
+        }) = job
+        else {
             return;
-        }
-        let body = frames.split_off(3);
-        let client = frames.pop().expect("three frames");
-        let generation = frames.pop().expect("two frames");
+        };
         let reply = match catch_unwind(AssertUnwindSafe(|| handler(body))) {
             Ok(reply) => {
+                let generation = Bytes::copy_from_slice(&generation.to_be_bytes());
                 let mut message = vec![Bytes::from_static(TAG_DONE), generation, client];
                 message.extend(reply);
                 message
@@ -286,7 +349,7 @@ where
                 vec![Bytes::from_static(TAG_PANICKED)]
             }
         };
-        if net::send_frames(&socket, &reply, 0).is_err() {
+        if net::send_frames(replies, &reply, 0).is_err() {
             return;
         }
     }

@@ -319,3 +319,47 @@ fn a_handler_that_stops_its_worker_still_gets_its_reply_out() {
     worker.join().unwrap();
     assert!(shutdown.is_triggered());
 }
+
+/// A worker with a capacity of four and four handler threads holds four
+/// requests at once and runs them together: each handler waits at a
+/// barrier that opens only when all four are inside. Replies go back in
+/// whatever order the handlers finish, each to its own request.
+#[test]
+fn a_worker_with_a_capacity_runs_its_requests_concurrently() {
+    let broker = Running::start("tcp://127.0.0.1:0", fast());
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let shutdown = Shutdown::new().unwrap();
+    let stop = shutdown.clone();
+    let options = WorkerOptions {
+        capacity: 4,
+        ..fast_worker()
+    };
+    let worker = Worker::new(&broker.endpoint, "together", options);
+    let thread = std::thread::spawn(move || {
+        worker
+            .run_pool(
+                4,
+                |index| {
+                    let barrier = barrier.clone();
+                    move |body: Vec<Bytes>| {
+                        barrier.wait();
+                        // Later threads answer first.
+                        std::thread::sleep(Duration::from_millis(10 * (4 - index as u64)));
+                        body
+                    }
+                },
+                &stop,
+            )
+            .expect("worker runs")
+    });
+    wait_for(&broker.endpoint, "together");
+    let client = AsyncClient::connect(&broker.endpoint).unwrap();
+    let pending: Vec<_> = (0..4)
+        .map(|i| client.request("together", vec![Bytes::from(format!("{i}"))], Duration::from_secs(20)))
+        .collect();
+    for (i, reply) in pending.into_iter().enumerate() {
+        assert_eq!(reply.wait().unwrap(), vec![Bytes::from(format!("{i}"))]);
+    }
+    shutdown.trigger();
+    thread.join().unwrap();
+}

@@ -320,6 +320,11 @@ pub enum Bench {
         /// `--worker-prefetch` for the broker the bench starts.
         #[arg(long, default_value_t = 1)]
         worker_prefetch: usize,
+        /// How many requests each echo worker says it may hold (READY's
+        /// `capacity=N`, as majordome's own workers do); 1 makes them plain
+        /// RFC 7 workers.
+        #[arg(long, default_value_t = 16)]
+        worker_capacity: u32,
         /// `--heartbeat-ms` for the broker the bench starts, and how often
         /// the idle workers heartbeat.
         #[arg(long, default_value_t = 1000)]

@@ -255,7 +255,13 @@ fn up(
     parts.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
     let at = endpoint.clone();
     parts.spawn("echo", move |stop| {
-        Ok(Worker::new(&at, "echo", WorkerOptions::default()).run(echo_body(Duration::ZERO), stop)?)
+        // Echoing is quick: one handler thread, and the broker may keep
+        // several requests in flight to it, which saves wake-ups.
+        let options = WorkerOptions {
+            capacity: 16,
+            ..WorkerOptions::default()
+        };
+        Ok(Worker::new(&at, "echo", options).run(echo_body(Duration::ZERO), stop)?)
     })?;
     // The forwarder's and the Clone server's counters, served on the bus
     // like everything else.
@@ -672,6 +678,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             runs,
             service,
             worker_prefetch,
+            worker_capacity,
             heartbeat_ms,
         } => {
             let options = majordome_bench::reqrep::ReqRepOptions {
@@ -684,6 +691,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                 window,
                 service,
                 baseline_proxy: baseline.is_some(),
+                worker_capacity: worker_capacity.clamp(1, majordome_mdp::mdp::MAX_CAPACITY),
                 idle_services,
                 runs,
                 idle_heartbeat: Duration::from_millis(heartbeat_ms.max(1)),

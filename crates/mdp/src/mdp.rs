@@ -83,8 +83,9 @@ impl Malformed {
 /// A worker's message to the broker, after the worker's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromWorker {
-    /// `READY | service`.
-    Ready { service: Bytes },
+    /// `READY | service`, or `READY | service | capacity=N` from a worker
+    /// that can hold N requests at once (see [`ready_with_capacity`]).
+    Ready { service: Bytes, capacity: Option<u32> },
     /// `REPLY | client | "" | body…`.
     Reply { client: Bytes, body: Frames },
     /// `HEARTBEAT`.
@@ -155,11 +156,17 @@ pub fn parse_inbound(mut frames: Frames, max_envelope: usize) -> Result<Inbound,
         }
         let message = match command[0] {
             command::READY => {
-                if tail.len() != 1 || tail[0].is_empty() {
+                let capacity = match tail.len() {
+                    1 => None,
+                    2 => Some(parse_capacity(&tail[1]).ok_or(Malformed::BadReady)?),
+                    _ => return Err(Malformed::BadReady),
+                };
+                if tail[0].is_empty() {
                     return Err(Malformed::BadReady);
                 }
                 FromWorker::Ready {
-                    service: tail.pop().expect("one frame"),
+                    service: tail.swap_remove(0),
+                    capacity,
                 }
             }
             command::REPLY => {
@@ -273,6 +280,36 @@ pub fn ready(service: &[u8]) -> Frames {
         command_frame(command::READY),
         Bytes::copy_from_slice(service),
     ]
+}
+
+/// The prefix of the capacity frame a worker may add to READY.
+const CAPACITY_PREFIX: &[u8] = b"capacity=";
+
+/// The largest capacity a worker may announce.
+pub const MAX_CAPACITY: u32 = 1024;
+
+/// Worker → broker: READY with a fifth frame `capacity=N` (1 ≤ N ≤
+/// [`MAX_CAPACITY`]), a majordome extension: the worker may be given up to
+/// N requests at once, and its REQUESTs then carry a request token in
+/// place of the client address, so that it may answer them in any order.
+/// RFC 7 brokers read only the service frame of READY (the zguide's C and
+/// Python example brokers and Domogik's were checked), so such a worker
+/// still works there, one request at a time.
+pub fn ready_with_capacity(service: &[u8], capacity: u32) -> Frames {
+    let mut frames = ready(service);
+    if capacity > 1 {
+        frames.push(Bytes::from(format!("capacity={capacity}")));
+    }
+    frames
+}
+
+fn parse_capacity(frame: &[u8]) -> Option<u32> {
+    let digits = frame.strip_prefix(CAPACITY_PREFIX)?;
+    if digits.is_empty() || digits.len() > 4 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let capacity: u32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    (1..=MAX_CAPACITY).contains(&capacity).then_some(capacity)
 }
 
 /// Worker → broker over a DEALER: `"" | MDPW01 | HEARTBEAT`.
@@ -397,8 +434,33 @@ mod tests {
                 f(&[b"w", b"", b"MDPW01", b"\x01", b"echo"]),
                 Ok(Inbound::Worker {
                     identity: "w".into(),
-                    message: FromWorker::Ready { service: "echo".into() },
+                    message: FromWorker::Ready {
+                        service: "echo".into(),
+                        capacity: None,
+                    },
                 }),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"echo", b"capacity=16"]),
+                Ok(Inbound::Worker {
+                    identity: "w".into(),
+                    message: FromWorker::Ready {
+                        service: "echo".into(),
+                        capacity: Some(16),
+                    },
+                }),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"echo", b"capacity=0"]),
+                Err(Malformed::BadReady),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"echo", b"capacity=99999"]),
+                Err(Malformed::BadReady),
+            ),
+            (
+                f(&[b"w", b"", b"MDPW01", b"\x01", b"echo", b"16"]),
+                Err(Malformed::BadReady),
             ),
             (
                 f(&[b"w", b"", b"MDPW01", b"\x03", b"c", b"", b"config.result", b"{}"]),

@@ -16,8 +16,13 @@ use super::{figures_of, Figures, ReqRepOptions, STALL};
 /// Where the load goes, and how it is framed.
 #[derive(Debug, Clone)]
 pub(super) enum Target {
-    /// An MDP/0.1 broker: clients and workers both connect to it.
-    Broker { endpoint: String, service: Bytes },
+    /// An MDP/0.1 broker: clients and workers both connect to it; the
+    /// workers announce `capacity` (1: nothing, plain RFC 7).
+    Broker {
+        endpoint: String,
+        service: Bytes,
+        capacity: u32,
+    },
     /// A bare proxy: clients connect to its ROUTER, workers to its DEALER.
     Proxy { frontend: String, backend: String },
 }
@@ -69,7 +74,7 @@ impl Target {
     fn no_reply(&self, got: usize, expected: usize) -> anyhow::Error {
         let progress = format!("{got} of {expected} replies in");
         match self {
-            Target::Broker { endpoint, service } => anyhow!(
+            Target::Broker { endpoint, service, .. } => anyhow!(
                 "no reply from the broker at {endpoint} within {} s ({progress}): is a broker running there, \
                  and does it have echo workers for service {:?}?",
                 STALL.as_secs(),
@@ -375,9 +380,9 @@ const WORKER_POLL: Duration = Duration::from_millis(100);
 /// DISCONNECT, and a DISCONNECT when stopped), or a plain envelope echo
 /// behind the proxy. Reports on `ready` once connected (and registered).
 fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()>>) -> Result<()> {
-    let service = match target {
-        Target::Broker { service, .. } => Some(service),
-        Target::Proxy { .. } => None,
+    let (service, capacity) = match target {
+        Target::Broker { service, capacity, .. } => (Some(service), *capacity),
+        Target::Proxy { .. } => (None, 1),
     };
     // Connected, and registered with a broker; `None` if stopped meanwhile.
     let setup = || -> Result<Option<zmq::Socket>> {
@@ -385,7 +390,7 @@ fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()
             return Ok(None);
         };
         if let Some(service) = service {
-            net::send_frames(&socket, &mdp::ready(service), 0)
+            net::send_frames(&socket, &mdp::ready_with_capacity(service, capacity), 0)
                 .with_context(|| format!("cannot send READY to {}", target.worker_endpoint()))?;
         }
         Ok(Some(socket))
@@ -425,7 +430,7 @@ fn echo_worker(target: &Target, stop: &AtomicBool, ready: mpsc::Sender<Result<()
                     last_sent = Instant::now();
                 }
                 Ok(mdp::ToWorker::Disconnect) => {
-                    net::send_frames(&socket, &mdp::ready(service), 0)?;
+                    net::send_frames(&socket, &mdp::ready_with_capacity(service, capacity), 0)?;
                     last_sent = Instant::now();
                 }
                 // Heartbeats need no answer: the worker's own go out on a
@@ -504,6 +509,7 @@ mod tests {
         let target = Target::Broker {
             endpoint,
             service: Bytes::from("echo"),
+            capacity: 1,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -550,6 +556,7 @@ mod tests {
         let target = Target::Broker {
             endpoint: "tcp://127.0.0.1:1".into(),
             service: Bytes::from("echo"),
+            capacity: 1,
         };
         let options = ReqRepOptions {
             clients: 1,
@@ -571,6 +578,7 @@ mod tests {
         let target = Target::Broker {
             endpoint: endpoint.clone(),
             service: Bytes::from("echo"),
+            capacity: 1,
         };
         let options = ReqRepOptions {
             clients: 1,
