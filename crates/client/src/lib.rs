@@ -17,7 +17,7 @@ pub use majordome_mdp::domogik::Message;
 pub use majordome_mdp::{Bytes, Frames};
 pub use majordome_net::Shutdown;
 pub use sync_client::{Client, ClientOptions};
-pub use worker::{domogik_handler, Worker, WorkerOptions};
+pub use worker::{domogik_handler, Responder, Worker, WorkerOptions};
 
 /// How much longer a client waits than the deadline it gave the broker, so
 /// that the broker's own "expired" answer arrives before the client gives up.

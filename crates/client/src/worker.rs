@@ -65,7 +65,53 @@ pub struct Worker {
 }
 
 const TAG_DONE: &[u8] = b"D";
+const TAG_ABANDONED: &[u8] = b"A";
 const TAG_PANICKED: &[u8] = b"P";
+
+/// Where the handler threads and their responders send replies to the
+/// socket thread. A libzmq socket may move between threads behind a full
+/// memory barrier, which the lock gives.
+type ReplySink = std::sync::Arc<std::sync::Mutex<zmq::Socket>>;
+
+fn push(sink: &ReplySink, frames: &[Bytes]) {
+    let socket = match sink.lock() {
+        Ok(socket) => socket,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    // PUSH to an in-process PULL with no high-water mark never waits; once
+    // the worker has stopped there is no PULL, and DONTWAIT drops the
+    // reply instead of blocking (a commit's callback, say) for ever.
+    let _ = net::send_frames(&socket, frames, zmq::DONTWAIT);
+}
+
+/// The way back for one request's reply: send it now, or later from any
+/// thread (once a write is durable, say). Dropped unsent, it tells the
+/// worker that no reply will come; the broker then expires the request.
+pub struct Responder {
+    generation: u64,
+    client: Bytes,
+    sink: ReplySink,
+    sent: bool,
+}
+
+impl Responder {
+    /// Sends the reply body.
+    pub fn send(mut self, body: Frames) {
+        self.sent = true;
+        let generation = Bytes::copy_from_slice(&self.generation.to_be_bytes());
+        let mut message = vec![Bytes::from_static(TAG_DONE), generation, self.client.clone()];
+        message.extend(body);
+        push(&self.sink, &message);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.sent {
+            push(&self.sink, &[Bytes::from_static(TAG_ABANDONED)]);
+        }
+    }
+}
 
 /// A request on its way to a handler thread: the connection it came on,
 /// the client address (or token), the body.
@@ -108,25 +154,49 @@ impl Worker {
         H: FnMut(Frames) -> Frames + Send + 'static,
         M: FnMut(usize) -> H,
     {
+        self.run_deferred(
+            threads,
+            |index| {
+                let mut handler = make_handler(index);
+                move |body: Frames, responder: Responder| responder.send(handler(body))
+            },
+            shutdown,
+        )
+    }
+
+    /// Like [`Worker::run_pool`], but each handler gets the request's
+    /// [`Responder`] and may reply later, from any thread: a handler that
+    /// waits for a database commit hands the responder to the commit's
+    /// completion instead of blocking a thread per request. With a
+    /// `capacity` above `threads`, the broker keeps that many requests in
+    /// flight whatever the number of threads.
+    pub fn run_deferred<H, M>(self, threads: usize, mut make_handler: M, shutdown: &Shutdown) -> Result<(), ClientError>
+    where
+        H: FnMut(Frames, Responder) + Send + 'static,
+        M: FnMut(usize) -> H,
+    {
         let context = net::context();
         let address = format!("inproc://majordome-worker-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
         let replies = context.socket(zmq::PULL)?;
         replies.set_rcvhwm(0)?;
         replies.bind(&address)?;
+        let reply_tx = context.socket(zmq::PUSH)?;
+        reply_tx.set_sndhwm(0)?;
+        reply_tx.connect(&address)?;
+        let sink: ReplySink = std::sync::Arc::new(std::sync::Mutex::new(reply_tx));
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
         let jobs_rx = std::sync::Arc::new(std::sync::Mutex::new(jobs_rx));
         let mut handler_threads = Vec::new();
         for index in 0..threads.max(1) {
-            let reply_tx = context.socket(zmq::PUSH)?;
-            reply_tx.set_sndhwm(0)?;
-            reply_tx.connect(&address)?;
-            let (handler, jobs, service) = (make_handler(index), jobs_rx.clone(), self.service.clone());
+            let (handler, jobs, service, sink) =
+                (make_handler(index), jobs_rx.clone(), self.service.clone(), sink.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{service}"))
-                .spawn(move || handler_loop(&jobs, &reply_tx, handler, &service))
+                .spawn(move || handler_loop(&jobs, &sink, handler, &service))
                 .map_err(|_| ClientError::Closed)?;
             handler_threads.push(thread);
         }
+        drop(sink);
         let result = self.socket_loop(&jobs_tx, &replies, shutdown);
         // Without a sender, every handler thread's next receive fails.
         drop(jobs_tx);
@@ -164,9 +234,13 @@ impl Worker {
                 Ok(_) => {}
             }
             let Ok(frames) = net::recv_all(replies) else { break };
-            pending -= 1;
-            if frames.first().map(|f| f.as_ref()) == Some(TAG_DONE) {
-                send_reply(frames, Some(dealer), generation);
+            match frames.first().map(|f| f.as_ref()) {
+                Some(TAG_DONE) => {
+                    pending -= 1;
+                    send_reply(frames, Some(dealer), generation);
+                }
+                Some(TAG_ABANDONED) => pending -= 1,
+                _ => {}
             }
         }
         if pending > 0 {
@@ -218,13 +292,17 @@ impl Worker {
                 return Ok(());
             }
             if handler_ready {
-                in_handler = in_handler.saturating_sub(1);
                 let frames = net::recv_all(replies)?;
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) => {
+                        in_handler = in_handler.saturating_sub(1);
                         if send_reply(frames, socket.as_ref(), generation) {
                             next_heartbeat = Instant::now() + interval;
                         }
+                    }
+                    Some(TAG_ABANDONED) => {
+                        in_handler = in_handler.saturating_sub(1);
+                        debug!(service = %self.service, "a handler gave up a request; the broker will expire it");
                     }
                     Some(TAG_PANICKED) => {
                         // The broker believes this worker is busy; starting
@@ -312,15 +390,16 @@ fn send_reply(frames: Frames, dealer: Option<&zmq::Socket>, generation: u64) -> 
     }
 }
 
-/// One handler thread: takes the next job, answers it on `replies`, until
-/// the socket thread drops the jobs' sender.
+/// One handler thread: takes the next job and hands it, with its
+/// responder, to the handler, until the socket thread drops the jobs'
+/// sender.
 fn handler_loop<H>(
     jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
-    replies: &zmq::Socket,
+    sink: &ReplySink,
     mut handler: H,
     service: &str,
 ) where
-    H: FnMut(Frames) -> Frames,
+    H: FnMut(Frames, Responder),
 {
     loop {
         // The lock is held only while waiting for the next job: the
@@ -337,20 +416,17 @@ fn handler_loop<H>(
         else {
             return;
         };
-        let reply = match catch_unwind(AssertUnwindSafe(|| handler(body))) {
-            Ok(reply) => {
-                let generation = Bytes::copy_from_slice(&generation.to_be_bytes());
-                let mut message = vec![Bytes::from_static(TAG_DONE), generation, client];
-                message.extend(reply);
-                message
-            }
-            Err(_) => {
-                error!(service, "the request handler panicked; the worker starts over");
-                vec![Bytes::from_static(TAG_PANICKED)]
-            }
+        let responder = Responder {
+            generation,
+            client,
+            sink: sink.clone(),
+            sent: false,
         };
-        if net::send_frames(replies, &reply, 0).is_err() {
-            return;
+        // A panic drops the responder (the request is given up), then the
+        // worker starts over on a fresh connection.
+        if catch_unwind(AssertUnwindSafe(|| handler(body, responder))).is_err() {
+            error!(service, "the request handler panicked; the worker starts over");
+            push(sink, &[Bytes::from_static(TAG_PANICKED)]);
         }
     }
 }

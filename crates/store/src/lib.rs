@@ -98,16 +98,18 @@ trait Job: Send {
     fn finish(self: Box<Self>, committed: Result<(), &rusqlite::Error>);
 }
 
-struct TypedJob<T, F> {
+struct TypedJob<T, F, D> {
     work: Option<F>,
     outcome: Option<rusqlite::Result<T>>,
-    reply: mpsc::SyncSender<Result<T, StoreError>>,
+    /// Told the outcome once the batch is committed (or failed).
+    done: D,
 }
 
-impl<T, F> Job for TypedJob<T, F>
+impl<T, F, D> Job for TypedJob<T, F, D>
 where
     T: Send,
     F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+    D: FnOnce(Result<T, StoreError>) + Send,
 {
     fn run(&mut self, connection: &Connection) -> rusqlite::Result<()> {
         let work = self.work.take().expect("a job runs once");
@@ -128,8 +130,7 @@ where
             (Some(Ok(_)), Err(e)) => Err(StoreError::Commit(e.to_string())),
             (None, _) => Err(StoreError::Stopped),
         };
-        // The submitter may have given up waiting; nothing to do then.
-        let _ = self.reply.send(result);
+        (self.done)(result);
     }
 }
 
@@ -212,17 +213,34 @@ impl Committer {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (reply, receiver) = mpsc::sync_channel(1);
+        // If the thread is gone the job is dropped, its sender with it, and
+        // the ticket reads `Stopped`. The submitter may also have given up
+        // waiting; nothing to do then.
+        self.enqueue_then(work, move |result| {
+            let _ = reply.send(result);
+        });
+        Ticket { reply: receiver }
+    }
+
+    /// [`Committer::enqueue`], with `done` called on the writer thread with
+    /// the outcome once the batch is committed (or failed) instead of a
+    /// ticket: for a caller that must not block a thread per write (a
+    /// worker answering once its write is durable). `done` must be quick.
+    /// If the writer has stopped, `done` is never called.
+    pub fn enqueue_then<T, F, D>(&self, work: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        D: FnOnce(Result<T, StoreError>) + Send + 'static,
+    {
         let job = Box::new(TypedJob {
             work: Some(work),
             outcome: None,
-            reply,
+            done,
         });
         if let Some(jobs) = &self.jobs {
-            // If the thread is gone the job is dropped, its sender with it,
-            // and the ticket reads `Stopped`.
             let _ = jobs.send(job);
         }
-        Ticket { reply: receiver }
     }
 
     /// [`Committer::enqueue`], then waits until it is durable.

@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use majordome_client::{Frames, Worker, WorkerOptions};
+use majordome_client::{Frames, Responder, Worker, WorkerOptions};
 use majordome_net::Shutdown;
 use majordome_store::{Committer, Durability, StoreError};
 use serde::{Deserialize, Serialize};
@@ -37,10 +37,12 @@ pub use store::ListEntry;
 /// Titanic's settings, each with its default.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Worker threads for `titanic.request`, `titanic.close` and
-    /// `titanic.reply`. A request or close waits for its commit, and the
-    /// writes of all the workers waiting at once share one fsync: more
-    /// workers, bigger groups.
+    /// Requests of `titanic.request` and `titanic.close` in flight at once
+    /// (the capacity their workers announce), and threads of
+    /// `titanic.reply`. A request or close is answered once its commit is
+    /// durable, and the writes of all the requests in flight share one
+    /// fsync: more in flight, bigger groups. Their replies are sent from
+    /// the commit's completion, so no thread waits per request.
     pub request_workers: usize,
     pub close_workers: usize,
     pub reply_workers: usize,
@@ -212,27 +214,35 @@ impl Titanic {
             .spawn(move || dispatcher.run(inbox, &stop))?];
         let list = list_handler(readers.pop().expect("one reader more"), self.settings.list_limit);
         threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);
-        for (i, reader) in readers.into_iter().enumerate() {
-            threads.push(self.spawn_worker(
-                &format!("titanic-reply-{i}"),
-                "titanic.reply",
-                reply_handler(reader),
-                shutdown,
-            )?);
-        }
-        for i in 0..self.settings.request_workers.max(1) {
-            let handler = request_handler(
-                self.committer.clone(),
-                self.counters.clone(),
-                events.clone(),
-                &self.settings,
-            );
-            threads.push(self.spawn_worker(&format!("titanic-req-{i}"), "titanic.request", handler, shutdown)?);
-        }
-        for i in 0..self.settings.close_workers.max(1) {
-            let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
-            threads.push(self.spawn_worker(&format!("titanic-close-{i}"), "titanic.close", close, shutdown)?);
-        }
+        let reply_threads = readers.len();
+        let mut readers = readers.into_iter();
+        let worker = self.worker("titanic.reply", reply_threads);
+        let stop = shutdown.clone();
+        threads.push(thread::Builder::new().name("titanic-reply".into()).spawn(move || {
+            let handler = |_| reply_handler(readers.next().expect("one reader per thread"));
+            Ok(worker.run_pool(reply_threads, handler, &stop)?)
+        })?);
+        let request = request_handler(
+            self.committer.clone(),
+            self.counters.clone(),
+            events.clone(),
+            &self.settings,
+        );
+        threads.push(self.spawn_deferred(
+            "titanic-req",
+            "titanic.request",
+            self.settings.request_workers,
+            request,
+            shutdown,
+        )?);
+        let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
+        threads.push(self.spawn_deferred(
+            "titanic-close",
+            "titanic.close",
+            self.settings.close_workers,
+            close,
+            shutdown,
+        )?);
         drop(events);
         let mut result = Ok(());
         for thread in threads {
@@ -245,6 +255,15 @@ impl Titanic {
         result
     }
 
+    /// A worker for `service` that may hold `capacity` requests at once.
+    fn worker(&self, service: &str, capacity: usize) -> Worker {
+        let options = WorkerOptions {
+            capacity: capacity.clamp(1, majordome_mdp::mdp::MAX_CAPACITY as usize) as u32,
+            ..WorkerOptions::default()
+        };
+        Worker::new(&self.broker, service, options)
+    }
+
     fn spawn_worker<H>(
         &self,
         name: &str,
@@ -255,11 +274,33 @@ impl Titanic {
     where
         H: FnMut(Frames) -> Frames + Send + 'static,
     {
-        let worker = Worker::new(&self.broker, service, WorkerOptions::default());
+        let worker = self.worker(service, 1);
         let stop = shutdown.clone();
         Ok(thread::Builder::new()
             .name(name.into())
             .spawn(move || Ok(worker.run(handler, &stop)?))?)
+    }
+
+    /// A worker whose one handler thread hands each request to a commit
+    /// and replies from its completion: `capacity` requests in flight.
+    fn spawn_deferred<H>(
+        &self,
+        name: &str,
+        service: &str,
+        capacity: usize,
+        handler: H,
+        shutdown: &Shutdown,
+    ) -> Result<thread::JoinHandle<Result<(), TitanicError>>, TitanicError>
+    where
+        H: FnMut(Frames, Responder) + Send + 'static,
+    {
+        let worker = self.worker(service, capacity);
+        let stop = shutdown.clone();
+        let mut handler = Some(handler);
+        Ok(thread::Builder::new().name(name.into()).spawn(move || {
+            let one = |_| handler.take().expect("one handler thread");
+            Ok(worker.run_deferred(1, one, &stop)?)
+        })?)
     }
 }
 
@@ -310,51 +351,61 @@ fn request_handler(
     counters: Arc<Counters>,
     dispatcher: mpsc::Sender<dispatcher::Event>,
     settings: &Settings,
-) -> impl FnMut(Frames) -> Frames + Send + 'static {
+) -> impl FnMut(Frames, Responder) + Send + 'static {
     let max_bytes = settings.max_request_bytes;
     let first_attempt = settings.attempt_timeout + dispatcher::DEADLINE_MARGIN + dispatcher::FIRST_ATTEMPT_WINDOW;
-    move |body: Frames| {
+    let checked = move |body: &Frames| -> Result<(), String> {
         // RFC 9: two frames or more, the service name and the body.
-        let Some((service, request)) = body.split_first().filter(|(_, request)| !request.is_empty()) else {
-            return malformed(&counters, "expected the service name, then at least one body frame");
+        let Some((service, _)) = body.split_first().filter(|(_, request)| !request.is_empty()) else {
+            return Err("expected the service name, then at least one body frame".into());
         };
         let Ok(service) = std::str::from_utf8(service) else {
-            return malformed(&counters, "the service name is not UTF-8");
+            return Err("the service name is not UTF-8".into());
         };
         if service.is_empty() || service.len() > MAX_SERVICE_NAME {
-            return malformed(&counters, "the service name must be 1 to 255 bytes long");
+            return Err("the service name must be 1 to 255 bytes long".into());
         }
         if service.starts_with("titanic.") || service.starts_with("mmi.") {
-            return malformed(
-                &counters,
-                "titanic does not store requests for titanic.* or mmi.* services",
-            );
+            return Err("titanic does not store requests for titanic.* or mmi.* services".into());
         }
         if body.iter().map(|f| f.len()).sum::<usize>() > max_bytes {
-            return malformed(&counters, &format!("the request is larger than {max_bytes} bytes"));
+            return Err(format!("the request is larger than {max_bytes} bytes"));
         }
+        Ok(())
+    };
+    move |body: Frames, responder: Responder| {
+        if let Err(why) = checked(&body) {
+            return responder.send(malformed(&counters, &why));
+        }
+        let service = String::from_utf8_lossy(&body[0]).into_owned();
+        let request = body[1..].to_vec();
         let uuid = uuid::Uuid::new_v4().simple().to_string();
-        let (row_uuid, row_service, row_body) = (uuid.clone(), service.to_owned(), request.to_vec());
+        let (row_uuid, row_service, row_body) = (uuid.clone(), service.clone(), request.clone());
         // The row already covers a first attempt sent within the window, so
         // the common case needs no commit of its own before it is sent.
         let sendable_until = Instant::now() + dispatcher::FIRST_ATTEMPT_WINDOW;
         let deadline = store::unix_now() + first_attempt.as_secs_f64();
-        match committer.submit(move |c| store::insert(c, &row_uuid, &row_service, &row_body, deadline)) {
-            Ok(()) => {
-                counters.stored.fetch_add(1, Ordering::Relaxed);
-                let _ = dispatcher.send(dispatcher::Event::New(NewRequest {
-                    uuid: uuid.clone(),
-                    service: service.to_owned(),
-                    body: request.to_vec(),
-                    sendable_until,
-                }));
-                vec![Bytes::from_static(b"200"), Bytes::from(uuid)]
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not store a titanic request");
-                status(&format!("500 could not store the request: {e}"))
-            }
-        }
+        let (counters, dispatcher) = (counters.clone(), dispatcher.clone());
+        // Answered from the commit's completion: 200 only once durable.
+        committer.enqueue_then(
+            move |c| store::insert(c, &row_uuid, &row_service, &row_body, deadline),
+            move |outcome| match outcome {
+                Ok(()) => {
+                    counters.stored.fetch_add(1, Ordering::Relaxed);
+                    let _ = dispatcher.send(dispatcher::Event::New(NewRequest {
+                        uuid: uuid.clone(),
+                        service,
+                        body: request,
+                        sendable_until,
+                    }));
+                    responder.send(vec![Bytes::from_static(b"200"), Bytes::from(uuid)]);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not store a titanic request");
+                    responder.send(status(&format!("500 could not store the request: {e}")));
+                }
+            },
+        );
     }
 }
 
@@ -381,21 +432,25 @@ fn close_handler(
     committer: Arc<Committer>,
     counters: Arc<Counters>,
     dispatcher: mpsc::Sender<dispatcher::Event>,
-) -> impl FnMut(Frames) -> Frames + Send + 'static {
-    move |body: Frames| {
+) -> impl FnMut(Frames, Responder) + Send + 'static {
+    move |body: Frames, responder: Responder| {
         let uuid = match parse_uuid(&body) {
             Ok(uuid) => uuid,
-            Err(why) => return malformed(&counters, why),
+            Err(why) => return responder.send(malformed(&counters, why)),
         };
         let row = uuid.clone();
-        match committer.submit(move |c| store::delete(c, &row)) {
-            Ok(_) => {
-                let _ = dispatcher.send(dispatcher::Event::Closed(uuid));
-                counters.closed.fetch_add(1, Ordering::Relaxed);
-                status("200")
-            }
-            Err(e) => status(&format!("500 could not close the request: {e}")),
-        }
+        let (counters, dispatcher) = (counters.clone(), dispatcher.clone());
+        committer.enqueue_then(
+            move |c| store::delete(c, &row),
+            move |outcome| match outcome {
+                Ok(_) => {
+                    let _ = dispatcher.send(dispatcher::Event::Closed(uuid));
+                    counters.closed.fetch_add(1, Ordering::Relaxed);
+                    responder.send(status("200"));
+                }
+                Err(e) => responder.send(status(&format!("500 could not close the request: {e}"))),
+            },
+        );
     }
 }
 
