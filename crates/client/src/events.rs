@@ -28,19 +28,32 @@ pub struct Publisher {
     // Field order matters: the socket closes before its context ends.
     socket: zmq::Socket,
     topics: Vec<Vec<u8>>,
-    /// Its own context, so that dropping the publisher waits (up to the
-    /// linger) for what it published to leave. The process-wide context is
-    /// never closed, and a short-lived publisher such as `majordome pub`
-    /// could exit with its event still queued.
-    _context: zmq::Context,
+    /// A context of its own, for [`Publisher::connect_flushing`]: dropping
+    /// the publisher then waits (up to the linger) for what it published to
+    /// leave. The process-wide context is never closed, so a short-lived
+    /// publisher such as `majordome pub` could exit with its event still
+    /// queued; a long-lived service shares it (a context costs two
+    /// threads).
+    _context: Option<zmq::Context>,
 }
 
 impl Publisher {
-    /// Connects to the forwarder at `endpoint`.
+    /// Connects to the forwarder at `endpoint`, on the process-wide
+    /// context: for publishers that live as long as their process.
     pub fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        Self::connect_on(endpoint, net::context().clone(), false)
+    }
+
+    /// Connects on a context of its own, so that dropping the publisher
+    /// waits until what it published has left: for a process that
+    /// publishes and exits.
+    pub fn connect_flushing(endpoint: &str) -> Result<Self, ClientError> {
+        Self::connect_on(endpoint, zmq::Context::new(), true)
+    }
+
+    fn connect_on(endpoint: &str, context: zmq::Context, own: bool) -> Result<Self, ClientError> {
         // An XPUB rather than a PUB: it behaves the same for the forwarder,
         // and it lets this side see which subscriptions have arrived.
-        let context = zmq::Context::new();
         let socket = context.socket(zmq::XPUB)?;
         socket.set_linger(1000)?;
         // As deep as the forwarder's own queues: a burst (a plugin that
@@ -54,7 +67,7 @@ impl Publisher {
         Ok(Publisher {
             socket,
             topics: Vec::new(),
-            _context: context,
+            _context: own.then_some(context),
         })
     }
 

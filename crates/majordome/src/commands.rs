@@ -369,7 +369,7 @@ fn publish(endpoint: &str, category: &str, json: &str, wait: f64) -> Result<Exit
     }
     let data: Value =
         serde_json::from_str(json).with_context(|| format!("the JSON argument is not valid JSON ({json})"))?;
-    let mut publisher = Publisher::connect(endpoint)?;
+    let mut publisher = Publisher::connect_flushing(endpoint)?;
     // A publisher only sends what somebody subscribed to: wait for one, so
     // that the event is not published into the void unannounced.
     if !publisher.wait_for_subscriber(category, Duration::from_secs_f64(wait.min(3600.0)))? {

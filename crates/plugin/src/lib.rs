@@ -268,7 +268,7 @@ impl Plugin {
     }
 
     fn connect(settings: PluginSettings, endpoints: Endpoints) -> Result<Plugin, PluginError> {
-        let mut publisher = Publisher::connect(&endpoints.publish)?;
+        let mut publisher = Publisher::connect_flushing(&endpoints.publish)?;
         // The manager may be listening already; a short wait lets the
         // first status reach it, and costs little when nobody is there.
         let _ = publisher.wait_for_subscriber("plugin.status", Duration::from_millis(500));

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use majordome_client::{
@@ -142,10 +142,13 @@ impl ConfigService {
     /// forwarder's publisher side) when given.
     pub fn run(self, broker: &str, publish_at: Option<&str>, shutdown: &Shutdown) -> Result<(), ConfigError> {
         let service = Arc::new(self);
+        // One publisher for the four names: each has a context of its own.
+        let publisher = publish_at.map(Publisher::connect).transpose()?.map(Mutex::new);
+        let publisher = Arc::new(publisher);
         let mut threads = Vec::new();
         for name in SERVICE_NAMES {
             let reader = majordome_store::open(&service.database, service.durability)?;
-            let mut publisher = publish_at.map(Publisher::connect).transpose()?;
+            let publisher = publisher.clone();
             let service = service.clone();
             let options = ClientOptions {
                 timeout: DEVICES_TIMEOUT,
@@ -156,7 +159,7 @@ impl ConfigService {
                 if message.action == "device.get" {
                     return devices_of(&mut bus, &message.data);
                 }
-                service.handle(&reader, publisher.as_mut(), message)
+                service.handle(&reader, publisher.as_ref().as_ref(), message)
             });
             let worker = Worker::new(broker, name, WorkerOptions::default());
             let stop = shutdown.clone();
@@ -175,7 +178,7 @@ impl ConfigService {
     }
 
     /// Answers one request.
-    pub fn handle(&self, reader: &Connection, publisher: Option<&mut Publisher>, message: Message) -> Message {
+    pub fn handle(&self, reader: &Connection, publisher: Option<&Mutex<Publisher>>, message: Message) -> Message {
         let target = match target(&message.data) {
             Ok(target) => target,
             Err(reason) => return fail(reason),
@@ -197,6 +200,7 @@ impl ConfigService {
         match outcome {
             Ok((reply, event)) => {
                 if let (Some(publisher), Some(event)) = (publisher, event) {
+                    let mut publisher = publisher.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     if let Err(e) = publisher.publish("plugin.configuration", &event) {
                         tracing::warn!(error = %e, "could not publish plugin.configuration");
                     }

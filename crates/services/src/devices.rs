@@ -518,24 +518,27 @@ impl DeviceService {
         let subscriber =
             Subscriber::connect_with_high_water_mark(&endpoints.subscribe, &["event.", CLIENT_SENSOR], 100_000)?;
         let mut threads = Vec::new();
-        for index in 0..shared.settings.workers.max(1) {
-            let worker_shared = shared.clone();
-            let mut client = Client::new(
-                &endpoints.broker,
-                ClientOptions {
-                    timeout: shared.settings.command_timeout,
+        // One worker, a handler thread per request it may hold: a slow
+        // plugin holds only the thread that forwards to it.
+        let workers = shared.settings.workers.max(1);
+        let options = WorkerOptions {
+            capacity: workers as u32,
+            ..WorkerOptions::default()
+        };
+        let worker = Worker::new(&endpoints.broker, "devices", options);
+        let (pool_shared, stop, broker) = (shared.clone(), shutdown.clone(), endpoints.broker.clone());
+        threads.push(thread::Builder::new().name("devices".into()).spawn(move || {
+            let handler = |_| {
+                let worker_shared = pool_shared.clone();
+                let options = ClientOptions {
+                    timeout: pool_shared.settings.command_timeout,
                     ..ClientOptions::default()
-                },
-            );
-            let handler = domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message));
-            let worker = Worker::new(&endpoints.broker, "devices", WorkerOptions::default());
-            let stop = shutdown.clone();
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("devices-{index}"))
-                    .spawn(move || worker.run(handler, &stop).map_err(DeviceError::from))?,
-            );
-        }
+                };
+                let mut client = Client::new(&broker, options);
+                domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message))
+            };
+            worker.run_pool(workers, handler, &stop).map_err(DeviceError::from)
+        })?);
         let (follower_shared, stop) = (shared.clone(), shutdown.clone());
         threads.push(
             thread::Builder::new()

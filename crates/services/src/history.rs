@@ -266,28 +266,24 @@ impl HistoryService {
     /// `shutdown`.
     pub fn run(self, broker: &str, shutdown: &Shutdown) -> Result<(), HistoryError> {
         let service = Arc::new(self);
-        let mut threads = Vec::new();
-        for index in 0..service.settings.workers.max(1) {
+        let threads = service.settings.workers.max(1);
+        // Each handler thread reads through its own connection (WAL).
+        let mut connections = Vec::new();
+        for _ in 0..threads {
             let connection = majordome_store::open(&service.database, Durability::Process)?;
             connection.execute_batch(SCHEMA)?;
-            let service = service.clone();
-            let handler = domogik_handler(move |message: Message| service.handle(&connection, &message));
-            let worker = Worker::new(broker, "history", WorkerOptions::default());
-            let stop = shutdown.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("history-{index}"))
-                    .spawn(move || worker.run(handler, &stop))?,
-            );
+            connections.push(connection);
         }
-        let mut outcome = Ok(());
-        for thread in threads {
-            let result = thread.join().unwrap_or(Err(majordome_client::ClientError::Closed));
-            if outcome.is_ok() {
-                outcome = result.map_err(HistoryError::from);
-            }
-        }
-        outcome
+        let options = WorkerOptions {
+            capacity: threads as u32,
+            ..WorkerOptions::default()
+        };
+        let worker = Worker::new(broker, "history", options);
+        let handler = |_| {
+            let (service, connection) = (service.clone(), connections.pop().expect("one per thread"));
+            domogik_handler(move |message: Message| service.handle(&connection, &message))
+        };
+        Ok(worker.run_pool(threads, handler, shutdown)?)
     }
 
     /// Answers one request.
