@@ -22,6 +22,10 @@ pub enum ClientError {
     /// The client was closed while the request was pending.
     #[error("the client was closed")]
     Closed,
+    /// The process is stopping: the wait was given up (see
+    /// `Client::stop_on`).
+    #[error("stopped while waiting for the broker")]
+    Stopped,
     /// A ZeroMQ call failed.
     #[error("ZeroMQ error: {0}")]
     Zmq(#[from] zmq::Error),

@@ -38,6 +38,9 @@ pub struct Client {
     endpoint: String,
     options: ClientOptions,
     socket: Option<zmq::Socket>,
+    /// When it fires, a request waiting for its reply (or a connection)
+    /// gives up at once with [`ClientError::Stopped`].
+    shutdown: Option<net::Shutdown>,
 }
 
 impl Client {
@@ -47,7 +50,39 @@ impl Client {
             endpoint: endpoint.to_owned(),
             options,
             socket: None,
+            shutdown: None,
         }
+    }
+
+    /// Gives up any wait as soon as `shutdown` fires: a service calling
+    /// the bus stops with the rest of the process instead of waiting out
+    /// its timeout.
+    pub fn stop_on(mut self, shutdown: &net::Shutdown) -> Self {
+        self.shutdown = Some(shutdown.clone());
+        self
+    }
+
+    /// Waits up to `timeout` for `events` on `socket`, or for the shutdown:
+    /// true when the socket is ready.
+    fn wait_for(
+        shutdown: Option<&net::Shutdown>,
+        socket: &zmq::Socket,
+        events: zmq::PollEvents,
+        timeout: Duration,
+    ) -> Result<bool, ClientError> {
+        let timeout_ms = timeout.as_millis() as i64;
+        let Some(shutdown) = shutdown else {
+            return Ok(socket.poll(events, timeout_ms)? > 0);
+        };
+        let mut items = [
+            socket.as_poll_item(events),
+            zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+        ];
+        zmq::poll(&mut items, timeout_ms)?;
+        if items[1].is_readable() {
+            return Err(ClientError::Stopped);
+        }
+        Ok(items[0].get_revents().contains(events))
     }
 
     /// Its options.
@@ -79,12 +114,20 @@ impl Client {
     }
 
     fn exchange(&mut self, service: &str, body: Frames, timeout: Duration) -> Result<Frames, ClientError> {
+        let shutdown = self.shutdown.clone();
         let socket = self.connected_socket()?;
         net::send_frames(socket, &mdp::client_request(service.as_bytes(), body), 0)?;
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if socket.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
+            let ready = match Self::wait_for(shutdown.as_ref(), socket, zmq::POLLIN, left) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    self.socket = None;
+                    return Err(e);
+                }
+            };
+            if !ready {
                 // Whatever comes later belongs to this request: drop the
                 // socket so that it cannot be read as the next one's reply.
                 self.socket = None;
@@ -114,7 +157,12 @@ impl Client {
                 endpoint: self.endpoint.clone(),
                 source,
             })?;
-            if socket.poll(zmq::POLLOUT, self.options.connect_timeout.as_millis() as i64)? == 0 {
+            if !Self::wait_for(
+                self.shutdown.as_ref(),
+                &socket,
+                zmq::POLLOUT,
+                self.options.connect_timeout,
+            )? {
                 return Err(ClientError::NotConnected {
                     endpoint: self.endpoint.clone(),
                     after: self.options.connect_timeout,

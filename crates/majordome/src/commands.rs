@@ -219,6 +219,7 @@ fn up(
     let mut parts = Parts {
         shutdown: shutdown.clone(),
         threads: Vec::new(),
+        failed: Default::default(),
     };
     parts.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
     parts.spawn("forwarder", move |stop| Ok(forwarder.run(stop)?))?;
@@ -300,28 +301,73 @@ fn up(
     std::io::stdout().flush()?;
     shutdown.wait();
     for (name, thread) in parts.threads {
-        thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))??;
+        // A part's own failure is in `failed`; a panic has no other trace.
+        if thread.join().is_err() {
+            parts.failed.record(name, "panicked".into());
+        }
+        tracing::debug!(part = name, "stopped");
     }
-    Ok(ExitCode::SUCCESS)
+    match parts.failed.first() {
+        Some((name, why)) => bail!("the {name} part stopped ({why}), so majordome stopped"),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// The threads of `up`: each named, each stopped by the same signal.
 struct Parts {
     shutdown: Shutdown,
-    threads: Vec<(&'static str, thread::JoinHandle<Result<()>>)>,
+    threads: Vec<(&'static str, thread::JoinHandle<()>)>,
+    failed: Failures,
 }
 
+/// The parts that stopped before they were asked to, with why, first
+/// first.
+#[derive(Clone, Default)]
+struct Failures(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, String)>>>);
+
+impl Failures {
+    fn record(&self, name: &'static str, why: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push((name, why));
+    }
+
+    fn first(&self) -> Option<(&'static str, String)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).first().cloned()
+    }
+}
+
+/// Set to a part's name, that part fails as it starts: how the tests check
+/// that one failing part stops the whole hub.
+const FAIL_PART_FOR_TESTS: &str = "MAJORDOME_TEST_FAIL_PART";
+
 impl Parts {
+    /// Runs a part on its own thread. A part that ends before the hub is
+    /// told to stop (an error, or returning at all) stops the whole hub:
+    /// half a hub would look alive while it is not.
     fn spawn<F>(&mut self, name: &'static str, run: F) -> Result<()>
     where
         F: FnOnce(&Shutdown) -> Result<()> + Send + 'static,
     {
-        let stop = self.shutdown.clone();
+        let (stop, failed) = (self.shutdown.clone(), self.failed.clone());
+        let fail_on_purpose = std::env::var(FAIL_PART_FOR_TESTS).is_ok_and(|part| part == name);
         let thread = thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(&stop))
+            .spawn(move || {
+                let outcome = if fail_on_purpose {
+                    Err(anyhow::anyhow!("failed on purpose: {FAIL_PART_FOR_TESTS}={name}"))
+                } else {
+                    run(&stop)
+                };
+                if stop.is_triggered() && outcome.is_ok() {
+                    return;
+                }
+                let why = match outcome {
+                    Ok(()) => "it ended on its own".to_owned(),
+                    Err(e) => format!("{e:#}"),
+                };
+                tracing::error!(part = name, "{why}; stopping majordome");
+                failed.record(name, why);
+                stop.trigger();
+            })
             .with_context(|| format!("cannot start the {name} thread"))?;
         self.threads.push((name, thread));
         Ok(())

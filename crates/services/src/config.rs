@@ -154,7 +154,7 @@ impl ConfigService {
                 timeout: DEVICES_TIMEOUT,
                 ..ClientOptions::default()
             };
-            let mut bus = Client::new(broker, options);
+            let mut bus = Client::new(broker, options).stop_on(shutdown);
             let handler = domogik_handler(move |message: Message| {
                 if message.action == "device.get" {
                     return devices_of(&mut bus, &message.data);

@@ -534,7 +534,7 @@ impl DeviceService {
                     timeout: pool_shared.settings.command_timeout,
                     ..ClientOptions::default()
                 };
-                let mut client = Client::new(&broker, options);
+                let mut client = Client::new(&broker, options).stop_on(&stop);
                 domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message))
             };
             worker.run_pool(workers, handler, &stop).map_err(DeviceError::from)

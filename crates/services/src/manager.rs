@@ -848,7 +848,8 @@ fn ask_configured(registry: &Mutex<Registry>, broker: &str, shutdown: &Shutdown)
             retries: 0,
             connect_timeout: settings.config_timeout,
         },
-    );
+    )
+    .stop_on(shutdown);
     while !pending.is_empty() && !shutdown.is_triggered() && Instant::now() < deadline {
         pending.retain(|(kind, name, host)| {
             if shutdown.is_triggered() {

@@ -162,8 +162,9 @@ fn a_plugin_starts_with_its_log_dies_restarts_and_its_history_survives_the_manag
     // Its output lands in its log, after a line marking the start, and it
     // was given the bus's endpoints, the host and the extras.
     let log = eventually("the log to hold the environment", || {
+        // A whole line: the marker line quotes the script, "extra=" and all.
         let log = log_of(data.path(), "sleeper");
-        log.contains("extra=").then_some(log)
+        log.lines().any(|l| l == "extra=extra").then_some(log)
     });
     assert!(log.starts_with("--- "), "{log}");
     assert!(log.lines().any(|l| l == "started"), "{log}");
