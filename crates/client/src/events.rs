@@ -78,6 +78,14 @@ impl Publisher {
         Ok(())
     }
 
+    /// Whether some subscriber wants `category` now: a publisher of many
+    /// events that few want can skip building them. (ZeroMQ would drop
+    /// them unsent anyway.)
+    pub fn is_wanted(&mut self, category: &str) -> bool {
+        self.absorb_subscriptions();
+        self.topics.iter().any(|topic| category.as_bytes().starts_with(topic))
+    }
+
     /// Waits up to `timeout` until some subscriber wants `category`. True
     /// when one does.
     pub fn wait_for_subscriber(&mut self, category: &str, timeout: Duration) -> Result<bool, ClientError> {

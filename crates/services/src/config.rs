@@ -102,7 +102,7 @@ impl Target {
 
 /// The config service, shared by its worker threads.
 pub struct ConfigService {
-    committer: Committer,
+    committer: Arc<Committer>,
     database: std::path::PathBuf,
     durability: Durability,
     manifests: HashMap<(String, String), Manifest>,
@@ -127,7 +127,7 @@ impl ConfigService {
         let connection = majordome_store::open(database, durability)?;
         connection.execute_batch(SCHEMA)?;
         Ok(ConfigService {
-            committer: Committer::start(connection),
+            committer: majordome_store::shared_committer(database, durability)?,
             database: database.to_owned(),
             durability,
             manifests: manifests

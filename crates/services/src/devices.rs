@@ -389,7 +389,7 @@ struct Shared {
     schema: Schema,
     settings: DeviceSettings,
     registry: Mutex<Registry>,
-    committer: Committer,
+    committer: Arc<Committer>,
     publisher: Mutex<Publisher>,
     writer: Option<Mutex<Writer>>,
     stats: Mutex<Stats>,
@@ -483,7 +483,7 @@ impl DeviceService {
             schema,
             settings,
             registry: Mutex::new(registry),
-            committer: Committer::start(connection),
+            committer: majordome_store::shared_committer(database, durability)?,
             publisher: Mutex::new(publisher),
             writer,
             stats: Mutex::default(),
@@ -657,6 +657,9 @@ impl Shared {
     /// one by one.
     fn publish_stored(&self, stored: Vec<Value>) {
         let mut publisher = lock(&self.publisher);
+        if !publisher.is_wanted("device-stats") {
+            return;
+        }
         let dropped = stored
             .iter()
             .filter(|stat| publisher.publish("device-stats", stat).is_err())

@@ -80,7 +80,7 @@ pub struct HistoryCounters {
 
 /// The writing side: owned by the devices service.
 pub struct HistoryWriter {
-    committer: Committer,
+    committer: Arc<Committer>,
     counters: Arc<HistoryCounters>,
     retention: Option<Duration>,
     last_prune: Option<Instant>,
@@ -105,7 +105,7 @@ impl HistoryWriter {
         let connection = majordome_store::open(database, durability)?;
         connection.execute_batch(SCHEMA)?;
         Ok(HistoryWriter {
-            committer: Committer::start(connection),
+            committer: majordome_store::shared_committer(database, durability)?,
             counters: Arc::default(),
             retention: settings.retention,
             last_prune: None,

@@ -182,7 +182,7 @@ CREATE INDEX IF NOT EXISTS client_history_by_client ON client_history (client);
 /// not waited for, so a status change never holds the registry's lock for
 /// an fsync; the committer finishes them when the registry is dropped.
 struct HistoryStore {
-    committer: Committer,
+    committer: Arc<Committer>,
     limit: usize,
 }
 
@@ -205,8 +205,9 @@ impl HistoryStore {
             params![limit as i64],
         )?;
         let rows = read_history(&connection)?;
+        drop(connection);
         let store = HistoryStore {
-            committer: Committer::start(connection),
+            committer: majordome_store::shared_committer(database, durability)?,
             limit,
         };
         Ok((store, rows))

@@ -46,7 +46,7 @@ pub enum StoreError {
 }
 
 /// What a commit survives once it has returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Durability {
     /// A crash of the process and a loss of power: the WAL is synced on
     /// every commit (`synchronous = FULL`).
@@ -290,6 +290,29 @@ fn run_batch(connection: &mut Connection, mut batch: Vec<Box<dyn Job>>, stats: &
     for job in batch {
         job.finish(committed.as_ref().map(|_| ()));
     }
+}
+
+/// The one [`Committer`] of the database at `path` (with `durability`) in
+/// this process, started on first use and stopped once nobody holds it.
+/// SQLite has one writer at a time anyway: one committer per file lets
+/// every part's writes share a commit (one fsync) instead of queueing for
+/// the write lock, and costs one thread instead of one per part. Its
+/// statistics count every part's writes.
+pub fn shared_committer(path: &Path, durability: Durability) -> Result<Arc<Committer>, StoreError> {
+    type Committers = std::collections::HashMap<(std::path::PathBuf, Durability), std::sync::Weak<Committer>>;
+    static COMMITTERS: std::sync::OnceLock<std::sync::Mutex<Committers>> = std::sync::OnceLock::new();
+    let mut committers = COMMITTERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (path.to_owned(), durability);
+    if let Some(committer) = committers.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(committer);
+    }
+    let committer = Arc::new(Committer::start(open(path, durability)?));
+    committers.retain(|_, weak| weak.strong_count() > 0);
+    committers.insert(key, Arc::downgrade(&committer));
+    Ok(committer)
 }
 
 #[cfg(test)]

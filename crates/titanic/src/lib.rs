@@ -166,11 +166,13 @@ impl Titanic {
     pub fn start(broker: &str, database: &Path, settings: Settings) -> Result<Titanic, TitanicError> {
         let connection = majordome_store::open(database, settings.durability)?;
         store::prepare(&connection)?;
+        drop(connection);
+        let committer = majordome_store::shared_committer(database, settings.durability)?;
         Ok(Titanic {
             broker: broker.to_owned(),
             database: database.to_owned(),
             settings,
-            committer: Arc::new(Committer::start(connection)),
+            committer,
             counters: Arc::new(Counters::default()),
         })
     }
