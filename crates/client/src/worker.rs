@@ -57,11 +57,28 @@ impl Default for WorkerOptions {
     }
 }
 
-/// A worker for one service.
+/// A worker for one service, or for several names of one service (each
+/// name is its own DEALER and registration, served by the same socket
+/// thread and handler threads).
 pub struct Worker {
     endpoint: String,
+    services: Vec<String>,
+    /// The names, for logs and thread names.
     service: String,
     options: WorkerOptions,
+}
+
+/// One registration with the broker: a DEALER for one service name. Its
+/// `generation` is unique among the worker's connections and changes at
+/// every reconnection, so a reply finds the connection its request came
+/// on (or is dropped when that connection is gone).
+struct Connection {
+    service: String,
+    socket: Option<zmq::Socket>,
+    generation: u64,
+    reconnect_at: Instant,
+    liveness: u32,
+    next_heartbeat: Instant,
 }
 
 const TAG_DONE: &[u8] = b"D";
@@ -126,9 +143,18 @@ static INSTANCE: AtomicU64 = AtomicU64::new(0);
 impl Worker {
     /// A worker that will register `service` with the broker at `endpoint`.
     pub fn new(endpoint: &str, service: &str, options: WorkerOptions) -> Self {
+        Self::serving(endpoint, &[service], options)
+    }
+
+    /// A worker that registers every name of `services` (aliases of one
+    /// service, as Domogik's `dbmgr`, `admin` and `dbmanager`) with one
+    /// socket thread and one pool of handler threads. Each name is a
+    /// worker of its own for the broker, with `options.capacity`.
+    pub fn serving(endpoint: &str, services: &[&str], options: WorkerOptions) -> Self {
         Worker {
             endpoint: endpoint.to_owned(),
-            service: service.to_owned(),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+            service: services.join(","),
             options,
         }
     }
@@ -206,7 +232,7 @@ impl Worker {
         result
     }
 
-    fn connect(&self) -> Result<zmq::Socket, ClientError> {
+    fn connect(&self, service: &str) -> Result<zmq::Socket, ClientError> {
         let socket = net::context().socket(zmq::DEALER)?;
         socket.set_linger(0)?;
         socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
@@ -215,15 +241,15 @@ impl Worker {
         })?;
         // Queued until the connection is up, so a worker may start before
         // its broker.
-        let ready = mdp::ready_with_capacity(self.service.as_bytes(), self.options.capacity);
+        let ready = mdp::ready_with_capacity(service.as_bytes(), self.options.capacity);
         net::send_frames(&socket, &ready, zmq::DONTWAIT)?;
-        debug!(service = %self.service, endpoint = %self.endpoint, "worker connecting");
+        debug!(service, endpoint = %self.endpoint, "worker connecting");
         Ok(socket)
     }
 
     /// Sends the replies to the `pending` requests the handler still
     /// holds, waiting up to `finish_grace` for them.
-    fn finish(&self, replies: &zmq::Socket, dealer: &zmq::Socket, generation: u64, mut pending: usize) {
+    fn finish(&self, replies: &zmq::Socket, connections: &[Connection], mut pending: usize) {
         let deadline = Instant::now() + self.options.finish_grace;
         while pending > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -237,7 +263,7 @@ impl Worker {
             match frames.first().map(|f| f.as_ref()) {
                 Some(TAG_DONE) => {
                     pending -= 1;
-                    send_reply(frames, Some(dealer), generation);
+                    send_reply(frames, connections);
                 }
                 Some(TAG_ABANDONED) => pending -= 1,
                 _ => {}
@@ -255,38 +281,64 @@ impl Worker {
         shutdown: &Shutdown,
     ) -> Result<(), ClientError> {
         let interval = self.options.heartbeat_interval;
-        let mut socket = Some(self.connect()?);
-        let mut reconnect_at = Instant::now();
-        let mut generation: u64 = 0;
-        let mut liveness = self.options.liveness;
-        let mut next_heartbeat = Instant::now() + interval;
-        // Requests given to the handler thread and not answered yet.
+        // Generations are unique across the connections: a reply names
+        // the one it must go back on.
+        let mut generations = 0..;
+        let mut connections = Vec::with_capacity(self.services.len());
+        for service in &self.services {
+            connections.push(Connection {
+                service: service.clone(),
+                socket: Some(self.connect(service)?),
+                generation: generations.next().expect("unbounded"),
+                reconnect_at: Instant::now(),
+                liveness: self.options.liveness,
+                next_heartbeat: Instant::now() + interval,
+            });
+        }
+        // Requests given to the handler threads and not answered yet.
         let mut in_handler: usize = 0;
         loop {
             let now = Instant::now();
-            let wake = if socket.is_some() { next_heartbeat } else { reconnect_at };
+            let wake = connections
+                .iter()
+                .map(|c| {
+                    if c.socket.is_some() {
+                        c.next_heartbeat
+                    } else {
+                        c.reconnect_at
+                    }
+                })
+                .min()
+                .unwrap_or(now + interval);
             let timeout_ms = wake.saturating_duration_since(now).as_millis() as i64 + 1;
-            let (dealer_ready, handler_ready, stopping) = {
+            let (ready_dealers, handler_ready, stopping) = {
                 let mut items = vec![
                     replies.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
                 ];
-                if let Some(dealer) = &socket {
-                    items.push(dealer.as_poll_item(zmq::POLLIN));
+                // Which connection each further item is.
+                let mut polled = Vec::with_capacity(connections.len());
+                for (index, connection) in connections.iter().enumerate() {
+                    if let Some(dealer) = &connection.socket {
+                        items.push(dealer.as_poll_item(zmq::POLLIN));
+                        polled.push(index);
+                    }
                 }
                 match zmq::poll(&mut items, timeout_ms) {
                     Ok(_) | Err(zmq::Error::EINTR) => {}
                     Err(e) => return Err(e.into()),
                 }
-                (
-                    items.get(2).is_some_and(|i| i.is_readable()),
-                    items[0].is_readable(),
-                    items[1].is_readable(),
-                )
+                let ready: Vec<usize> = polled
+                    .iter()
+                    .zip(&items[2..])
+                    .filter(|(_, item)| item.is_readable())
+                    .map(|(index, _)| *index)
+                    .collect();
+                (ready, items[0].is_readable(), items[1].is_readable())
             };
             if stopping {
-                if let Some(dealer) = &socket {
-                    self.finish(replies, dealer, generation, in_handler);
+                self.finish(replies, &connections, in_handler);
+                for dealer in connections.iter().filter_map(|c| c.socket.as_ref()) {
                     let _ = net::send_frames(dealer, &mdp::disconnect(), zmq::DONTWAIT);
                 }
                 return Ok(());
@@ -296,8 +348,8 @@ impl Worker {
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) => {
                         in_handler = in_handler.saturating_sub(1);
-                        if send_reply(frames, socket.as_ref(), generation) {
-                            next_heartbeat = Instant::now() + interval;
+                        if let Some(index) = send_reply(frames, &connections) {
+                            connections[index].next_heartbeat = Instant::now() + interval;
                         }
                     }
                     Some(TAG_ABANDONED) => {
@@ -305,28 +357,34 @@ impl Worker {
                         debug!(service = %self.service, "a handler gave up a request; the broker will expire it");
                     }
                     Some(TAG_PANICKED) => {
-                        // The broker believes this worker is busy; starting
+                        // The broker believes these workers busy; starting
                         // over makes it fail what it gave at once.
-                        if let Some(dealer) = socket.take() {
-                            let _ = net::send_frames(&dealer, &mdp::disconnect(), zmq::DONTWAIT);
+                        for connection in &mut connections {
+                            if let Some(dealer) = connection.socket.take() {
+                                let _ = net::send_frames(&dealer, &mdp::disconnect(), zmq::DONTWAIT);
+                            }
+                            connection.reconnect_at = Instant::now();
                         }
-                        reconnect_at = Instant::now();
                     }
                     _ => warn!("unexpected message from the handler thread"),
                 }
             }
-            // The socket may be gone since the poll: a panicking handler
-            // makes the worker start over on a fresh one.
-            if let (true, Some(dealer)) = (dealer_ready, socket.as_ref()) {
+            for index in ready_dealers {
+                let connection = &mut connections[index];
+                // The socket may be gone since the poll: a panicking
+                // handler makes the worker start over on fresh ones.
+                let Some(dealer) = connection.socket.as_ref() else {
+                    continue;
+                };
                 let frames = net::recv_all(dealer)?;
-                liveness = self.options.liveness;
+                connection.liveness = self.options.liveness;
                 match mdp::parse_to_worker(frames) {
                     Ok(mdp::ToWorker::Request { client, body }) => {
                         // A broker may send more before the first is
                         // answered (up to the capacity, or its prefetch):
                         // the first free handler thread takes each.
                         let job = Job {
-                            generation,
+                            generation: connection.generation,
                             client,
                             body,
                         };
@@ -335,29 +393,31 @@ impl Worker {
                     }
                     Ok(mdp::ToWorker::Heartbeat) => {}
                     Ok(mdp::ToWorker::Disconnect) => {
-                        info!(service = %self.service, "broker said DISCONNECT; reconnecting");
-                        socket = None;
-                        reconnect_at = Instant::now() + self.options.reconnect_delay;
+                        info!(service = %connection.service, "broker said DISCONNECT; reconnecting");
+                        connection.socket = None;
+                        connection.reconnect_at = Instant::now() + self.options.reconnect_delay;
                     }
                     Err(e) => warn!(error = %e, "malformed message from the broker"),
                 }
             }
             let now = Instant::now();
-            if socket.is_none() && now >= reconnect_at {
-                generation += 1;
-                socket = Some(self.connect()?);
-                liveness = self.options.liveness;
-                next_heartbeat = now + interval;
-            } else if socket.is_some() && now >= next_heartbeat {
-                liveness = liveness.saturating_sub(1);
-                if liveness == 0 {
-                    warn!(service = %self.service, endpoint = %self.endpoint, "broker silent; reconnecting");
-                    socket = None;
-                    reconnect_at = now + self.options.reconnect_delay;
-                } else {
-                    let dealer = socket.as_ref().expect("checked");
-                    let _ = net::send_frames(dealer, &mdp::heartbeat(), zmq::DONTWAIT);
-                    next_heartbeat = now + interval;
+            for connection in &mut connections {
+                if connection.socket.is_none() && now >= connection.reconnect_at {
+                    connection.generation = generations.next().expect("unbounded");
+                    connection.socket = Some(self.connect(&connection.service)?);
+                    connection.liveness = self.options.liveness;
+                    connection.next_heartbeat = now + interval;
+                } else if connection.socket.is_some() && now >= connection.next_heartbeat {
+                    connection.liveness = connection.liveness.saturating_sub(1);
+                    if connection.liveness == 0 {
+                        warn!(service = %connection.service, endpoint = %self.endpoint, "broker silent; reconnecting");
+                        connection.socket = None;
+                        connection.reconnect_at = now + self.options.reconnect_delay;
+                    } else {
+                        let dealer = connection.socket.as_ref().expect("checked");
+                        let _ = net::send_frames(dealer, &mdp::heartbeat(), zmq::DONTWAIT);
+                        connection.next_heartbeat = now + interval;
+                    }
                 }
             }
         }
@@ -365,29 +425,28 @@ impl Worker {
 }
 
 /// Sends a reply the handler finished (`TAG_DONE | generation | client |
-/// body…`) on `dealer`, if the request came on this connection
-/// (`generation`); true when it was sent.
-fn send_reply(frames: Frames, dealer: Option<&zmq::Socket>, generation: u64) -> bool {
+/// body…`) on the connection its request came on, if that connection is
+/// still up; returns its index when sent.
+fn send_reply(frames: Frames, connections: &[Connection]) -> Option<usize> {
     if frames.len() < 3 {
         warn!("unexpected message from the handler thread");
-        return false;
+        return None;
     }
-    let reply_generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
-    match dealer {
-        // The request came on this connection: answer it.
-        Some(dealer) if reply_generation == generation => {
-            let client = frames[2].clone();
-            let reply = mdp::reply(&client, frames.into_iter().skip(3));
-            if let Err(e) = net::send_frames(dealer, &reply, zmq::DONTWAIT) {
-                warn!(error = %e, "could not send a reply");
-            }
-            true
-        }
-        _ => {
-            debug!("dropping a reply for a connection that is gone");
-            false
-        }
+    let generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
+    let found = connections
+        .iter()
+        .position(|c| c.generation == generation && c.socket.is_some());
+    let Some(index) = found else {
+        debug!("dropping a reply for a connection that is gone");
+        return None;
+    };
+    let dealer = connections[index].socket.as_ref().expect("checked");
+    let client = frames[2].clone();
+    let reply = mdp::reply(&client, frames.into_iter().skip(3));
+    if let Err(e) = net::send_frames(dealer, &reply, zmq::DONTWAIT) {
+        warn!(error = %e, "could not send a reply");
     }
+    Some(index)
 }
 
 /// One handler thread: takes the next job and hands it, with its

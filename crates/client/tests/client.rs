@@ -363,3 +363,30 @@ fn a_worker_with_a_capacity_runs_its_requests_concurrently() {
     shutdown.trigger();
     thread.join().unwrap();
 }
+
+/// One worker serving two names (Domogik's aliases of one service): each
+/// name is registered and answered, by the same handler threads, on one
+/// socket thread.
+#[test]
+fn one_worker_serves_several_names() {
+    let broker = Running::start("tcp://127.0.0.1:0", fast());
+    let shutdown = Shutdown::new().unwrap();
+    let stop = shutdown.clone();
+    let worker = Worker::serving(&broker.endpoint, &["config", "dbmgr"], fast_worker());
+    let thread = std::thread::spawn(move || {
+        worker
+            .run_pool(2, |_| |body: Vec<Bytes>| body, &stop)
+            .expect("worker runs")
+    });
+    wait_for(&broker.endpoint, "config");
+    wait_for(&broker.endpoint, "dbmgr");
+    let mut c = client(&broker.endpoint, Duration::from_secs(10));
+    for name in ["config", "dbmgr", "config"] {
+        let reply = c.request(name, vec![Bytes::from(name)]).unwrap();
+        assert_eq!(reply, vec![Bytes::from(name)]);
+    }
+    let services = c.request("mmi.services", vec![]).unwrap();
+    assert_eq!(services, vec![Bytes::from_static(b"config, dbmgr")]);
+    shutdown.trigger();
+    thread.join().unwrap();
+}

@@ -25,7 +25,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use majordome_client::{
     domogik_handler, unix_now, Client, ClientOptions, Message, Publisher, Shutdown, Worker, WorkerOptions,
@@ -142,39 +141,39 @@ impl ConfigService {
     /// forwarder's publisher side) when given.
     pub fn run(self, broker: &str, publish_at: Option<&str>, shutdown: &Shutdown) -> Result<(), ConfigError> {
         let service = Arc::new(self);
-        // One publisher for the four names: each has a context of its own.
-        let publisher = publish_at.map(Publisher::connect).transpose()?.map(Mutex::new);
-        let publisher = Arc::new(publisher);
-        let mut threads = Vec::new();
-        for name in SERVICE_NAMES {
-            let reader = majordome_store::open(&service.database, service.durability)?;
-            let publisher = publisher.clone();
-            let service = service.clone();
+        let publisher = Arc::new(publish_at.map(Publisher::connect).transpose()?.map(Mutex::new));
+        // Each handler thread reads through its own connection (WAL).
+        let mut readers = Vec::new();
+        for _ in 0..HANDLER_THREADS {
+            readers.push(majordome_store::open(&service.database, service.durability)?);
+        }
+        // The four names on one socket thread; two handler threads, so
+        // that a `device.get` passed on to `devices` does not hold up a
+        // plugin's `config.get`.
+        let options = WorkerOptions {
+            capacity: HANDLER_THREADS as u32,
+            ..WorkerOptions::default()
+        };
+        let worker = Worker::serving(broker, SERVICE_NAMES, options);
+        let handler = |_| {
+            let (reader, publisher, service) = (
+                readers.pop().expect("one per thread"),
+                publisher.clone(),
+                service.clone(),
+            );
             let options = ClientOptions {
                 timeout: DEVICES_TIMEOUT,
                 ..ClientOptions::default()
             };
             let mut bus = Client::new(broker, options).stop_on(shutdown);
-            let handler = domogik_handler(move |message: Message| {
+            domogik_handler(move |message: Message| {
                 if message.action == "device.get" {
                     return devices_of(&mut bus, &message.data);
                 }
                 service.handle(&reader, publisher.as_ref().as_ref(), message)
-            });
-            let worker = Worker::new(broker, name, WorkerOptions::default());
-            let stop = shutdown.clone();
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("config-{name}"))
-                    .spawn(move || worker.run(handler, &stop))?,
-            );
-        }
-        for thread in threads {
-            thread
-                .join()
-                .map_err(|_| std::io::Error::other("a config thread panicked"))??;
-        }
-        Ok(())
+            })
+        };
+        Ok(worker.run_pool(HANDLER_THREADS, handler, shutdown)?)
     }
 
     /// Answers one request.
@@ -438,6 +437,9 @@ impl ConfigService {
         Ok((result(true, "", fields), event))
     }
 }
+
+/// Handler threads of the config service, shared by its four names.
+const HANDLER_THREADS: usize = 2;
 
 /// How long the `devices` service has to answer a `device.get` passed on.
 const DEVICES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
