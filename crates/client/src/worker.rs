@@ -223,13 +223,43 @@ impl Worker {
             handler_threads.push(thread);
         }
         drop(sink);
-        let result = self.socket_loop(&jobs_tx, &replies, shutdown);
+        let mut dispatch = |job: Job| match jobs_tx.send(job) {
+            Ok(()) => Ok(Dispatched::Queued),
+            Err(_) => Err(ClientError::Closed),
+        };
+        let result = self.socket_loop(&mut dispatch, &replies, shutdown);
         // Without a sender, every handler thread's next receive fails.
         drop(jobs_tx);
         for thread in handler_threads {
             let _ = thread.join();
         }
         result
+    }
+
+    /// Serves requests with `handler` on the socket thread itself, with no
+    /// handler thread: for handlers that answer in microseconds (counters,
+    /// an echo), which then cost no thread and no wake-up. A slow handler
+    /// here would delay the heartbeats: use [`Worker::run`] for those.
+    pub fn run_inline<H>(self, mut handler: H, shutdown: &Shutdown) -> Result<(), ClientError>
+    where
+        H: FnMut(Frames) -> Frames,
+    {
+        let address = format!("inproc://majordome-worker-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
+        // Nothing is ever pushed here; the loop polls it all the same.
+        let replies = net::context().socket(zmq::PULL)?;
+        replies.bind(&address)?;
+        let service = self.service.clone();
+        let mut dispatch = |job: Job| {
+            let body = job.body;
+            Ok(match catch_unwind(AssertUnwindSafe(|| handler(body))) {
+                Ok(reply) => Dispatched::Answered(reply),
+                Err(_) => {
+                    error!(service, "the request handler panicked; the worker starts over");
+                    Dispatched::Panicked
+                }
+            })
+        };
+        self.socket_loop(&mut dispatch, &replies, shutdown)
     }
 
     fn connect(&self, service: &str) -> Result<zmq::Socket, ClientError> {
@@ -276,7 +306,7 @@ impl Worker {
 
     fn socket_loop(
         &self,
-        jobs: &std::sync::mpsc::Sender<Job>,
+        dispatch: &mut dyn FnMut(Job) -> Result<Dispatched, ClientError>,
         replies: &zmq::Socket,
         shutdown: &Shutdown,
     ) -> Result<(), ClientError> {
@@ -356,16 +386,7 @@ impl Worker {
                         in_handler = in_handler.saturating_sub(1);
                         debug!(service = %self.service, "a handler gave up a request; the broker will expire it");
                     }
-                    Some(TAG_PANICKED) => {
-                        // The broker believes these workers busy; starting
-                        // over makes it fail what it gave at once.
-                        for connection in &mut connections {
-                            if let Some(dealer) = connection.socket.take() {
-                                let _ = net::send_frames(&dealer, &mdp::disconnect(), zmq::DONTWAIT);
-                            }
-                            connection.reconnect_at = Instant::now();
-                        }
-                    }
+                    Some(TAG_PANICKED) => start_over(&mut connections),
                     _ => warn!("unexpected message from the handler thread"),
                 }
             }
@@ -383,13 +404,24 @@ impl Worker {
                         // A broker may send more before the first is
                         // answered (up to the capacity, or its prefetch):
                         // the first free handler thread takes each.
+                        let generation = connection.generation;
                         let job = Job {
-                            generation: connection.generation,
-                            client,
+                            generation,
+                            client: client.clone(),
                             body,
                         };
-                        jobs.send(job).map_err(|_| ClientError::Closed)?;
-                        in_handler += 1;
+                        match dispatch(job)? {
+                            Dispatched::Queued => in_handler += 1,
+                            Dispatched::Answered(reply) => {
+                                let generation = Bytes::copy_from_slice(&generation.to_be_bytes());
+                                let mut frames = vec![Bytes::from_static(TAG_DONE), generation, client];
+                                frames.extend(reply);
+                                if let Some(index) = send_reply(frames, &connections) {
+                                    connections[index].next_heartbeat = Instant::now() + interval;
+                                }
+                            }
+                            Dispatched::Panicked => start_over(&mut connections),
+                        }
                     }
                     Ok(mdp::ToWorker::Heartbeat) => {}
                     Ok(mdp::ToWorker::Disconnect) => {
@@ -421,6 +453,27 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// What became of a request handed on.
+enum Dispatched {
+    /// A handler thread has it; its reply comes through the reply sink.
+    Queued,
+    /// Answered on the spot.
+    Answered(Frames),
+    /// The handler panicked.
+    Panicked,
+}
+
+/// After a handler panicked: the broker believes these workers busy, and
+/// starting over on fresh connections makes it fail what it gave at once.
+fn start_over(connections: &mut [Connection]) {
+    for connection in connections {
+        if let Some(dealer) = connection.socket.take() {
+            let _ = net::send_frames(&dealer, &mdp::disconnect(), zmq::DONTWAIT);
+        }
+        connection.reconnect_at = Instant::now();
     }
 }
 

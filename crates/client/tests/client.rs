@@ -390,3 +390,37 @@ fn one_worker_serves_several_names() {
     shutdown.trigger();
     thread.join().unwrap();
 }
+
+/// A handler run on the socket thread answers like any other; one that
+/// panics makes the worker start over, and the next request is served.
+#[test]
+fn an_inline_handler_answers_and_survives_a_panic() {
+    let broker = Running::start("tcp://127.0.0.1:0", fast());
+    let shutdown = Shutdown::new().unwrap();
+    let stop = shutdown.clone();
+    let worker = Worker::new(&broker.endpoint, "inline", fast_worker());
+    let thread = std::thread::spawn(move || {
+        let handler = |body: Vec<Bytes>| {
+            assert!(body[0] != "boom", "asked to panic");
+            body
+        };
+        worker.run_inline(handler, &stop).expect("worker runs")
+    });
+    wait_for(&broker.endpoint, "inline");
+    let mut c = client(&broker.endpoint, Duration::from_secs(2));
+    assert_eq!(
+        c.request("inline", vec![Bytes::from("a")]).unwrap(),
+        vec![Bytes::from("a")]
+    );
+    assert!(
+        c.request("inline", vec![Bytes::from("boom")]).is_err(),
+        "no reply to a panic"
+    );
+    let mut c = client(&broker.endpoint, Duration::from_secs(10));
+    assert_eq!(
+        c.request("inline", vec![Bytes::from("b")]).unwrap(),
+        vec![Bytes::from("b")]
+    );
+    shutdown.trigger();
+    thread.join().unwrap();
+}

@@ -256,13 +256,13 @@ fn up(
     parts.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
     let at = endpoint.clone();
     parts.spawn("echo", move |stop| {
-        // Echoing is quick: one handler thread, and the broker may keep
-        // several requests in flight to it, which saves wake-ups.
+        // Echoing is quick: answered on the socket thread, and the broker
+        // may keep several requests in flight to it, which saves wake-ups.
         let options = WorkerOptions {
             capacity: 16,
             ..WorkerOptions::default()
         };
-        Ok(Worker::new(&at, "echo", options).run(echo_body(Duration::ZERO), stop)?)
+        Ok(Worker::new(&at, "echo", options).run_inline(echo_body(Duration::ZERO), stop)?)
     })?;
     // The forwarder's and the Clone server's counters, served on the bus
     // like everything else.
@@ -387,7 +387,8 @@ where
             format!("unknown action '{other}': the {service} service answers stats.get"),
         ),
     });
-    Ok(Worker::new(broker, service, WorkerOptions::default()).run(handler, shutdown)?)
+    // Reading counters is quick: answered on the socket thread.
+    Ok(Worker::new(broker, service, WorkerOptions::default()).run_inline(handler, shutdown)?)
 }
 
 fn forwarder_only(args: &EventArgs) -> Result<ExitCode> {

@@ -526,26 +526,24 @@ impl DeviceService {
             ..WorkerOptions::default()
         };
         let worker = Worker::new(&endpoints.broker, "devices", options);
-        let (pool_shared, stop, broker) = (shared.clone(), shutdown.clone(), endpoints.broker.clone());
-        threads.push(thread::Builder::new().name("devices".into()).spawn(move || {
-            let handler = |_| {
-                let worker_shared = pool_shared.clone();
-                let options = ClientOptions {
-                    timeout: pool_shared.settings.command_timeout,
-                    ..ClientOptions::default()
-                };
-                let mut client = Client::new(&broker, options).stop_on(&stop);
-                domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message))
-            };
-            worker.run_pool(workers, handler, &stop).map_err(DeviceError::from)
-        })?);
+        let (pool_shared, broker) = (shared.clone(), endpoints.broker.clone());
         let (follower_shared, stop) = (shared.clone(), shutdown.clone());
         threads.push(
             thread::Builder::new()
                 .name("devices-follower".into())
                 .spawn(move || follow(&follower_shared, subscriber, history, &stop))?,
         );
-        let mut outcome = Ok(());
+        // The worker on this thread, until shutdown.
+        let handler = |_| {
+            let worker_shared = pool_shared.clone();
+            let options = ClientOptions {
+                timeout: pool_shared.settings.command_timeout,
+                ..ClientOptions::default()
+            };
+            let mut client = Client::new(&broker, options).stop_on(shutdown);
+            domogik_handler(move |message: Message| worker_shared.handle(&mut client, &message))
+        };
+        let mut outcome = worker.run_pool(workers, handler, shutdown).map_err(DeviceError::from);
         for thread in threads {
             let result = thread.join().unwrap_or(Err(DeviceError::Thread(std::io::Error::other(
                 "a device thread panicked",

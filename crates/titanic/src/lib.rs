@@ -38,14 +38,14 @@ pub use store::ListEntry;
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Requests of `titanic.request` and `titanic.close` in flight at once
-    /// (the capacity their workers announce), and threads of
-    /// `titanic.reply`. A request or close is answered once its commit is
-    /// durable, and the writes of all the requests in flight share one
-    /// fsync: more in flight, bigger groups. Their replies are sent from
-    /// the commit's completion, so no thread waits per request.
+    /// (the capacity their workers announce). A request or close is
+    /// answered once its commit is durable, and the writes of all the
+    /// requests in flight share one fsync: more in flight, bigger groups.
+    /// Their replies are sent from the commit's completion, so no thread
+    /// waits per request. (`titanic.reply` and `titanic.list` are quick
+    /// reads, answered on their socket threads.)
     pub request_workers: usize,
     pub close_workers: usize,
-    pub reply_workers: usize,
     /// Deadline of one attempt at the service (sent as the Domogik timeout
     /// frame, so the broker enforces it). A request that was in flight when
     /// Titanic stopped waits, after a restart, until this deadline has
@@ -73,7 +73,6 @@ impl Default for Settings {
         Settings {
             request_workers: 16,
             close_workers: 8,
-            reply_workers: 2,
             attempt_timeout: Duration::from_secs(60),
             retry_backoff: Duration::from_secs(1),
             max_retry_backoff: Duration::from_secs(60),
@@ -206,24 +205,21 @@ impl Titanic {
             pending,
             events.clone(),
         )?;
-        let mut readers = Vec::new();
-        for _ in 0..self.settings.reply_workers.max(1) + 1 {
-            readers.push(majordome_store::open(&self.database, self.settings.durability)?);
-        }
+        let reply_reader = majordome_store::open(&self.database, self.settings.durability)?;
+        let list_reader = majordome_store::open(&self.database, self.settings.durability)?;
         let stop = shutdown.clone();
         let mut threads: Vec<thread::JoinHandle<Result<(), TitanicError>>> = vec![thread::Builder::new()
             .name("titanic-dispatch".into())
             .spawn(move || dispatcher.run(inbox, &stop))?];
-        let list = list_handler(readers.pop().expect("one reader more"), self.settings.list_limit);
-        threads.push(self.spawn_worker("titanic-list", "titanic.list", list, shutdown)?);
-        let reply_threads = readers.len();
-        let mut readers = readers.into_iter();
-        let worker = self.worker("titanic.reply", reply_threads);
+        // A lookup by uuid: quick, answered on the socket thread, with
+        // requests pipelined to it.
+        let worker = self.worker("titanic.reply", 16);
         let stop = shutdown.clone();
-        threads.push(thread::Builder::new().name("titanic-reply".into()).spawn(move || {
-            let handler = |_| reply_handler(readers.next().expect("one reader per thread"));
-            Ok(worker.run_pool(reply_threads, handler, &stop)?)
-        })?);
+        threads.push(
+            thread::Builder::new()
+                .name("titanic-reply".into())
+                .spawn(move || Ok(worker.run_inline(reply_handler(reply_reader), &stop)?))?,
+        );
         let request = request_handler(
             self.committer.clone(),
             self.counters.clone(),
@@ -246,7 +242,12 @@ impl Titanic {
             shutdown,
         )?);
         drop(events);
-        let mut result = Ok(());
+        // `titanic.list` on this thread, until shutdown.
+        let list = list_handler(list_reader, self.settings.list_limit);
+        let mut result = self
+            .worker("titanic.list", 1)
+            .run_inline(list, shutdown)
+            .map_err(TitanicError::from);
         for thread in threads {
             match thread.join() {
                 Ok(Ok(())) => {}
@@ -264,23 +265,6 @@ impl Titanic {
             ..WorkerOptions::default()
         };
         Worker::new(&self.broker, service, options)
-    }
-
-    fn spawn_worker<H>(
-        &self,
-        name: &str,
-        service: &str,
-        handler: H,
-        shutdown: &Shutdown,
-    ) -> Result<thread::JoinHandle<Result<(), TitanicError>>, TitanicError>
-    where
-        H: FnMut(Frames) -> Frames + Send + 'static,
-    {
-        let worker = self.worker(service, 1);
-        let stop = shutdown.clone();
-        Ok(thread::Builder::new()
-            .name(name.into())
-            .spawn(move || Ok(worker.run(handler, &stop)?))?)
     }
 
     /// A worker whose one handler thread hands each request to a commit
