@@ -36,14 +36,13 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use majordome_client::{AsyncClient, ClientError, Frames, PendingReply};
 use majordome_mdp::domogik::{self, Message};
 use majordome_net::Shutdown;
-use majordome_store::{Committer, Ticket};
+use majordome_store::Committer;
 
 use crate::{store, Counters, NewRequest, Settings, TitanicError};
 
@@ -54,7 +53,6 @@ pub(crate) enum Event {
     Ready(u64),
     /// The attempts of a batch are marked in the database (or could not be).
     Marked(u64, Result<(), String>),
-    Stop,
 }
 
 /// Wakes the dispatcher when the reply `id` is ready.
@@ -228,9 +226,6 @@ pub(crate) struct Dispatcher {
     /// Attempts being marked or sent, all services.
     attempts_in_flight: usize,
     marking: HashMap<u64, Batch>,
-    /// Waits for each batch's commit and reports it as [`Event::Marked`].
-    marker: Option<mpsc::Sender<(u64, Ticket<()>)>>,
-    marker_thread: Option<JoinHandle<()>>,
     events: mpsc::Sender<Event>,
 }
 
@@ -249,15 +244,6 @@ impl Dispatcher {
         events: mpsc::Sender<Event>,
     ) -> Result<Dispatcher, TitanicError> {
         let client = AsyncClient::connect(broker)?;
-        let (marker, marks) = mpsc::channel::<(u64, Ticket<()>)>();
-        let marked = events.clone();
-        let marker_thread = std::thread::Builder::new()
-            .name("titanic-marks".into())
-            .spawn(move || {
-                for (id, ticket) in marks {
-                    let _ = marked.send(Event::Marked(id, ticket.wait().map_err(|e| e.to_string())));
-                }
-            })?;
         let mut dispatcher = Dispatcher {
             client,
             committer,
@@ -271,8 +257,6 @@ impl Dispatcher {
             next_seq: 0,
             attempts_in_flight: 0,
             marking: HashMap::new(),
-            marker: Some(marker),
-            marker_thread: Some(marker_thread),
             events,
         };
         let held = pending.iter().filter(|p| p.attempt_deadline.is_some()).count();
@@ -340,24 +324,17 @@ impl Dispatcher {
     }
 
     pub(crate) fn run(mut self, events: mpsc::Receiver<Event>, shutdown: &Shutdown) -> Result<(), TitanicError> {
-        let stop = shutdown.clone();
-        let stopper = self.events.clone();
-        std::thread::Builder::new().name("titanic-stop".into()).spawn(move || {
-            stop.wait();
-            let _ = stopper.send(Event::Stop);
-        })?;
-        self.serve(&events);
+        self.serve(&events, shutdown);
         // Marks handed in are committed (the committer finishes its queue);
         // their requests wait out that deadline after a restart.
-        self.marker = None;
-        if let Some(thread) = self.marker_thread.take() {
-            let _ = thread.join();
-        }
         Ok(())
     }
 
-    fn serve(&mut self, events: &mpsc::Receiver<Event>) {
-        loop {
+    fn serve(&mut self, events: &mpsc::Receiver<Event>, shutdown: &Shutdown) {
+        // The channel cannot be polled with the shutdown's descriptor, so
+        // the wait is cut into slices short enough to stop promptly.
+        const STOP_CHECK: Duration = Duration::from_millis(250);
+        while !shutdown.is_triggered() {
             let now = Instant::now();
             self.dispatch(now);
             self.counters.pending.store(self.jobs.len() as u64, Ordering::Relaxed);
@@ -367,7 +344,7 @@ impl Dispatcher {
             let wait = self
                 .next_timer()
                 .map_or(Duration::from_secs(1), |at| at.saturating_duration_since(now))
-                .min(Duration::from_secs(1));
+                .min(STOP_CHECK);
             let mut event = match events.recv_timeout(wait) {
                 Ok(event) => Some(event),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -387,7 +364,6 @@ impl Dispatcher {
                     Event::Closed(uuid) => self.forget(&uuid),
                     Event::Ready(id) => self.collect(id),
                     Event::Marked(id, outcome) => self.marked(id, outcome),
-                    Event::Stop => return,
                 }
                 event = events.try_recv().ok();
             }
@@ -550,9 +526,14 @@ impl Dispatcher {
         let timeout = self.settings.attempt_timeout;
         let deadline = store::unix_now() + (timeout + DEADLINE_MARGIN).as_secs_f64();
         let uuids = marks.iter().map(|(uuid, _)| uuid.clone()).collect();
-        let ticket = self
-            .committer
-            .enqueue(move |c| store::mark_attempts(c, &marks, deadline));
+        // Told on the committer's thread once durable, as an event.
+        let events = self.events.clone();
+        self.committer.enqueue_then(
+            move |c| store::mark_attempts(c, &marks, deadline),
+            move |outcome| {
+                let _ = events.send(Event::Marked(id, outcome.map_err(|e| e.to_string())));
+            },
+        );
         self.marking.insert(
             id,
             Batch {
@@ -560,9 +541,6 @@ impl Dispatcher {
                 uuids,
             },
         );
-        if let Some(marker) = &self.marker {
-            let _ = marker.send((id, ticket));
-        }
     }
 
     fn marked(&mut self, id: u64, outcome: Result<(), String>) {
