@@ -293,7 +293,7 @@ impl Worker {
             match frames.first().map(|f| f.as_ref()) {
                 Some(TAG_DONE) => {
                     pending -= 1;
-                    send_reply(frames, connections);
+                    send_done(frames, connections);
                 }
                 Some(TAG_ABANDONED) => pending -= 1,
                 _ => {}
@@ -378,7 +378,7 @@ impl Worker {
                 match frames.first().map(|f| f.as_ref()) {
                     Some(TAG_DONE) => {
                         in_handler = in_handler.saturating_sub(1);
-                        if let Some(index) = send_reply(frames, &connections) {
+                        if let Some(index) = send_done(frames, &connections) {
                             connections[index].next_heartbeat = Instant::now() + interval;
                         }
                     }
@@ -413,10 +413,7 @@ impl Worker {
                         match dispatch(job)? {
                             Dispatched::Queued => in_handler += 1,
                             Dispatched::Answered(reply) => {
-                                let generation = Bytes::copy_from_slice(&generation.to_be_bytes());
-                                let mut frames = vec![Bytes::from_static(TAG_DONE), generation, client];
-                                frames.extend(reply);
-                                if let Some(index) = send_reply(frames, &connections) {
+                                if let Some(index) = send_reply(&connections, generation, &client, reply) {
                                     connections[index].next_heartbeat = Instant::now() + interval;
                                 }
                             }
@@ -480,12 +477,19 @@ fn start_over(connections: &mut [Connection]) {
 /// Sends a reply the handler finished (`TAG_DONE | generation | client |
 /// body…`) on the connection its request came on, if that connection is
 /// still up; returns its index when sent.
-fn send_reply(frames: Frames, connections: &[Connection]) -> Option<usize> {
+fn send_done(mut frames: Frames, connections: &[Connection]) -> Option<usize> {
     if frames.len() < 3 {
         warn!("unexpected message from the handler thread");
         return None;
     }
+    let body = frames.split_off(3);
     let generation = u64::from_be_bytes(frames[1].as_ref().try_into().unwrap_or_default());
+    send_reply(connections, generation, &frames[2], body)
+}
+
+/// Sends `body` to `client` on the connection of `generation`, if it is
+/// still up; returns its index when sent.
+fn send_reply(connections: &[Connection], generation: u64, client: &Bytes, body: Frames) -> Option<usize> {
     let found = connections
         .iter()
         .position(|c| c.generation == generation && c.socket.is_some());
@@ -494,8 +498,7 @@ fn send_reply(frames: Frames, connections: &[Connection]) -> Option<usize> {
         return None;
     };
     let dealer = connections[index].socket.as_ref().expect("checked");
-    let client = frames[2].clone();
-    let reply = mdp::reply(&client, frames.into_iter().skip(3));
+    let reply = mdp::reply(client, body);
     if let Err(e) = net::send_frames(dealer, &reply, zmq::DONTWAIT) {
         warn!(error = %e, "could not send a reply");
     }

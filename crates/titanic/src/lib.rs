@@ -340,7 +340,8 @@ fn request_handler(
 ) -> impl FnMut(Frames, Responder) + Send + 'static {
     let max_bytes = settings.max_request_bytes;
     let first_attempt = settings.attempt_timeout + dispatcher::DEADLINE_MARGIN + dispatcher::FIRST_ATTEMPT_WINDOW;
-    let checked = move |body: &Frames| -> Result<(), String> {
+    // The service name, once the request is found well formed.
+    let checked = move |body: &Frames| -> Result<String, String> {
         // RFC 9: two frames or more, the service name and the body.
         let Some((service, _)) = body.split_first().filter(|(_, request)| !request.is_empty()) else {
             return Err("expected the service name, then at least one body frame".into());
@@ -357,13 +358,13 @@ fn request_handler(
         if body.iter().map(|f| f.len()).sum::<usize>() > max_bytes {
             return Err(format!("the request is larger than {max_bytes} bytes"));
         }
-        Ok(())
+        Ok(service.to_owned())
     };
     move |body: Frames, responder: Responder| {
-        if let Err(why) = checked(&body) {
-            return responder.send(malformed(&counters, &why));
-        }
-        let service = String::from_utf8_lossy(&body[0]).into_owned();
+        let service = match checked(&body) {
+            Ok(service) => service,
+            Err(why) => return responder.send(malformed(&counters, &why)),
+        };
         let request = body[1..].to_vec();
         let uuid = uuid::Uuid::new_v4().simple().to_string();
         let (row_uuid, row_service, row_body) = (uuid.clone(), service.clone(), request.clone());
