@@ -24,10 +24,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use majordome_broker::Broker;
 use majordome_client::{domogik_handler, Client, Message, Publisher, Worker, WorkerOptions};
+use majordome_hub::{Hub, HubConfig, Parts};
 use majordome_services::history::HistoryCounters;
-use majordome_services::{DeviceEndpoints, DeviceService, DeviceSettings, HistorySettings, Schema};
+
 use serde_json::json;
 
 use crate::reqrep::{median, percentile};
@@ -80,35 +80,28 @@ struct Stack {
 impl Stack {
     fn start(options: &DeviceOptions) -> Result<Stack> {
         let (folder, path) = crate::data_folder(options.data.as_ref(), "majordome-bench-devices")?;
-        let database = majordome_store::database_path(&path);
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default())?;
-        let forwarder = majordome_events::Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )?;
-        let state =
-            majordome_state::Server::bind("tcp://127.0.0.1:0", &database, majordome_state::Settings::default())?;
-        let endpoints = DeviceEndpoints {
-            broker: broker.endpoint().to_owned(),
-            publish: forwarder.publisher_endpoint().to_owned(),
-            subscribe: forwarder.subscriber_endpoint().to_owned(),
-            state: Some(state.endpoints().snapshot.clone()),
-        };
+        let mut config = HubConfig::on_free_ports(
+            &path,
+            Parts {
+                broker: true,
+                events: true,
+                state: true,
+                devices: true,
+                ..Parts::none()
+            },
+        );
+        config.durability = options.durability;
         let mut background = crate::Background::new()?;
-        background.spawn("bench-broker", move |stop| broker.run(stop))?;
-        background.spawn("bench-forwarder", move |stop| forwarder.run(stop))?;
-        background.spawn("bench-state", move |stop| state.run(stop))?;
-        let devices = DeviceService::open(
-            &database,
-            Schema::shipped(),
-            options.durability,
-            DeviceSettings::default(),
-            &HistorySettings::default(),
-            endpoints.clone(),
-        )?;
-        let (history, commits) = (devices.history_counters(), devices.history_commit_stats());
-        background.spawn("bench-devices", move |stop| devices.run(stop))?;
+        let hub = Hub::start(&config, &background.shutdown)?;
+        let counters = hub.counters().clone();
+        let (history, commits) = (
+            counters.history.context("the device service keeps history counters")?,
+            counters
+                .history_commits
+                .context("the device service keeps commit stats")?,
+        );
+        let endpoints = hub.endpoints().clone();
+        background.hub = Some(hub);
         // The plugin: as quick as a plugin can be, so the figure is the
         // bus's and the device service's.
         for _ in 0..2 {

@@ -32,6 +32,8 @@ pub(crate) fn data_folder(
 pub(crate) struct Background {
     shutdown: majordome_net::Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The hub's parts the bench started, stopped with the rest.
+    hub: Option<majordome_hub::Hub>,
 }
 
 impl Background {
@@ -39,6 +41,7 @@ impl Background {
         Ok(Background {
             shutdown: majordome_net::Shutdown::new()?,
             threads: Vec::new(),
+            hub: None,
         })
     }
 
@@ -64,6 +67,11 @@ impl Drop for Background {
         self.shutdown.trigger();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
+        }
+        if let Some(hub) = self.hub.take() {
+            if let Err(e) = hub.stop() {
+                eprintln!("{e}");
+            }
         }
     }
 }

@@ -18,11 +18,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
-use majordome_broker::Broker;
 use majordome_client::{Client, Worker, WorkerOptions};
-use majordome_titanic::{client, ReplyStatus, Titanic};
+use majordome_hub::{Hub, HubConfig, Parts};
+use majordome_titanic::{client, ReplyStatus};
 
 use crate::reqrep::{median, percentile};
 
@@ -69,19 +69,23 @@ impl Stack {
     fn start(data: Option<&PathBuf>, durability: majordome_store::Durability) -> Result<Stack> {
         let (folder, path) = crate::data_folder(data, "majordome-bench-titanic")?;
         let mut background = crate::Background::new()?;
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default())?;
-        let endpoint = broker.endpoint().to_owned();
-        background.spawn("bench-broker", move |stop| broker.run(stop))?;
-        let titanic = Titanic::start(
-            &endpoint,
-            &majordome_store::database_path(&path),
-            majordome_titanic::Settings {
-                durability,
-                ..majordome_titanic::Settings::default()
+        let mut config = HubConfig::on_free_ports(
+            &path,
+            Parts {
+                broker: true,
+                titanic: true,
+                ..Parts::none()
             },
-        )?;
-        let commits = titanic.commit_stats();
-        background.spawn("bench-titanic", move |stop| titanic.run(stop))?;
+        );
+        config.durability = durability;
+        let hub = Hub::start(&config, &background.shutdown)?;
+        let endpoint = hub.endpoints().broker.clone();
+        let commits = hub
+            .counters()
+            .titanic_commits
+            .clone()
+            .context("titanic keeps commit stats")?;
+        background.hub = Some(hub);
         for _ in 0..ECHO_WORKERS {
             let at = endpoint.clone();
             background.spawn("bench-echo", move |stop| {

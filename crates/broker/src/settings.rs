@@ -9,10 +9,12 @@ pub const QUEUED_REQUEST_OVERHEAD: usize = 256;
 
 /// The broker's tunables. `Settings::default()` is what `majordome broker`
 /// runs with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// How often the broker sends HEARTBEAT to each worker. Domogik's workers
     /// reconnect after about 3 s of silence, so this stays well under that.
+    #[serde(with = "majordome_net::duration_text")]
     pub heartbeat_interval: Duration,
     /// Heartbeat intervals a worker may miss before it is declared dead.
     pub liveness: u32,
@@ -22,6 +24,7 @@ pub struct Settings {
     /// requests that are being answered does not count, so a plain RFC 7
     /// client may pipeline a long burst (RFC 7 has no way to tell it that a
     /// request expired).
+    #[serde(with = "majordome_net::duration_text")]
     pub request_timeout: Duration,
     /// Bytes of the requests waiting for a worker, per service: their frames
     /// plus [`QUEUED_REQUEST_OVERHEAD`] each. Beyond it new requests are
@@ -44,6 +47,7 @@ pub struct Settings {
     pub receive_high_water_mark: i32,
     /// How long a service with no worker and no queue is kept (with its
     /// statistics) after its last activity.
+    #[serde(with = "majordome_net::duration_text")]
     pub idle_service_retention: Duration,
     /// Requests a worker may be given before it has answered the first.
     /// 1 is RFC 7's one-at-a-time, and the default: a request never waits

@@ -20,7 +20,8 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 /// The forwarder's bounds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Messages queued per subscriber (and from publishers) before drops.
     pub high_water_mark: i32,

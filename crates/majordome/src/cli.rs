@@ -1,12 +1,13 @@
 //! Command-line arguments.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use majordome_broker::Settings;
+use majordome_hub::Override;
 
 /// The default request/reply endpoint: Domogik's port, so its plugins find us.
-pub const DEFAULT_BROKER: &str = "tcp://127.0.0.1:40410";
+pub const DEFAULT_BROKER: &str = majordome_net::ports::BROKER;
 
 /// majordome: message bus and service hub for home automation.
 #[derive(Debug, Parser)]
@@ -19,20 +20,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run everything: the broker and the built-in services.
-    Up {
-        #[command(flatten)]
-        broker: BrokerArgs,
-        #[command(flatten)]
-        events: EventArgs,
-        #[command(flatten)]
-        state: StateArgs,
-        #[command(flatten)]
-        data: DataArgs,
-        #[command(flatten)]
-        plugins: PluginArgs,
+    ///
+    /// Settings come from `majordome.toml` in the data folder (or --config
+    /// FILE), and the flags below override it; `majordome config show`
+    /// prints what is in effect and where each value came from.
+    Up(UpArgs),
+    /// The configuration: `config show` prints the settings in effect (the
+    /// defaults, then the file, then the flags given here, as `up` would
+    /// take them), each with where it came from.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Run only the event forwarder (Domogik pub/sub: XSUB/XPUB).
     Forwarder {
+        #[command(flatten)]
+        config: ConfigArgs,
         #[command(flatten)]
         events: EventArgs,
     },
@@ -65,6 +68,8 @@ pub enum Command {
     },
     /// Run only the broker (MDP/0.1 + MMI + the Domogik dialect).
     Broker {
+        #[command(flatten)]
+        config: ConfigArgs,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -127,7 +132,7 @@ pub enum Command {
         #[arg(
             long,
             env = "MAJORDOME_BROKER",
-            default_value = "tcp://127.0.0.1:40410",
+            default_value = DEFAULT_BROKER,
             global = true
         )]
         broker: String,
@@ -135,7 +140,7 @@ pub enum Command {
         #[arg(
             long,
             env = "MAJORDOME_PUBLISH",
-            default_value = "tcp://127.0.0.1:40411",
+            default_value = DEFAULT_PUBLISH,
             global = true
         )]
         publish: String,
@@ -143,7 +148,7 @@ pub enum Command {
         #[arg(
             long,
             env = "MAJORDOME_SUBSCRIBE",
-            default_value = "tcp://127.0.0.1:40412",
+            default_value = DEFAULT_SUBSCRIBE,
             global = true
         )]
         subscribe: String,
@@ -377,139 +382,277 @@ pub enum Baseline {
 }
 
 /// Where events are published to (Domogik's port).
-pub const DEFAULT_PUBLISH: &str = "tcp://127.0.0.1:40411";
+pub const DEFAULT_PUBLISH: &str = majordome_net::ports::PUBLISH;
 /// Where events are subscribed from (Domogik's port).
-pub const DEFAULT_SUBSCRIBE: &str = "tcp://127.0.0.1:40412";
+pub const DEFAULT_SUBSCRIBE: &str = majordome_net::ports::SUBSCRIBE;
 
-/// Where the event forwarder listens and its bounds.
+/// Where the configuration file is.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The configuration file (default: `majordome.toml` in the data
+    /// folder, when there is one). Flags override what it says.
+    #[arg(long, env = "MAJORDOME_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Everything `up` takes; `config show` takes the same.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub events: EventArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+}
+
+impl UpArgs {
+    /// The flags given, as settings of the configuration.
+    pub fn overrides(&self) -> anyhow::Result<Vec<Override>> {
+        let mut out = Vec::new();
+        self.broker.overrides(&mut out)?;
+        self.events.overrides(&mut out);
+        self.state.overrides(&mut out);
+        self.data.overrides(&mut out)?;
+        self.plugins.overrides(&mut out)?;
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the settings in effect as a TOML file, each with where it
+    /// came from (default, the file, or a flag).
+    Show(UpArgs),
+}
+
+/// A number of seconds from a flag, as a duration (at most a day).
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        value.is_finite() && value > 0.0,
+        "{flag} must be a positive number of seconds"
+    );
+    Ok(Duration::from_secs_f64(value.min(86_400.0)))
+}
+
+/// Where the event forwarder listens and its bounds. Defaults: the
+/// configuration (`majordome config show`).
 #[derive(Debug, Args)]
 pub struct EventArgs {
-    /// Endpoint publishers connect to (the forwarder's XSUB).
-    #[arg(long, default_value = DEFAULT_PUBLISH)]
-    pub pub_bind: String,
-    /// Endpoint subscribers connect to (the forwarder's XPUB).
-    #[arg(long, default_value = DEFAULT_SUBSCRIBE)]
-    pub sub_bind: String,
-    /// Events queued per subscriber before a slow one loses some.
-    #[arg(long, default_value_t = 10_000)]
-    pub event_high_water_mark: i32,
+    /// Endpoint publishers connect to (the forwarder's XSUB) [default:
+    /// tcp://127.0.0.1:40411].
+    #[arg(long)]
+    pub pub_bind: Option<String>,
+    /// Endpoint subscribers connect to (the forwarder's XPUB) [default:
+    /// tcp://127.0.0.1:40412].
+    #[arg(long)]
+    pub sub_bind: Option<String>,
+    /// Events queued per subscriber before a slow one loses some [default:
+    /// 10000].
+    #[arg(long)]
+    pub event_high_water_mark: Option<i32>,
 }
 
 impl EventArgs {
-    pub fn settings(&self) -> anyhow::Result<majordome_events::Settings> {
-        anyhow::ensure!(
-            self.event_high_water_mark > 0,
-            "--event-high-water-mark must be above 0"
-        );
-        Ok(majordome_events::Settings {
-            high_water_mark: self.event_high_water_mark,
-            ..majordome_events::Settings::default()
-        })
+    pub fn overrides(&self, out: &mut Vec<Override>) {
+        if let Some(v) = &self.pub_bind {
+            out.push(Override::new("listen.publish", "--pub-bind", v.clone()));
+        }
+        if let Some(v) = &self.sub_bind {
+            out.push(Override::new("listen.subscribe", "--sub-bind", v.clone()));
+        }
+        if let Some(v) = self.event_high_water_mark {
+            out.push(Override::new("events.high_water_mark", "--event-high-water-mark", v));
+        }
     }
 }
 
-/// Where the broker listens and its bounds.
+/// Where the broker listens and its bounds. Defaults: the configuration
+/// (`majordome config show`).
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// Endpoint to listen on. Port 0 picks a free port.
-    #[arg(long, default_value = DEFAULT_BROKER)]
-    pub bind: String,
-    /// Heartbeat interval with workers, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    pub heartbeat_ms: u64,
-    /// Heartbeats a worker may miss before it is declared dead.
-    #[arg(long, default_value_t = 5)]
-    pub liveness: u32,
+    /// Endpoint to listen on; port 0 picks a free port [default:
+    /// tcp://127.0.0.1:40410].
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Heartbeat interval with workers, in milliseconds [default: 1000].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Heartbeats a worker may miss before it is declared dead [default: 5].
+    #[arg(long)]
+    pub liveness: Option<u32>,
     /// How long, in seconds, a request without a timeout frame may go
     /// without progress (its service answering nobody, or its worker not
-    /// answering it); waiting behind requests that are answered is free.
-    #[arg(long, default_value_t = 10.0)]
-    pub request_timeout: f64,
+    /// answering it); waiting behind requests that are answered is free
+    /// [default: 10].
+    #[arg(long)]
+    pub request_timeout: Option<f64>,
     /// Bytes of requests waiting per service before new ones are rejected
-    /// (each counts its frames plus 256).
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    pub max_queue_bytes: usize,
-    /// The same for all services together.
-    #[arg(long, default_value_t = 256 * 1024 * 1024)]
-    pub max_queued_bytes: usize,
+    /// (each counts its frames plus 256) [default: 64 MiB].
+    #[arg(long)]
+    pub max_queue_bytes: Option<usize>,
+    /// The same for all services together [default: 256 MiB].
+    #[arg(long)]
+    pub max_queued_bytes: Option<usize>,
     /// Requests a worker may hold before answering the first (1: one at a
-    /// time, as RFC 7; more saves wake-ups under load, idle workers first).
-    #[arg(long, default_value_t = 1)]
-    pub worker_prefetch: usize,
-    /// Frames per message; more is dropped and counted.
-    #[arg(long, default_value_t = 64)]
-    pub max_frames: usize,
-    /// Bytes per message; more is dropped and counted.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    pub max_message_bytes: usize,
+    /// time, as RFC 7; more saves wake-ups under load, idle workers first)
+    /// [default: 1].
+    #[arg(long)]
+    pub worker_prefetch: Option<usize>,
+    /// Frames per message; more is dropped and counted [default: 64].
+    #[arg(long)]
+    pub max_frames: Option<usize>,
+    /// Bytes per message; more is dropped and counted [default: 16 MiB].
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
 }
 
 impl BrokerArgs {
-    pub fn settings(&self) -> anyhow::Result<Settings> {
-        anyhow::ensure!(self.heartbeat_ms > 0, "--heartbeat-ms must be above 0");
-        anyhow::ensure!(self.liveness > 0, "--liveness must be above 0");
-        anyhow::ensure!(
-            self.request_timeout.is_finite() && self.request_timeout > 0.0,
-            "--request-timeout must be a positive number of seconds"
-        );
-        anyhow::ensure!(self.max_frames >= 4, "--max-frames must be at least 4");
-        anyhow::ensure!(self.worker_prefetch >= 1, "--worker-prefetch must be at least 1");
-        Ok(Settings {
-            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
-            liveness: self.liveness,
-            request_timeout: Duration::from_secs_f64(self.request_timeout.min(86_400.0)),
-            max_queue_bytes_per_service: self.max_queue_bytes,
-            max_queued_bytes: self.max_queued_bytes,
-            max_frames: self.max_frames,
-            worker_prefetch: self.worker_prefetch,
-            max_message_bytes: self.max_message_bytes,
-            ..Settings::default()
-        })
+    pub fn overrides(&self, out: &mut Vec<Override>) -> anyhow::Result<()> {
+        if let Some(v) = &self.bind {
+            out.push(Override::new("listen.broker", "--bind", v.clone()));
+        }
+        if let Some(v) = self.heartbeat_ms {
+            anyhow::ensure!(v > 0, "--heartbeat-ms must be above 0");
+            out.push(Override::duration(
+                "broker.heartbeat_interval",
+                "--heartbeat-ms",
+                Duration::from_millis(v),
+            ));
+        }
+        if let Some(v) = self.liveness {
+            out.push(Override::new("broker.liveness", "--liveness", i64::from(v)));
+        }
+        if let Some(v) = self.request_timeout {
+            let timeout = seconds("--request-timeout", v)?;
+            out.push(Override::duration(
+                "broker.request_timeout",
+                "--request-timeout",
+                timeout,
+            ));
+        }
+        let sizes = [
+            (
+                "broker.max_queue_bytes_per_service",
+                "--max-queue-bytes",
+                self.max_queue_bytes,
+            ),
+            ("broker.max_queued_bytes", "--max-queued-bytes", self.max_queued_bytes),
+            ("broker.worker_prefetch", "--worker-prefetch", self.worker_prefetch),
+            ("broker.max_frames", "--max-frames", self.max_frames),
+            (
+                "broker.max_message_bytes",
+                "--max-message-bytes",
+                self.max_message_bytes,
+            ),
+        ];
+        for (key, flag, value) in sizes {
+            if let Some(v) = value {
+                let v = i64::try_from(v).map_err(|_| anyhow::anyhow!("{flag} is too large"))?;
+                out.push(Override::new(key, flag, v));
+            }
+        }
+        Ok(())
     }
 }
 
-/// Where the Clone server's snapshot socket listens (RFC 12: updates on the
-/// next port, the collector on the one after).
-pub const DEFAULT_STATE: &str = "tcp://127.0.0.1:40413";
-/// Where `majordome up` keeps its database.
-pub const DEFAULT_DATA: &str = "./majordome-data";
-
-/// The data folder.
+/// The data folder. Defaults: the configuration (`majordome config show`).
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// Folder of the SQLite database (`majordome.db`); created if missing.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    pub data: std::path::PathBuf,
-    /// Days of sensor history kept; 0 keeps everything.
-    #[arg(long, default_value_t = 365.0)]
-    pub history_days: f64,
+    /// Folder of the SQLite database (`majordome.db`), the plugin logs and
+    /// `majordome.toml`; created if missing [default: ./majordome-data].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Days of sensor history kept; 0 keeps everything [default: 365].
+    #[arg(long)]
+    pub history_days: Option<f64>,
+}
+
+impl DataArgs {
+    pub fn overrides(&self, out: &mut Vec<Override>) -> anyhow::Result<()> {
+        if let Some(v) = &self.data {
+            out.push(Override::new("data", "--data", v.display().to_string()));
+        }
+        if let Some(v) = self.history_days {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "--history-days must be a number of days (0 keeps everything)"
+            );
+            out.push(Override::new("history.days", "--history-days", v));
+        }
+        Ok(())
+    }
 }
 
 /// Where plugin manifests are read from, and how plugins are watched.
+/// Defaults: the configuration (`majordome config show`).
 #[derive(Debug, Args)]
 pub struct PluginArgs {
     /// Folder of plugin manifests (`*.json`); the config service checks
-    /// values against them. A missing folder means none.
-    #[arg(long, default_value = "./plugins")]
-    pub plugins: std::path::PathBuf,
+    /// values against them. A missing folder means none [default:
+    /// ./plugins].
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
     /// Start no plugin (not even the fake one); `plugin.start.do` still
     /// starts them on request.
     #[arg(long)]
     pub no_autostart: bool,
     /// Seconds without a `plugin.status` after which a running client is
-    /// declared dead (clients send one every 15 s).
-    #[arg(long, default_value_t = 30.0)]
-    pub dead_after: f64,
+    /// declared dead (clients send one every 15 s) [default: 30].
+    #[arg(long)]
+    pub dead_after: Option<f64>,
 }
 
-/// Where the Clone server listens.
+impl PluginArgs {
+    pub fn overrides(&self, out: &mut Vec<Override>) -> anyhow::Result<()> {
+        if let Some(v) = &self.plugins {
+            out.push(Override::new("plugins.folder", "--plugins", v.display().to_string()));
+        }
+        if self.no_autostart {
+            out.push(Override::new("plugins.autostart", "--no-autostart", false));
+        }
+        if let Some(v) = self.dead_after {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "--dead-after must be a positive number of seconds"
+            );
+            out.push(Override::duration(
+                "manager.dead_after",
+                "--dead-after",
+                Duration::from_secs_f64(v.min(86_400.0)),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the Clone server listens. Default: the configuration.
 #[derive(Debug, Args)]
 pub struct StateArgs {
     /// Snapshot endpoint P; updates are published on P+1 and the
-    /// collector listens on P+2. Port 0 picks three free ports in a row.
-    #[arg(long, default_value = DEFAULT_STATE)]
-    pub state_bind: String,
+    /// collector listens on P+2. Port 0 picks three free ports in a row
+    /// [default: tcp://127.0.0.1:40413].
+    #[arg(long)]
+    pub state_bind: Option<String>,
 }
+
+impl StateArgs {
+    pub fn overrides(&self, out: &mut Vec<Override>) {
+        if let Some(v) = &self.state_bind {
+            out.push(Override::new("listen.state", "--state-bind", v.clone()));
+        }
+    }
+}
+
+/// Where the Clone server's snapshot socket listens (RFC 12: updates on the
+/// next port, the collector on the one after).
+pub const DEFAULT_STATE: &str = majordome_net::ports::STATE;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -565,6 +708,8 @@ pub enum StateAction {
     /// Run only the Clone server.
     Serve {
         #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
         state: StateArgs,
         #[command(flatten)]
         data: DataArgs,
@@ -612,6 +757,8 @@ pub enum TitanicAction {
     Serve {
         #[arg(long, default_value = DEFAULT_BROKER)]
         broker: String,
+        #[command(flatten)]
+        config: ConfigArgs,
         #[command(flatten)]
         data: DataArgs,
     },

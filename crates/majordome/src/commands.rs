@@ -3,35 +3,25 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use majordome_broker::stats::Snapshot;
-use majordome_broker::Broker;
-use majordome_client::{
-    domogik_handler, Bytes, Client, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
-};
-use majordome_mdp::domogik;
+use majordome_client::{Bytes, Client, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions};
 use serde_json::Value;
 
-use crate::cli::{Bench, BrokerArgs, Command, DataArgs, EventArgs, PluginArgs, StateArgs};
-use majordome_events::Forwarder;
+use crate::cli::{Bench, BrokerArgs, Command, ConfigAction, ConfigArgs, EventArgs, UpArgs};
+use majordome_hub::{Hub, HubConfig, Loaded, Override, Parts};
 
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Broker { broker } => broker_only(&broker),
-        Command::Up {
-            broker,
-            events,
-            state,
-            data,
-            plugins,
-        } => up(&broker, &events, &state, &data, &plugins),
+        Command::Broker { config, broker } => broker_only(&config, &broker),
+        Command::Up(args) => up(&args),
+        Command::Config { action } => config_command(&action),
         Command::State(command) => crate::state_cmd::run(command),
         Command::Titanic { action } => crate::titanic_cmd::run(action),
-        Command::Forwarder { events } => forwarder_only(&events),
+        Command::Forwarder { config, events } => forwarder_only(&config, &events),
         Command::Pub {
             category,
             json,
@@ -115,296 +105,112 @@ fn plugin_command(
     Ok(ExitCode::SUCCESS)
 }
 
-fn broker_only(args: &BrokerArgs) -> Result<ExitCode> {
-    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
-    let broker = Broker::bind(&args.bind, args.settings()?)?;
-    // Tests and the bench read this line to learn the port.
-    println!("majordome broker listening on {}", broker.endpoint());
-    std::io::stdout().flush()?;
-    broker.run(&shutdown)?;
+/// The configuration in effect: defaults, the file, then `overrides`.
+pub fn load_config(config: &ConfigArgs, overrides: &[Override]) -> Result<Loaded> {
+    Ok(Loaded::load(config.config.as_deref(), overrides)?)
+}
+
+/// Starts the parts of `config` that `parts` names; their endpoints are in
+/// the returned hub.
+pub fn start_hub(mut config: HubConfig, parts: Parts, shutdown: &Shutdown) -> Result<Hub> {
+    config.parts = parts;
+    Ok(Hub::start(&config, shutdown)?)
+}
+
+/// Waits for the hub to stop, and says why if a part stopped it.
+pub fn wait_for(hub: Hub) -> Result<ExitCode> {
+    hub.join()?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(
-    args: &BrokerArgs,
-    event_args: &EventArgs,
-    state_args: &StateArgs,
-    data: &DataArgs,
-    plugins: &PluginArgs,
-) -> Result<ExitCode> {
-    // Settings first: nothing is bound or started for a bad command line.
-    if !(plugins.dead_after.is_finite() && plugins.dead_after > 0.0) {
-        bail!("--dead-after must be a positive number of seconds");
-    }
-    if !(data.history_days.is_finite() && data.history_days >= 0.0) {
-        bail!("--history-days must be a number of days (0 keeps everything)");
-    }
+fn broker_only(config: &ConfigArgs, args: &BrokerArgs) -> Result<ExitCode> {
+    let mut overrides = Vec::new();
+    args.overrides(&mut overrides)?;
+    let loaded = load_config(config, &overrides)?;
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
-    let broker = Broker::bind(&args.bind, args.settings()?)?;
-    let forwarder = Forwarder::bind(&event_args.pub_bind, &event_args.sub_bind, event_args.settings()?)?;
-    let database = majordome_store::database_path(&data.data);
-    let state = majordome_state::Server::bind(&state_args.state_bind, &database, majordome_state::Settings::default())?;
-    let state_endpoints = state.endpoints().clone();
-    let state_counters = state.counters();
-    let titanic =
-        majordome_titanic::Titanic::start(broker.endpoint(), &database, majordome_titanic::Settings::default())?;
-    let mut manifests = majordome_services::load_folder(&plugins.plugins);
-    let manifest_count = manifests.manifests.len();
-    for (path, why) in &manifests.invalid {
-        tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
-    }
-    // The plugins that ship, unless the folder has its own manifest for one.
-    for (name, text) in majordome_plugin::builtin_manifests() {
-        if !manifests.manifests.iter().any(|m| m.name == *name) {
-            let manifest = majordome_services::Manifest::parse(text)
-                .map_err(|e| anyhow::anyhow!("the shipped manifest of '{name}' is invalid: {e}"))?;
-            manifests.manifests.push(manifest);
-        }
-    }
-    let shipped = manifests.manifests.len() - manifest_count;
-    if plugins.no_autostart {
-        for manifest in &mut manifests.manifests {
-            manifest.autostart = false;
-        }
-    }
-    let endpoint = broker.endpoint().to_owned();
-    let (publish_at, subscribe_at) = (
-        forwarder.publisher_endpoint().to_owned(),
-        forwarder.subscriber_endpoint().to_owned(),
-    );
-    let started: Vec<String> = manifests
-        .manifests
-        .iter()
-        .filter(|m| m.autostart && !m.command.is_empty())
-        .map(|m| m.name.clone())
-        .collect();
-    let registry = majordome_services::manager::Registry::open(
-        manifests.manifests.clone(),
-        majordome_services::manager::ManagerSettings {
-            dead_after: Duration::from_secs_f64(plugins.dead_after.min(86_400.0)),
-            // Plugins we start speak often enough never to look dead.
-            plugin_environment: vec![(
-                "MAJORDOME_STATUS_INTERVAL".into(),
-                (plugins.dead_after / 3.0).min(15.0).to_string(),
-            )],
-            ..Default::default()
-        },
-        &database,
-        majordome_store::Durability::Full,
-    )?;
-    // Each plugin the manager starts writes its output here.
-    let log_dir = data.data.join("logs");
-    std::fs::create_dir_all(&log_dir)
-        .with_context(|| format!("cannot create the plugin log folder {}", log_dir.display()))?;
-    let manager_endpoints = majordome_services::manager::ManagerEndpoints {
-        broker: endpoint.clone(),
-        publish: publish_at.clone(),
-        subscribe: subscribe_at.clone(),
+    let parts = Parts {
+        broker: true,
+        ..Parts::none()
     };
-    let config = majordome_services::ConfigService::open(
-        &database,
-        manifests.manifests.clone(),
-        majordome_store::Durability::Full,
-    )?;
-    let history_settings = majordome_services::HistorySettings {
-        retention: (data.history_days > 0.0)
-            .then(|| Duration::from_secs_f64(data.history_days.min(36_500.0) * 86_400.0)),
-        ..Default::default()
-    };
-    let (schema, rejected) = majordome_services::Schema::shipped().with_manifests(&manifests.manifests);
-    for (plugin, why) in rejected {
-        tracing::warn!(plugin, "ignored a device type from a manifest: {why}");
-    }
-    let counters = forwarder.counters();
-    let mut parts = Parts {
-        shutdown: shutdown.clone(),
-        threads: Vec::new(),
-        failed: Default::default(),
-    };
-    parts.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
-    parts.spawn("forwarder", move |stop| Ok(forwarder.run(stop)?))?;
-    parts.spawn("state", move |stop| Ok(state.run(stop)?))?;
-    let (at, publish) = (endpoint.clone(), publish_at.clone());
-    parts.spawn("config", move |stop| Ok(config.run(&at, Some(&publish), stop)?))?;
-    parts.spawn("manager", move |stop| {
-        Ok(majordome_services::manager::run(
-            registry,
-            &manager_endpoints,
-            &log_dir,
-            stop,
-        )?)
-    })?;
-    // The device service and the history it feeds, in the same database.
-    // Opened once the Clone server runs: the service writes values there.
-    let devices = majordome_services::DeviceService::open(
-        &database,
-        schema,
-        majordome_store::Durability::Full,
-        majordome_services::DeviceSettings::default(),
-        &history_settings,
-        majordome_services::DeviceEndpoints {
-            broker: endpoint.clone(),
-            publish: publish_at.clone(),
-            subscribe: subscribe_at.clone(),
-            state: Some(state_endpoints.snapshot.clone()),
-        },
-    )?;
-    let history = majordome_services::HistoryService::new(&database, history_settings, devices.history_counters());
-    parts.spawn("devices", move |stop| Ok(devices.run(stop)?))?;
-    let at = endpoint.clone();
-    parts.spawn("history", move |stop| Ok(history.run(&at, stop)?))?;
-    parts.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
-    let at = endpoint.clone();
-    parts.spawn("echo", move |stop| {
-        // Echoing is quick: answered on the socket thread, and the broker
-        // may keep several requests in flight to it, which saves wake-ups.
-        let options = WorkerOptions {
-            capacity: 16,
-            ..WorkerOptions::default()
-        };
-        Ok(Worker::new(&at, "echo", options).run_inline(echo_body(Duration::ZERO), stop)?)
-    })?;
-    // The forwarder's and the Clone server's counters, served on the bus
-    // like everything else.
-    let at = endpoint.clone();
-    parts.spawn("events-stats", move |stop| {
-        stats_service(&at, "events", stop, move || serde_json::to_value(counters.snapshot()))
-    })?;
-    let at = endpoint.clone();
-    parts.spawn("state-stats", move |stop| {
-        stats_service(&at, "state", stop, move || {
-            serde_json::to_value(state_counters.snapshot())
-        })
-    })?;
+    let hub = start_hub(loaded.config, parts, &shutdown)?;
+    // Tests and the bench read this line to learn the port.
+    println!("majordome broker listening on {}", hub.endpoints().broker);
+    std::io::stdout().flush()?;
+    wait_for(hub)
+}
+
+fn up(args: &UpArgs) -> Result<ExitCode> {
+    // Settings first: nothing is bound or started for a bad configuration.
+    let loaded = load_config(&args.config, &args.overrides()?)?;
+    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
+    let hub = start_hub(loaded.config.clone(), loaded.config.parts, &shutdown)?;
+    let endpoints = hub.endpoints();
+    let endpoint = &endpoints.broker;
     println!("majordome broker listening on {endpoint}");
     println!("  request/reply (MDP/0.1, MMI, Domogik dialect)  {endpoint}");
-    println!("  events: publishers connect to                  {publish_at}");
-    println!("  events: subscribers connect to                 {subscribe_at}");
-    crate::state_cmd::print_endpoints(&state_endpoints);
+    println!("  events: publishers connect to                  {}", endpoints.publish);
+    println!(
+        "  events: subscribers connect to                 {}",
+        endpoints.subscribe
+    );
+    crate::state_cmd::print_endpoints(&endpoints.state);
     println!(
         "  database                                       {}",
-        database.display()
+        endpoints.database.display()
     );
     println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, echo, events, state, titanic.*, mmi.*");
+    let plugins = hub.plugins();
     println!(
-        "  plugin manifests                               {manifest_count} from {}, {} shipped (started: {})",
-        plugins.plugins.display(),
-        shipped,
-        if started.is_empty() {
+        "  plugin manifests                               {} from {}, {} shipped (started: {})",
+        plugins.from_folder,
+        loaded.config.plugins.folder.display(),
+        plugins.shipped,
+        if plugins.autostarted.is_empty() {
             "none".to_owned()
         } else {
-            started.join(", ")
+            plugins.autostarted.join(", ")
+        }
+    );
+    println!(
+        "  configuration                                  {}",
+        match &loaded.file {
+            Some(path) => path.display().to_string(),
+            None => "defaults and flags (no majordome.toml)".to_owned(),
         }
     );
     println!("try: majordome call echo ping.get '{{\"hello\": \"world\"}}' --broker {endpoint}");
     println!("stop with Ctrl-C");
     std::io::stdout().flush()?;
-    shutdown.wait();
-    for (name, thread) in parts.threads {
-        // A part's own failure is in `failed`; a panic has no other trace.
-        if thread.join().is_err() {
-            parts.failed.record(name, "panicked".into());
+    wait_for(hub)
+}
+
+fn config_command(action: &ConfigAction) -> Result<ExitCode> {
+    match action {
+        ConfigAction::Show(args) => {
+            let loaded = load_config(&args.config, &args.overrides()?)?;
+            print!("{}", loaded.show());
+            Ok(ExitCode::SUCCESS)
         }
-        tracing::debug!(part = name, "stopped");
-    }
-    match parts.failed.first() {
-        Some((name, why)) => bail!("the {name} part stopped ({why}), so majordome stopped"),
-        None => Ok(ExitCode::SUCCESS),
     }
 }
 
-/// The threads of `up`: each named, each stopped by the same signal.
-struct Parts {
-    shutdown: Shutdown,
-    threads: Vec<(&'static str, thread::JoinHandle<()>)>,
-    failed: Failures,
-}
-
-/// The parts that stopped before they were asked to, with why, first
-/// first.
-#[derive(Clone, Default)]
-struct Failures(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, String)>>>);
-
-impl Failures {
-    fn record(&self, name: &'static str, why: String) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push((name, why));
-    }
-
-    fn first(&self) -> Option<(&'static str, String)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).first().cloned()
-    }
-}
-
-/// Set to a part's name, that part fails as it starts: how the tests check
-/// that one failing part stops the whole hub.
-const FAIL_PART_FOR_TESTS: &str = "MAJORDOME_TEST_FAIL_PART";
-
-impl Parts {
-    /// Runs a part on its own thread. A part that ends before the hub is
-    /// told to stop (an error, or returning at all) stops the whole hub:
-    /// half a hub would look alive while it is not.
-    fn spawn<F>(&mut self, name: &'static str, run: F) -> Result<()>
-    where
-        F: FnOnce(&Shutdown) -> Result<()> + Send + 'static,
-    {
-        let (stop, failed) = (self.shutdown.clone(), self.failed.clone());
-        let fail_on_purpose = std::env::var(FAIL_PART_FOR_TESTS).is_ok_and(|part| part == name);
-        let thread = thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let outcome = if fail_on_purpose {
-                    Err(anyhow::anyhow!("failed on purpose: {FAIL_PART_FOR_TESTS}={name}"))
-                } else {
-                    run(&stop)
-                };
-                if stop.is_triggered() && outcome.is_ok() {
-                    return;
-                }
-                let why = match outcome {
-                    Ok(()) => "it ended on its own".to_owned(),
-                    Err(e) => format!("{e:#}"),
-                };
-                tracing::error!(part = name, "{why}; stopping majordome");
-                failed.record(name, why);
-                stop.trigger();
-            })
-            .with_context(|| format!("cannot start the {name} thread"))?;
-        self.threads.push((name, thread));
-        Ok(())
-    }
-}
-
-/// Serves `service` at `broker`, answering `stats.get` with `snapshot()`,
-/// until `shutdown`.
-fn stats_service<F>(broker: &str, service: &'static str, shutdown: &Shutdown, snapshot: F) -> Result<()>
-where
-    F: Fn() -> serde_json::Result<Value> + Send + 'static,
-{
-    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-        "stats.get" => Message::new("stats.result", snapshot().unwrap_or_default()),
-        other => Message::failure(
-            other,
-            format!("unknown action '{other}': the {service} service answers stats.get"),
-        ),
-    });
-    // Reading counters is quick: answered on the socket thread.
-    Ok(Worker::new(broker, service, WorkerOptions::default()).run_inline(handler, shutdown)?)
-}
-
-fn forwarder_only(args: &EventArgs) -> Result<ExitCode> {
+fn forwarder_only(config: &ConfigArgs, args: &EventArgs) -> Result<ExitCode> {
+    let mut overrides = Vec::new();
+    args.overrides(&mut overrides);
+    let loaded = load_config(config, &overrides)?;
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
-    let forwarder = Forwarder::bind(&args.pub_bind, &args.sub_bind, args.settings()?)?;
-    println!(
-        "majordome forwarder: publishers connect to {}",
-        forwarder.publisher_endpoint()
-    );
+    let parts = Parts {
+        events: true,
+        ..Parts::none()
+    };
+    let hub = start_hub(loaded.config, parts, &shutdown)?;
+    println!("majordome forwarder: publishers connect to {}", hub.endpoints().publish);
     println!(
         "majordome forwarder: subscribers listening on {}",
-        forwarder.subscriber_endpoint()
+        hub.endpoints().subscribe
     );
     std::io::stdout().flush()?;
-    forwarder.run(&shutdown)?;
-    Ok(ExitCode::SUCCESS)
+    wait_for(hub)
 }
 
 fn publish(endpoint: &str, category: &str, json: &str, wait: f64) -> Result<ExitCode> {
@@ -456,23 +262,6 @@ fn subscribe(endpoint: &str, prefixes: &[String], json: bool, count: Option<u64>
     Ok(ExitCode::SUCCESS)
 }
 
-/// The echo service's handler: a Domogik request `x.get` is answered as
-/// `x.result` with the same data; any other body is sent back as it came.
-fn echo_body(delay: Duration) -> impl FnMut(Vec<Bytes>) -> Vec<Bytes> + Send + 'static {
-    let mut domogik =
-        domogik_handler(|message: Message| Message::new(domogik::result_action(&message.action), message.data));
-    move |body| {
-        if !delay.is_zero() {
-            thread::sleep(delay);
-        }
-        if domogik::dialect_action(&body).is_some() {
-            domogik(body)
-        } else {
-            body
-        }
-    }
-}
-
 fn echo(endpoint: &str, service: &str, delay: Duration, heartbeat: Duration) -> Result<ExitCode> {
     anyhow::ensure!(!heartbeat.is_zero(), "--heartbeat-ms must be above 0");
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
@@ -482,7 +271,7 @@ fn echo(endpoint: &str, service: &str, delay: Duration, heartbeat: Duration) -> 
         heartbeat_interval: heartbeat,
         ..WorkerOptions::default()
     };
-    Worker::new(endpoint, service, options).run(echo_body(delay), &shutdown)?;
+    Worker::new(endpoint, service, options).run(majordome_hub::echo_body(delay), &shutdown)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use majordome_net::Shutdown;
-use majordome_state::{Change, KvMsg, Mirror, MirrorOptions, Server};
+use majordome_state::{Change, KvMsg, Mirror, MirrorOptions};
 use serde_json::{json, Value};
 
-use crate::cli::{DataArgs, StateAction, StateArgs, StateCommand};
+use crate::cli::{ConfigArgs, DataArgs, StateAction, StateArgs, StateCommand};
 
 pub fn run(command: StateCommand) -> Result<ExitCode> {
     match command.action {
@@ -39,7 +39,7 @@ pub fn run(command: StateCommand) -> Result<ExitCode> {
             json,
             count,
         }) => watch(&endpoint, subtree.as_deref().unwrap_or(""), json, count),
-        Some(StateAction::Serve { state, data }) => serve(&state, &data),
+        Some(StateAction::Serve { config, state, data }) => serve(&config, &state, &data),
     }
 }
 
@@ -51,17 +51,26 @@ fn seconds_arg(name: &str, seconds: f64) -> Result<Duration> {
 }
 
 /// The Clone server alone.
-pub fn serve(state: &StateArgs, data: &DataArgs) -> Result<ExitCode> {
+pub fn serve(config: &ConfigArgs, state: &StateArgs, data: &DataArgs) -> Result<ExitCode> {
+    let mut overrides = Vec::new();
+    state.overrides(&mut overrides);
+    data.overrides(&mut overrides)?;
+    let loaded = crate::commands::load_config(config, &overrides)?;
     let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
-    let path = majordome_store::database_path(&data.data);
-    let server = Server::bind(&state.state_bind, &path, majordome_state::Settings::default())?;
-    let endpoints = server.endpoints().clone();
+    let parts = majordome_hub::Parts {
+        state: true,
+        ..majordome_hub::Parts::none()
+    };
+    let hub = crate::commands::start_hub(loaded.config, parts, &shutdown)?;
+    let endpoints = &hub.endpoints().state;
     println!("majordome state listening on {}", endpoints.snapshot);
-    print_endpoints(&endpoints);
-    println!("  database                                       {}", path.display());
+    print_endpoints(endpoints);
+    println!(
+        "  database                                       {}",
+        hub.endpoints().database.display()
+    );
     std::io::stdout().flush()?;
-    server.run(&shutdown)?;
-    Ok(ExitCode::SUCCESS)
+    crate::commands::wait_for(hub)
 }
 
 /// The three lines `up` and `state serve` print (tests read them).

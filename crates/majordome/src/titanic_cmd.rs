@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use majordome_client::{Bytes, Client, ClientOptions, Frames, Message};
 use majordome_net::Shutdown;
-use majordome_titanic::{client, ReplyStatus, Titanic};
+use majordome_titanic::{client, ReplyStatus};
 
 use crate::cli::TitanicAction;
 
@@ -37,15 +37,23 @@ pub fn run(action: TitanicAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TitanicAction::List { json, broker } => list(&broker, json),
-        TitanicAction::Serve { broker, data } => {
+        TitanicAction::Serve { broker, config, data } => {
+            let mut overrides = vec![majordome_hub::Override::new("listen.broker", "--broker", broker)];
+            data.overrides(&mut overrides)?;
+            let loaded = crate::commands::load_config(&config, &overrides)?;
             let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
-            let path = majordome_store::database_path(&data.data);
-            let titanic = Titanic::start(&broker, &path, majordome_titanic::Settings::default())?;
-            println!("majordome titanic serving on {broker}");
-            println!("  database                                       {}", path.display());
+            let parts = majordome_hub::Parts {
+                titanic: true,
+                ..majordome_hub::Parts::none()
+            };
+            let hub = crate::commands::start_hub(loaded.config, parts, &shutdown)?;
+            println!("majordome titanic serving on {}", hub.endpoints().broker);
+            println!(
+                "  database                                       {}",
+                hub.endpoints().database.display()
+            );
             std::io::stdout().flush()?;
-            titanic.run(&shutdown)?;
-            Ok(ExitCode::SUCCESS)
+            crate::commands::wait_for(hub)
         }
     }
 }

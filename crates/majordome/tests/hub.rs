@@ -39,3 +39,85 @@ fn a_part_that_fails_stops_the_whole_hub_and_says_which() {
         );
     }
 }
+
+/// `majordome.toml` in the data folder is what `up` runs with, flags win
+/// over it, and `config show` says where each value came from.
+#[test]
+fn up_reads_majordome_toml_and_flags_override_it() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("majordome.toml");
+    std::fs::write(
+        &file,
+        "# every port free, from the file alone\n\
+         [listen]\n\
+         broker = \"tcp://127.0.0.1:0\"\n\
+         publish = \"tcp://127.0.0.1:0\"\n\
+         subscribe = \"tcp://127.0.0.1:0\"\n\
+         state = \"tcp://127.0.0.1:0\"\n\
+         \n\
+         [broker]\n\
+         liveness = 7\n\
+         heartbeat_interval = \"250ms\"\n\
+         \n\
+         [plugins]\n\
+         autostart = false\n",
+    )
+    .unwrap();
+    let folder = data.path().to_str().unwrap();
+    let out = run(&["config", "show", "--data", folder, "--liveness", "9"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let line = |key: &str| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in {shown}"))
+            .to_owned()
+    };
+    assert!(line("liveness").ends_with("# --liveness"), "{shown}");
+    assert!(line("liveness").starts_with("liveness = 9 "), "{shown}");
+    assert!(line("heartbeat_interval").contains("\"250ms\""), "{shown}");
+    assert!(
+        line("heartbeat_interval").ends_with(&format!("# {}", file.display())),
+        "{shown}"
+    );
+    assert!(line("request_timeout").ends_with("# default"), "{shown}");
+
+    // `up` with no port flag at all: the file's port 0 is what it binds.
+    let (up, lines) = Process::start_reading(&["up", "--data", folder], 11);
+    let broker = last_word(&lines[0]);
+    assert!(
+        !broker.ends_with(":0") && broker.starts_with("tcp://127.0.0.1:"),
+        "{lines:?}"
+    );
+    assert!(lines[9].contains("started: none"), "{lines:?}");
+    assert!(
+        lines[10].contains("configuration") && lines[10].ends_with("majordome.toml"),
+        "{lines:?}"
+    );
+    let out = run(&["call", "echo", "ping.get", "{}", "--broker", &broker]);
+    assert!(out.status.success(), "{out:?}");
+    drop(up);
+}
+
+/// A file that says something majordome does not know is refused before
+/// anything starts, with the line and the key.
+#[test]
+fn a_bad_configuration_file_is_refused_with_its_line_and_key() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("mine.toml");
+    std::fs::write(&file, "data = \"x\"\n\n[broker]\nhearbeat_interval = \"1s\"\n").unwrap();
+    let out = run(&["up", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("line 4") && said.contains("hearbeat_interval"), "{said}");
+    assert!(said.contains("mine.toml"), "{said}");
+    std::fs::write(&file, "[events]\nhigh_water_mark = 0\n").unwrap();
+    let out = run(&["up", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("events.high_water_mark = 0") && said.contains("must be above 0"),
+        "{said}"
+    );
+}

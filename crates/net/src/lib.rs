@@ -11,11 +11,51 @@ use bytes::Bytes;
 
 pub use zmq;
 
+/// The default endpoints of the hub: the one place that names its ports.
+/// Domogik's ports, so that its plugins and tools find majordome where
+/// they found Domogik's hub.
+pub mod ports {
+    /// The broker (MDP/0.1, MMI, the Domogik dialect).
+    pub const BROKER: &str = "tcp://127.0.0.1:40410";
+    /// The event forwarder's side that publishers connect to (XSUB).
+    pub const PUBLISH: &str = "tcp://127.0.0.1:40411";
+    /// The event forwarder's side that subscribers connect to (XPUB).
+    pub const SUBSCRIBE: &str = "tcp://127.0.0.1:40412";
+    /// The Clone server's snapshot socket; its updates are published on the
+    /// next port and its collector listens on the one after.
+    pub const STATE: &str = "tcp://127.0.0.1:40413";
+}
+
 /// The process-wide ZeroMQ context. One context means one libzmq I/O thread
 /// for the whole process, however many sockets it opens.
 pub fn context() -> &'static zmq::Context {
     static CONTEXT: OnceLock<zmq::Context> = OnceLock::new();
     CONTEXT.get_or_init(zmq::Context::new)
+}
+
+/// Durations as people write them in the configuration file and read them
+/// in `majordome config show`: jiff's friendly format (`"1s"`, `"250ms"`,
+/// `"1h 30m"`; ISO 8601 `"PT1S"` is read too). For serde's `with`.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use jiff::fmt::serde::unsigned_duration::friendly::compact::required;
+
+    pub fn serialize<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        required::serialize(duration, serializer)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        required::deserialize(deserializer)
+    }
+
+    /// `duration` in the friendly format, as written to a file.
+    pub fn format(duration: Duration) -> String {
+        match jiff::SignedDuration::try_from(duration) {
+            Ok(signed) => format!("{signed:#}"),
+            Err(_) => format!("{}s", duration.as_secs()),
+        }
+    }
 }
 
 /// What [`recv_frames`] got.

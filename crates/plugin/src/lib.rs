@@ -93,9 +93,9 @@ impl Endpoints {
     /// Domogik's default ports on this machine.
     pub fn local() -> Endpoints {
         Endpoints {
-            broker: "tcp://127.0.0.1:40410".into(),
-            publish: "tcp://127.0.0.1:40411".into(),
-            subscribe: "tcp://127.0.0.1:40412".into(),
+            broker: majordome_net::ports::BROKER.into(),
+            publish: majordome_net::ports::PUBLISH.into(),
+            subscribe: majordome_net::ports::SUBSCRIBE.into(),
         }
     }
 }

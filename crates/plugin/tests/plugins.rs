@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use majordome_broker::Broker;
 use majordome_client::{
     domogik_handler, Client, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker, WorkerOptions,
 };
-use majordome_events::Forwarder;
+use majordome_hub::{Hub, HubConfig, Parts};
 use majordome_plugin::{
     builtin_manifests, fake, onewire, Command, Device, Endpoints, Outcome, Plugin, PluginError, PluginSettings, Values,
 };
@@ -28,10 +27,10 @@ use serde_json::{json, Value};
 const LIMIT: Duration = Duration::from_secs(30);
 const HOST: &str = "testhost";
 
-/// A broker and a forwarder in this process, on free ports.
+/// A broker and a forwarder in this process, on free ports: the hub's own
+/// start with those parts only.
 struct Bus {
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
+    hub: Hub,
     broker: String,
     publish_at: String,
     subscribe_at: String,
@@ -39,30 +38,20 @@ struct Bus {
 
 impl Bus {
     fn start() -> Bus {
-        let shutdown = Shutdown::new().unwrap();
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
-        let forwarder = Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )
-        .unwrap();
-        let endpoint = broker.endpoint().to_owned();
-        let (publish_at, subscribe_at) = (
-            forwarder.publisher_endpoint().to_owned(),
-            forwarder.subscriber_endpoint().to_owned(),
-        );
-        let (a, b) = (shutdown.clone(), shutdown.clone());
-        let threads = vec![
-            thread::spawn(move || broker.run(&a).unwrap()),
-            thread::spawn(move || forwarder.run(&b).unwrap()),
-        ];
+        let parts = Parts {
+            broker: true,
+            events: true,
+            ..Parts::none()
+        };
+        // Neither part writes to the data folder.
+        let config = HubConfig::on_free_ports(&std::env::temp_dir(), parts);
+        let hub = Hub::start(&config, &Shutdown::new().unwrap()).unwrap();
+        let endpoints = hub.endpoints().clone();
         Bus {
-            shutdown,
-            threads,
-            broker: endpoint,
-            publish_at,
-            subscribe_at,
+            hub,
+            broker: endpoints.broker,
+            publish_at: endpoints.publish,
+            subscribe_at: endpoints.subscribe,
         }
     }
 
@@ -95,10 +84,7 @@ impl Bus {
     }
 
     fn stop(self) {
-        self.shutdown.trigger();
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
+        self.hub.stop().unwrap();
     }
 }
 

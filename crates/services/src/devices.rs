@@ -97,13 +97,16 @@ pub fn sensor_id(uuid: &str, quantity: &str) -> i64 {
 const OWN_SUBJECTS: &[&str] = &["event.device.announce", "event.device.remove", "event.device.stale"];
 
 /// How the device service behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeviceSettings {
     /// Threads answering `devices`.
     pub workers: usize,
     /// How long a plugin has to answer a command.
+    #[serde(with = "majordome_net::duration_text")]
     pub command_timeout: Duration,
     /// How often silent devices are looked for.
+    #[serde(with = "majordome_net::duration_text")]
     pub stale_check: Duration,
     /// The most devices the registry holds.
     pub max_devices: usize,

@@ -32,9 +32,11 @@ CREATE INDEX IF NOT EXISTS history_by_time ON history (time);
 ";
 
 /// How history behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HistorySettings {
     /// Values older than this are deleted; `None` keeps everything.
+    #[serde(rename = "days", with = "retention_days")]
     pub retention: Option<Duration>,
     /// The most values one answer lists; a longer period is bucketed.
     pub max_points: usize,
@@ -49,6 +51,30 @@ impl Default for HistorySettings {
             max_points: 1000,
             workers: 2,
         }
+    }
+}
+
+/// `retention` as the configuration file says it: days, 0 for forever.
+mod retention_days {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// The longest retention a file may ask for (100 years).
+    const MAX_DAYS: f64 = 36_500.0;
+
+    pub fn serialize<S: Serializer>(retention: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(retention.map_or(0.0, |r| r.as_secs_f64() / 86_400.0))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let days = f64::deserialize(deserializer)?;
+        if !(days.is_finite() && days >= 0.0) {
+            return Err(serde::de::Error::custom(
+                "days must be a number of days, 0 to keep everything",
+            ));
+        }
+        Ok((days > 0.0).then(|| Duration::from_secs_f64(days.min(MAX_DAYS) * 86_400.0)))
     }
 }
 

@@ -52,9 +52,11 @@ pub const STATUSES: &[&str] = &[
 const RUNNING: &[&str] = &["starting", "not-configured", "alive", "stop-request"];
 
 /// Every timer and bound of the manager, with its default.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagerSettings {
     /// Silence after which a running client is declared dead (30 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub dead_after: Duration,
     /// Status changes kept per client, in memory and in the database (100).
     pub history_limit: usize,
@@ -63,39 +65,51 @@ pub struct ManagerSettings {
     pub host: String,
     /// How long the plugin's own `plugin.stop.do` may take (2 s; never
     /// more than the stop's grace).
+    #[serde(with = "majordome_net::duration_text")]
     pub stop_request_timeout: Duration,
     /// After `plugin.stop.do`, how long a plugin has to exit before
     /// SIGTERM (5 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub stop_grace: Duration,
     /// After SIGTERM, how long before SIGKILL (5 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub kill_grace: Duration,
     /// `stop_grace` when the manager itself stops (2 s): the whole hub is
     /// going down, and a plugin whose broker has gone cannot hear its
     /// `plugin.stop.do` anyway.
+    #[serde(with = "majordome_net::duration_text")]
     pub shutdown_stop_grace: Duration,
     /// `kill_grace` when the manager itself stops (2 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub shutdown_kill_grace: Duration,
     /// The delay before restarting a crashed plugin whose manifest says
     /// `restart` (1 s); it doubles at each restart within the window.
+    #[serde(with = "majordome_net::duration_text")]
     pub restart_backoff: Duration,
     /// The longest such delay (60 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub restart_backoff_max: Duration,
     /// At most this many restarts within `restart_window` (5); then the
     /// supervisor gives up and the plugin stays dead.
     pub restart_limit: u32,
     /// The window of `restart_limit` (10 min). A plugin that stayed up
     /// longer than this has its count reset.
+    #[serde(with = "majordome_net::duration_text")]
     pub restart_window: Duration,
     /// How often the supervisor looks for children that exited (100 ms).
+    #[serde(with = "majordome_net::duration_text")]
     pub reap_interval: Duration,
     /// How long one `config.get` (for `configured`) may take (2 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub config_timeout: Duration,
     /// How long the manager keeps asking the config service, which may
     /// come up after it, at start (60 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub config_wait: Duration,
     /// Environment variables given to every plugin besides
     /// `MAJORDOME_BROKER`, `MAJORDOME_PUBLISH`, `MAJORDOME_SUBSCRIBE` and
     /// `MAJORDOME_HOST` (none).
+    #[serde(skip)]
     pub plugin_environment: Vec<(String, String)>,
 }
 

@@ -40,7 +40,7 @@ pub use server::{Counters, DropReason, Server, Stats};
 
 /// Where the state server listens by default (snapshot port; updates and
 /// collector are the next two).
-pub const DEFAULT_ENDPOINT: &str = "tcp://127.0.0.1:40413";
+pub const DEFAULT_ENDPOINT: &str = majordome_net::ports::STATE;
 
 /// What can go wrong with the state server or its clients. Each message is
 /// one line that says what to check.
@@ -139,10 +139,12 @@ pub(crate) fn split_endpoint(endpoint: &str) -> Result<(&str, u16), StateError> 
 }
 
 /// The server's bounds and timers, each with its default.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// How often HUGZ goes out on the updates socket. Clients declare the
     /// server lost after a few missed ones (the mirror: 3 s).
+    #[serde(with = "majordome_net::duration_text")]
     pub hugz_interval: Duration,
     /// Bytes in a key, and in a subtree.
     pub max_key_bytes: usize,
@@ -168,6 +170,7 @@ pub struct Settings {
     /// KVSETs (or expiries) applied in one SQLite transaction at most.
     pub write_batch: usize,
     /// What a commit survives ([`Durability::Full`]: power loss).
+    #[serde(skip)]
     pub durability: Durability,
 }
 

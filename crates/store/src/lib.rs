@@ -46,7 +46,8 @@ pub enum StoreError {
 }
 
 /// What a commit survives once it has returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// A crash of the process and a loss of power: the WAL is synced on
     /// every commit (`synchronous = FULL`).

@@ -35,7 +35,8 @@ pub use client::ReplyStatus;
 pub use store::ListEntry;
 
 /// Titanic's settings, each with its default.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Requests of `titanic.request` and `titanic.close` in flight at once
     /// (the capacity their workers announce). A request or close is
@@ -50,13 +51,18 @@ pub struct Settings {
     /// frame, so the broker enforces it). A request that was in flight when
     /// Titanic stopped waits, after a restart, until this deadline has
     /// passed with no late worker, or until its service is quiet.
+    #[serde(with = "majordome_net::duration_text")]
     pub attempt_timeout: Duration,
     /// Backoff after a failed attempt: first, and at most.
+    #[serde(with = "majordome_net::duration_text")]
     pub retry_backoff: Duration,
+    #[serde(with = "majordome_net::duration_text")]
     pub max_retry_backoff: Duration,
     /// How often a service with no worker is asked about again: first, and
     /// at most.
+    #[serde(with = "majordome_net::duration_text")]
     pub service_backoff: Duration,
+    #[serde(with = "majordome_net::duration_text")]
     pub max_service_backoff: Duration,
     /// Attempts in flight per service, and in all.
     pub max_in_flight_per_service: usize,
@@ -65,6 +71,7 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// Entries of each kind (pending, done) `titanic.list` returns.
     pub list_limit: usize,
+    #[serde(skip)]
     pub durability: Durability,
 }
 

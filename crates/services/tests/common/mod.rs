@@ -5,21 +5,19 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use majordome_broker::Broker;
 use majordome_client::{Client, ClientOptions, Shutdown};
-use majordome_events::Forwarder;
+use majordome_hub::{Hub, HubConfig, Parts};
 
 /// How long any awaited state may take to show.
 pub const LIMIT: Duration = Duration::from_secs(20);
 
-/// A broker and a forwarder (and maybe a Clone server), each on its own
-/// thread, on port 0.
+/// A broker and a forwarder (and maybe a Clone server) on port 0: the
+/// hub's own start with those parts only.
 pub struct Bus {
-    shutdown: Shutdown,
-    threads: Vec<JoinHandle<()>>,
+    hub: Hub,
     pub broker: String,
     /// The forwarder's side publishers connect to.
     pub publish_at: String,
@@ -42,36 +40,23 @@ impl Bus {
     }
 
     fn start_with(state_data: Option<&Path>) -> Bus {
-        let shutdown = Shutdown::new().unwrap();
-        let broker = Broker::bind("tcp://127.0.0.1:0", majordome_broker::Settings::default()).unwrap();
-        let forwarder = Forwarder::bind(
-            "tcp://127.0.0.1:0",
-            "tcp://127.0.0.1:0",
-            majordome_events::Settings::default(),
-        )
-        .unwrap();
-        let mut bus = Bus {
-            shutdown: shutdown.clone(),
-            threads: Vec::new(),
-            broker: broker.endpoint().to_owned(),
-            publish_at: forwarder.publisher_endpoint().to_owned(),
-            subscribe_at: forwarder.subscriber_endpoint().to_owned(),
-            state: None,
+        let parts = Parts {
+            broker: true,
+            events: true,
+            state: state_data.is_some(),
+            ..Parts::none()
         };
-        let (a, b) = (shutdown.clone(), shutdown.clone());
-        bus.threads.push(thread::spawn(move || broker.run(&a).unwrap()));
-        bus.threads.push(thread::spawn(move || forwarder.run(&b).unwrap()));
-        if let Some(data) = state_data {
-            let state = majordome_state::Server::bind(
-                "tcp://127.0.0.1:0",
-                &data.join("state.db"),
-                majordome_state::Settings::default(),
-            )
-            .unwrap();
-            bus.state = Some(state.endpoints().snapshot.clone());
-            bus.threads.push(thread::spawn(move || state.run(&shutdown).unwrap()));
+        // Without a Clone server nothing is written to the data folder.
+        let data = state_data.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let hub = Hub::start(&HubConfig::on_free_ports(&data, parts), &Shutdown::new().unwrap()).unwrap();
+        let endpoints = hub.endpoints().clone();
+        Bus {
+            hub,
+            broker: endpoints.broker,
+            publish_at: endpoints.publish,
+            subscribe_at: endpoints.subscribe,
+            state: state_data.map(|_| endpoints.state.snapshot),
         }
-        bus
     }
 
     /// A client of the broker that waits up to `timeout` for a reply.
@@ -87,10 +72,7 @@ impl Bus {
 
     /// Stops everything and waits for it.
     pub fn stop(self) {
-        self.shutdown.trigger();
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
+        self.hub.stop().unwrap();
     }
 }
 

@@ -1,0 +1,496 @@
+//! The whole hub: the only code that knows every part. [`HubConfig`] holds
+//! every setting with its default (read from `majordome.toml`, overridden by
+//! flags: [`config`]); [`Hub::start`] binds and starts the parts it names,
+//! each on its own thread, and returns their endpoints, a shutdown handle
+//! and a join. `majordome up`, the single-part commands (`broker`,
+//! `forwarder`, `state serve`, `titanic serve`), the integration tests and
+//! the bench all start the hub through it.
+//!
+//! The hub is all or nothing: a part that ends before the hub is told to
+//! stop (an error, a panic, or returning at all) stops every part, and
+//! [`Hub::join`] names it. Supervised plugins are not parts: the manager
+//! restarts them.
+
+pub mod config;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use majordome_broker::Broker;
+use majordome_client::{domogik_handler, Bytes, Message, Worker, WorkerOptions};
+use majordome_events::Forwarder;
+use majordome_mdp::domogik;
+use majordome_net::Shutdown;
+use majordome_services::history::HistoryCounters;
+use majordome_services::manager::{ManagerEndpoints, Registry};
+use majordome_services::{ConfigService, DeviceEndpoints, DeviceService, HistoryService, Manifest, Schema};
+
+pub use config::{ConfigError, HubConfig, Loaded, Override, Parts, Source};
+
+/// Set to a part's name, that part fails as it starts: how the tests check
+/// that one failing part stops the whole hub.
+pub const FAIL_PART_FOR_TESTS: &str = "MAJORDOME_TEST_FAIL_PART";
+
+/// What any part's failure is, for the message that names it.
+type PartError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the hub could not start, or why it stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot start the {part} part: {why}")]
+    Start { part: &'static str, why: String },
+    #[error("cannot start the {part} thread: {source}")]
+    Thread { part: &'static str, source: std::io::Error },
+    /// A part that ended before the hub was told to stop, the first one.
+    #[error("the {part} part stopped ({why}), so majordome stopped")]
+    PartStopped { part: &'static str, why: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn start_error(part: &'static str) -> impl Fn(&dyn std::fmt::Display) -> HubError {
+    move |e| HubError::Start {
+        part,
+        why: e.to_string(),
+    }
+}
+
+/// Where the hub's parts can be reached (bound ports, not port 0).
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub broker: String,
+    /// Where publishers connect.
+    pub publish: String,
+    /// Where subscribers connect.
+    pub subscribe: String,
+    /// The Clone server's three sockets.
+    pub state: majordome_state::Endpoints,
+    /// The database file.
+    pub database: PathBuf,
+}
+
+/// What the manager found to run, for the banner of `up`.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSummary {
+    /// Manifests read from the folder.
+    pub from_folder: usize,
+    /// Shipped manifests added (those the folder did not override).
+    pub shipped: usize,
+    /// The plugins that start on their own.
+    pub autostarted: Vec<String>,
+}
+
+/// Counters of the parts, for whoever reports them (the bench).
+#[derive(Clone, Default)]
+pub struct Counters {
+    pub history: Option<Arc<HistoryCounters>>,
+    pub history_commits: Option<Arc<majordome_store::CommitStats>>,
+    pub titanic_commits: Option<Arc<majordome_store::CommitStats>>,
+}
+
+/// A running hub.
+pub struct Hub {
+    endpoints: Endpoints,
+    shutdown: Shutdown,
+    threads: Vec<(&'static str, JoinHandle<()>)>,
+    failures: Failures,
+    plugins: PluginSummary,
+    counters: Counters,
+}
+
+impl Hub {
+    /// Binds and starts every part that `config.parts` names, each on its
+    /// own thread, stopping when `shutdown` is triggered (by a signal, the
+    /// caller, or a part that failed). Nothing is started for a
+    /// configuration that cannot work; a part that cannot start stops the
+    /// ones already started.
+    pub fn start(config: &HubConfig, shutdown: &Shutdown) -> Result<Hub, HubError> {
+        let mut hub = Hub {
+            endpoints: Endpoints {
+                broker: config.listen.broker.clone(),
+                publish: config.listen.publish.clone(),
+                subscribe: config.listen.subscribe.clone(),
+                state: state_endpoints(config)?,
+                database: majordome_store::database_path(&config.data),
+            },
+            shutdown: shutdown.clone(),
+            threads: Vec::new(),
+            failures: Failures::default(),
+            plugins: PluginSummary::default(),
+            counters: Counters::default(),
+        };
+        match hub.start_parts(config) {
+            Ok(()) => Ok(hub),
+            Err(e) => {
+                hub.shutdown.trigger();
+                for (_, thread) in hub.threads.drain(..) {
+                    let _ = thread.join();
+                }
+                // A part that failed while the others started is the cause
+                // (the later ones found it gone).
+                match hub.failures.first() {
+                    Some((part, why)) => Err(HubError::PartStopped { part, why }),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    fn start_parts(&mut self, config: &HubConfig) -> Result<(), HubError> {
+        let parts = config.parts;
+        let database = self.endpoints.database.clone();
+        let durability = config.durability;
+        if parts.broker {
+            let broker =
+                Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker")(&e))?;
+            self.endpoints.broker = broker.endpoint().to_owned();
+            self.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
+        } else {
+            self.needs_port(
+                "broker",
+                &config.listen.broker,
+                parts.titanic || parts.config || parts.manager,
+            )?;
+        }
+        if parts.events {
+            let forwarder = Forwarder::bind(&config.listen.publish, &config.listen.subscribe, config.events.clone())
+                .map_err(|e| start_error("forwarder")(&e))?;
+            self.endpoints.publish = forwarder.publisher_endpoint().to_owned();
+            self.endpoints.subscribe = forwarder.subscriber_endpoint().to_owned();
+            let counters = forwarder.counters();
+            self.spawn("forwarder", move |stop| Ok(forwarder.run(stop)?))?;
+            if parts.stats {
+                let at = self.endpoints.broker.clone();
+                self.spawn("events-stats", move |stop| {
+                    stats_service(&at, "events", stop, move || serde_json::to_value(counters.snapshot()))
+                })?;
+            }
+        } else {
+            let needed = parts.config || parts.manager || parts.devices;
+            self.needs_port("events", &config.listen.publish, needed)?;
+            self.needs_port("events", &config.listen.subscribe, needed)?;
+        }
+        if parts.state {
+            let state = majordome_state::Server::bind(
+                &config.listen.state,
+                &database,
+                majordome_state::Settings {
+                    durability,
+                    ..config.state.clone()
+                },
+            )
+            .map_err(|e| start_error("state")(&e))?;
+            self.endpoints.state = state.endpoints().clone();
+            let counters = state.counters();
+            self.spawn("state", move |stop| Ok(state.run(stop)?))?;
+            if parts.stats {
+                let at = self.endpoints.broker.clone();
+                self.spawn("state-stats", move |stop| {
+                    stats_service(&at, "state", stop, move || serde_json::to_value(counters.snapshot()))
+                })?;
+            }
+        }
+        if parts.titanic {
+            let titanic = majordome_titanic::Titanic::start(
+                &self.endpoints.broker,
+                &database,
+                majordome_titanic::Settings {
+                    durability,
+                    ..config.titanic.clone()
+                },
+            )
+            .map_err(|e| start_error("titanic")(&e))?;
+            self.counters.titanic_commits = Some(titanic.commit_stats());
+            self.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
+        }
+        let manifests = if parts.config || parts.manager || parts.devices {
+            self.manifests(config)?
+        } else {
+            Vec::new()
+        };
+        if parts.config {
+            let service =
+                ConfigService::open(&database, manifests.clone(), durability).map_err(|e| start_error("config")(&e))?;
+            let (at, publish) = (self.endpoints.broker.clone(), self.endpoints.publish.clone());
+            self.spawn("config", move |stop| Ok(service.run(&at, Some(&publish), stop)?))?;
+        }
+        if parts.manager {
+            self.start_manager(config, manifests.clone())?;
+        }
+        if parts.devices || parts.history {
+            self.start_devices(config, &manifests)?;
+        }
+        if parts.echo {
+            let at = self.endpoints.broker.clone();
+            self.spawn("echo", move |stop| {
+                // Echoing is quick: answered on the socket thread, and the
+                // broker may keep several requests in flight to it, which
+                // saves wake-ups.
+                let options = WorkerOptions {
+                    capacity: 16,
+                    ..WorkerOptions::default()
+                };
+                Ok(Worker::new(&at, "echo", options).run_inline(echo_body(Duration::ZERO), stop)?)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A part that runs elsewhere must be found at a real port.
+    fn needs_port(&self, part: &'static str, endpoint: &str, needed: bool) -> Result<(), HubError> {
+        if needed && endpoint.ends_with(":0") {
+            return Err(HubError::Config(format!(
+                "the {part} part does not run here, and {endpoint} is no address to find it at: \
+                 give its real endpoint under [listen]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The manifests of the folder, plus the shipped ones it does not
+    /// override; autostart off when the configuration says so.
+    fn manifests(&mut self, config: &HubConfig) -> Result<Vec<Manifest>, HubError> {
+        let mut loaded = majordome_services::load_folder(&config.plugins.folder);
+        for (path, why) in &loaded.invalid {
+            tracing::warn!(path = %path.display(), "ignored an invalid plugin manifest: {why}");
+        }
+        let from_folder = loaded.manifests.len();
+        for (name, text) in majordome_plugin::builtin_manifests() {
+            if !loaded.manifests.iter().any(|m| m.name == *name) {
+                let manifest = Manifest::parse(text).map_err(|e| HubError::Start {
+                    part: "manager",
+                    why: format!("the shipped manifest of '{name}' is invalid: {e}"),
+                })?;
+                loaded.manifests.push(manifest);
+            }
+        }
+        if !config.plugins.autostart {
+            for manifest in &mut loaded.manifests {
+                manifest.autostart = false;
+            }
+        }
+        self.plugins = PluginSummary {
+            from_folder,
+            shipped: loaded.manifests.len() - from_folder,
+            autostarted: loaded
+                .manifests
+                .iter()
+                .filter(|m| m.autostart && !m.command.is_empty())
+                .map(|m| m.name.clone())
+                .collect(),
+        };
+        Ok(loaded.manifests)
+    }
+
+    fn start_manager(&mut self, config: &HubConfig, manifests: Vec<Manifest>) -> Result<(), HubError> {
+        let dead_after = config.manager.dead_after;
+        let mut settings = config.manager.clone();
+        // Plugins we start speak often enough never to look dead.
+        settings.plugin_environment.push((
+            "MAJORDOME_STATUS_INTERVAL".into(),
+            (dead_after.as_secs_f64() / 3.0).min(15.0).to_string(),
+        ));
+        let registry = Registry::open(manifests, settings, &self.endpoints.database, config.durability)
+            .map_err(|e| start_error("manager")(&e))?;
+        // Each plugin the manager starts writes its output here.
+        let log_dir = config.data.join("logs");
+        std::fs::create_dir_all(&log_dir).map_err(|e| HubError::Start {
+            part: "manager",
+            why: format!("cannot create the plugin log folder {}: {e}", log_dir.display()),
+        })?;
+        let endpoints = ManagerEndpoints {
+            broker: self.endpoints.broker.clone(),
+            publish: self.endpoints.publish.clone(),
+            subscribe: self.endpoints.subscribe.clone(),
+        };
+        self.spawn("manager", move |stop| {
+            Ok(majordome_services::manager::run(registry, &endpoints, &log_dir, stop)?)
+        })
+    }
+
+    /// The device service and the history it feeds, in the same database.
+    /// Started once the Clone server runs: the service writes values there.
+    fn start_devices(&mut self, config: &HubConfig, manifests: &[Manifest]) -> Result<(), HubError> {
+        let database = self.endpoints.database.clone();
+        let mut history_counters = Arc::new(HistoryCounters::default());
+        if config.parts.devices {
+            let (schema, rejected) = Schema::shipped().with_manifests(manifests);
+            for (plugin, why) in rejected {
+                tracing::warn!(plugin, "ignored a device type from a manifest: {why}");
+            }
+            let state = (config.parts.state || !config.listen.state.ends_with(":0"))
+                .then(|| self.endpoints.state.snapshot.clone());
+            let devices = DeviceService::open(
+                &database,
+                schema,
+                config.durability,
+                config.devices.clone(),
+                &config.history,
+                DeviceEndpoints {
+                    broker: self.endpoints.broker.clone(),
+                    publish: self.endpoints.publish.clone(),
+                    subscribe: self.endpoints.subscribe.clone(),
+                    state,
+                },
+            )
+            .map_err(|e| start_error("devices")(&e))?;
+            history_counters = devices.history_counters();
+            self.counters.history = Some(history_counters.clone());
+            self.counters.history_commits = Some(devices.history_commit_stats());
+            self.spawn("devices", move |stop| Ok(devices.run(stop)?))?;
+        }
+        if config.parts.history {
+            let history = HistoryService::new(&database, config.history.clone(), history_counters);
+            let at = self.endpoints.broker.clone();
+            self.spawn("history", move |stop| Ok(history.run(&at, stop)?))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a part on its own thread. A part that ends before the hub is
+    /// told to stop (an error, or returning at all) stops the whole hub:
+    /// half a hub would look alive while it is not.
+    fn spawn<F>(&mut self, name: &'static str, run: F) -> Result<(), HubError>
+    where
+        F: FnOnce(&Shutdown) -> Result<(), PartError> + Send + 'static,
+    {
+        let (stop, failures) = (self.shutdown.clone(), self.failures.clone());
+        let fail_on_purpose = std::env::var(FAIL_PART_FOR_TESTS).is_ok_and(|part| part == name);
+        let thread = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let outcome = if fail_on_purpose {
+                    Err(format!("failed on purpose: {FAIL_PART_FOR_TESTS}={name}").into())
+                } else {
+                    run(&stop)
+                };
+                if stop.is_triggered() && outcome.is_ok() {
+                    return;
+                }
+                let why = match outcome {
+                    Ok(()) => "it ended on its own".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(part = name, "{why}; stopping majordome");
+                failures.record(name, why);
+                stop.trigger();
+            })
+            .map_err(|source| HubError::Thread { part: name, source })?;
+        self.threads.push((name, thread));
+        Ok(())
+    }
+
+    /// Where the parts can be reached.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The plugins the manager knows (empty when it does not run here).
+    pub fn plugins(&self) -> &PluginSummary {
+        &self.plugins
+    }
+
+    /// The parts' counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Triggering it stops every part.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Waits until the hub is told to stop (or a part fails), then for
+    /// every part to end. Names the first part that stopped on its own.
+    pub fn join(self) -> Result<(), HubError> {
+        self.shutdown.wait();
+        self.join_parts()
+    }
+
+    /// Stops every part and waits for them.
+    pub fn stop(self) -> Result<(), HubError> {
+        self.shutdown.trigger();
+        self.join_parts()
+    }
+
+    fn join_parts(self) -> Result<(), HubError> {
+        for (name, thread) in self.threads {
+            // A part's own failure is in `failures`; a panic has no other
+            // trace.
+            if thread.join().is_err() {
+                self.failures.record(name, "panicked".into());
+            }
+            tracing::debug!(part = name, "stopped");
+        }
+        match self.failures.first() {
+            Some((part, why)) => Err(HubError::PartStopped { part, why }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The Clone server's endpoints as configured; those of a server on port 0
+/// are known once it is bound.
+fn state_endpoints(config: &HubConfig) -> Result<majordome_state::Endpoints, HubError> {
+    if config.listen.state.ends_with(":0") {
+        return Ok(majordome_state::Endpoints {
+            snapshot: config.listen.state.clone(),
+            updates: String::new(),
+            collector: String::new(),
+        });
+    }
+    majordome_state::Endpoints::from_base(&config.listen.state)
+        .map_err(|e| HubError::Config(format!("listen.state: {e}")))
+}
+
+/// The parts that stopped before they were asked to, with why, first
+/// first.
+#[derive(Clone, Default)]
+struct Failures(Arc<Mutex<Vec<(&'static str, String)>>>);
+
+impl Failures {
+    fn record(&self, name: &'static str, why: String) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push((name, why));
+    }
+
+    fn first(&self) -> Option<(&'static str, String)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).first().cloned()
+    }
+}
+
+/// Serves `service` at `broker`, answering `stats.get` with `snapshot()`,
+/// until `shutdown`.
+fn stats_service<F>(broker: &str, service: &'static str, shutdown: &Shutdown, snapshot: F) -> Result<(), PartError>
+where
+    F: Fn() -> serde_json::Result<serde_json::Value> + Send + 'static,
+{
+    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
+        "stats.get" => Message::new("stats.result", snapshot().unwrap_or_default()),
+        other => Message::failure(
+            other,
+            format!("unknown action '{other}': the {service} service answers stats.get"),
+        ),
+    });
+    // Reading counters is quick: answered on the socket thread.
+    Ok(Worker::new(broker, service, WorkerOptions::default()).run_inline(handler, shutdown)?)
+}
+
+/// The echo service's handler: a Domogik request `x.get` is answered as
+/// `x.result` with the same data; any other body is sent back as it came,
+/// after `delay`.
+pub fn echo_body(delay: Duration) -> impl FnMut(Vec<Bytes>) -> Vec<Bytes> + Send + 'static {
+    let mut domogik =
+        domogik_handler(|message: Message| Message::new(domogik::result_action(&message.action), message.data));
+    move |body| {
+        if !delay.is_zero() {
+            thread::sleep(delay);
+        }
+        if domogik::dialect_action(&body).is_some() {
+            domogik(body)
+        } else {
+            body
+        }
+    }
+}
