@@ -61,6 +61,16 @@ impl PendingReply {
     pub fn wait(self) -> Outcome {
         self.reply_rx.blocking_recv().unwrap_or(Err(ClientError::Closed))
     }
+
+    /// The outcome if it has come, without waiting: for a thread that
+    /// polls its pending replies between other work.
+    pub fn try_take(&mut self) -> Option<Outcome> {
+        match self.reply_rx.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(ClientError::Closed)),
+        }
+    }
 }
 
 impl Future for PendingReply {

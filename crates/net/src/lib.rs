@@ -3,11 +3,12 @@
 //! frames, and a shutdown signal that socket loops can poll.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 pub use zmq;
 
@@ -181,14 +182,7 @@ impl Shutdown {
 
     /// True once the signal has fired.
     pub fn is_triggered(&self) -> bool {
-        let mut poll = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        ready > 0 && poll.revents & libc::POLLIN != 0
+        self.readable_within(PollTimeout::ZERO)
     }
 
     /// Blocks until the signal fires or `timeout` passes; true if it fired.
@@ -196,19 +190,13 @@ impl Shutdown {
     /// at once rather than at the next tick.
     pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
-        let mut poll = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            // SAFETY: one valid pollfd and a bounded timeout.
-            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-            if ready > 0 && poll.revents & libc::POLLIN != 0 {
+            let millis = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            if self.readable_within(millis) {
                 return true;
             }
-            if left.is_zero() || (ready == 0 && std::time::Instant::now() >= deadline) {
+            if std::time::Instant::now() >= deadline {
                 return false;
             }
         }
@@ -216,18 +204,15 @@ impl Shutdown {
 
     /// Blocks until the signal fires.
     pub fn wait(&self) {
-        let mut poll = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one valid pollfd, infinite timeout.
-            let ready = unsafe { libc::poll(&mut poll, 1, -1) };
-            if ready > 0 {
-                return;
-            }
-        }
+        while !self.readable_within(PollTimeout::NONE) {}
+    }
+
+    /// One poll of the read end; an interrupted one says "not yet", and
+    /// the callers' loops ask again.
+    fn readable_within(&self, timeout: PollTimeout) -> bool {
+        let mut fds = [PollFd::new(self.inner.read.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+            && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
 }
 

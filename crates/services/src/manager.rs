@@ -20,13 +20,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use majordome_client::{
-    domogik_handler, unix_now, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
-    WorkerOptions,
+    domogik_handler, unix_now, AsyncClient, ClientError, Message, PendingReply, Publisher, Shutdown, Subscriber,
+    Worker, WorkerOptions,
 };
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{Committer, Durability, StoreError};
@@ -34,22 +34,8 @@ use serde_json::{json, Map, Value};
 
 use crate::lock;
 use crate::manifest::Manifest;
-use crate::supervisor::{self, SupervisorHandle};
-
-/// Domogik's client statuses.
-pub const STATUSES: &[&str] = &[
-    "unknown",
-    "starting",
-    "not-configured",
-    "alive",
-    "stop-request",
-    "stopped",
-    "dead",
-    "invalid",
-];
-
-/// Statuses in which a client is expected to keep saying so.
-const RUNNING: &[&str] = &["starting", "not-configured", "alive", "stop-request"];
+use crate::supervisor::{self, ProcessEvent, SupervisorHandle, SupervisorSettings};
+use majordome_api::{ClientId, ClientStatus, PluginStatus};
 
 /// Every timer and bound of the manager, with its default.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -132,6 +118,25 @@ impl Default for ManagerSettings {
             config_timeout: Duration::from_secs(2),
             config_wait: Duration::from_secs(60),
             plugin_environment: Vec::new(),
+        }
+    }
+}
+
+impl ManagerSettings {
+    /// What the supervisor needs of them.
+    pub fn supervisor(&self) -> SupervisorSettings {
+        SupervisorSettings {
+            host: self.host.clone(),
+            stop_request_timeout: self.stop_request_timeout,
+            stop_grace: self.stop_grace,
+            kill_grace: self.kill_grace,
+            shutdown_stop_grace: self.shutdown_stop_grace,
+            shutdown_kill_grace: self.shutdown_kill_grace,
+            restart_backoff: self.restart_backoff,
+            restart_backoff_max: self.restart_backoff_max,
+            restart_limit: self.restart_limit,
+            restart_window: self.restart_window,
+            reap_interval: self.reap_interval,
         }
     }
 }
@@ -275,7 +280,7 @@ struct ClientEntry {
     kind: String,
     name: String,
     host: String,
-    status: String,
+    status: ClientStatus,
     comment: String,
     /// Unix time it was last heard from (or, restored from the database,
     /// of its last recorded change), if ever.
@@ -288,7 +293,7 @@ struct ClientEntry {
     /// Its process, when the supervisor runs it.
     pid: Option<u32>,
     /// (unix time, status, comment), oldest first.
-    history: VecDeque<(f64, String, String)>,
+    history: VecDeque<(f64, ClientStatus, String)>,
 }
 
 /// Where a client's `configured` came from: an event is newer than any
@@ -316,19 +321,13 @@ pub struct Registry {
     changes: u64,
     /// `plugin.status` events that were not understood.
     pub malformed: u64,
+    /// What the supervisor reports, applied by [`Registry::catch_up`].
+    process_events: Option<mpsc::Receiver<ProcessEvent>>,
 }
 
 /// A client's id: `<type>-<name>.<host>`, also its service on the broker.
 pub fn client_id(kind: &str, name: &str, host: &str) -> String {
-    format!("{kind}-{name}.{host}")
-}
-
-/// The parts of a client id (type, name, host); the type is what comes
-/// before the first `-`, the host what follows the first `.` after it.
-fn split_client_id(id: &str) -> Option<(&str, &str, &str)> {
-    let (kind, rest) = id.split_once('-')?;
-    let (name, host) = rest.split_once('.')?;
-    (!kind.is_empty() && !name.is_empty() && !host.is_empty()).then_some((kind, name, host))
+    ClientId::new(kind, name, host).to_string()
 }
 
 impl Registry {
@@ -342,6 +341,7 @@ impl Registry {
             store: None,
             changes: 0,
             malformed: 0,
+            process_events: None,
         };
         // Every plugin with a manifest is listed, unknown until heard from.
         for manifest in registry.manifests.clone() {
@@ -372,21 +372,23 @@ impl Registry {
     pub fn restore(&mut self, rows: Vec<HistoryRow>, now: Instant) {
         let limit = self.settings.history_limit;
         for row in rows {
-            let Some((kind, name, host)) = split_client_id(&row.client) else {
+            let Ok(id) = row.client.parse::<ClientId>() else {
                 tracing::warn!(client = %row.client, "ignored a recorded status of a client id that is not <type>-<name>.<host>");
                 continue;
             };
-            let client = self.entry(kind, name, host);
-            client
-                .history
-                .push_back((row.time, row.status.clone(), row.comment.clone()));
+            let Ok(status) = row.status.parse::<ClientStatus>() else {
+                tracing::warn!(client = %row.client, status = %row.status, "ignored a recorded status that is not Domogik's");
+                continue;
+            };
+            let client = self.entry(&id.kind, &id.name, &id.host);
+            client.history.push_back((row.time, status, row.comment.clone()));
             while client.history.len() > limit {
                 client.history.pop_front();
             }
-            client.status = row.status;
+            client.status = status;
             client.comment = row.comment;
             client.last_seen = Some(row.time);
-            client.seen_at = RUNNING.contains(&client.status.as_str()).then_some(now);
+            client.seen_at = status.is_running().then_some(now);
         }
         self.changes += 1;
     }
@@ -399,7 +401,7 @@ impl Registry {
                 kind: kind.to_owned(),
                 name: name.to_owned(),
                 host: host.to_owned(),
-                status: "unknown".to_owned(),
+                status: ClientStatus::Unknown,
                 comment: String::new(),
                 last_seen: None,
                 seen_at: None,
@@ -410,7 +412,7 @@ impl Registry {
         })
     }
 
-    fn set_status(&mut self, id: &str, status: &str, comment: &str) -> bool {
+    fn set_status(&mut self, id: &str, status: ClientStatus, comment: &str) -> bool {
         let limit = self.settings.history_limit;
         let Some(client) = self.clients.get_mut(id) else {
             return false;
@@ -419,9 +421,9 @@ impl Registry {
             return false;
         }
         let time = unix_now();
-        client.status = status.to_owned();
+        client.status = status;
         client.comment = comment.to_owned();
-        client.history.push_back((time, status.to_owned(), comment.to_owned()));
+        client.history.push_back((time, status, comment.to_owned()));
         while client.history.len() > limit {
             client.history.pop_front();
         }
@@ -429,7 +431,7 @@ impl Registry {
             store.record(HistoryRow {
                 client: id.to_owned(),
                 time,
-                status: status.to_owned(),
+                status: status.as_str().to_owned(),
                 comment: comment.to_owned(),
             });
         }
@@ -439,44 +441,62 @@ impl Registry {
 
     /// Applies one `plugin.status` event; true when something changed.
     pub fn on_status(&mut self, data: &Value, now: Instant) -> bool {
-        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
-        let (Some(name), Some(host), Some(event)) = (text("id").or_else(|| text("name")), text("host"), text("event"))
-        else {
-            self.malformed += 1;
-            return false;
-        };
-        if !STATUSES.contains(&event) {
-            self.malformed += 1;
-            return false;
+        match PluginStatus::parse(data) {
+            Ok(status) => self.on_plugin_status(&status, now),
+            Err(_) => {
+                self.malformed += 1;
+                false
+            }
         }
-        let kind = text("type").unwrap_or("plugin");
-        let comment = text("comment").unwrap_or_default().to_owned();
-        let id = client_id(kind, name, host);
-        let client = self.entry(kind, name, host);
+    }
+
+    /// Applies one `plugin.status` event, read; true when something changed.
+    pub fn on_plugin_status(&mut self, status: &PluginStatus, now: Instant) -> bool {
+        let id = status.id().to_string();
+        let client = self.entry(&status.kind, &status.name, &status.host);
         client.last_seen = Some(unix_now());
         client.seen_at = Some(now);
         client.heard_at = Some(now);
-        self.set_status(&id, event, &comment)
+        self.set_status(&id, status.event, &status.comment)
     }
 
     /// Applies what the supervisor saw of a plugin it runs (`pid` is its
     /// process, if running); true when something changed. A plugin it
     /// starts is given the usual time to speak before silence counts.
-    pub fn on_process(&mut self, id: &str, pid: Option<u32>, status: &str, comment: &str, now: Instant) -> bool {
-        let Some((kind, name, host)) = split_client_id(id) else {
-            return false;
-        };
-        let (kind, name, host) = (kind.to_owned(), name.to_owned(), host.to_owned());
-        let client = self.entry(&kind, &name, &host);
-        let pid_changed = client.pid != pid;
-        client.pid = pid;
-        if RUNNING.contains(&status) {
+    pub fn on_process(&mut self, event: &ProcessEvent, now: Instant) -> bool {
+        let ProcessEvent {
+            id,
+            pid,
+            status,
+            comment,
+        } = event;
+        let client = self.entry(&id.kind, &id.name, &id.host);
+        let pid_changed = client.pid != *pid;
+        client.pid = *pid;
+        if status.is_running() {
             client.seen_at = Some(now);
         }
         if pid_changed {
             self.changes += 1;
         }
-        self.set_status(id, status, comment) || pid_changed
+        self.set_status(&id.to_string(), *status, comment) || pid_changed
+    }
+
+    /// Takes its reports from a supervisor, from now on.
+    pub fn follow(&mut self, events: mpsc::Receiver<ProcessEvent>) {
+        self.process_events = Some(events);
+    }
+
+    /// Applies what the supervisor reported since the last look: called by
+    /// whoever takes the registry, before reading or changing it.
+    pub fn catch_up(&mut self, now: Instant) {
+        let Some(events) = self.process_events.take() else {
+            return;
+        };
+        while let Ok(event) = events.try_recv() {
+            self.on_process(&event, now);
+        }
+        self.process_events = Some(events);
     }
 
     /// Applies one `plugin.configuration` event (from the config service:
@@ -541,8 +561,8 @@ impl Registry {
     }
 
     /// A client's status, if the client is known.
-    pub fn status(&self, id: &str) -> Option<String> {
-        self.clients.get(id).map(|c| c.status.clone())
+    pub fn status(&self, id: &str) -> Option<ClientStatus> {
+        self.clients.get(id).map(|c| c.status)
     }
 
     /// A client's process, when the supervisor runs it.
@@ -555,10 +575,9 @@ impl Registry {
     /// started by someone else); such a client must not be started twice.
     /// A status restored from the database does not count: it is only a
     /// memory of the last run.
-    pub fn running_unsupervised(&self, id: &str) -> Option<String> {
+    pub fn running_unsupervised(&self, id: &str) -> Option<ClientStatus> {
         let client = self.clients.get(id)?;
-        (client.pid.is_none() && client.heard_at.is_some() && RUNNING.contains(&client.status.as_str()))
-            .then(|| client.status.clone())
+        (client.pid.is_none() && client.heard_at.is_some() && client.status.is_running()).then_some(client.status)
     }
 
     /// Declares dead the running clients silent for too long; true when
@@ -568,7 +587,7 @@ impl Registry {
         let silent: Vec<String> = self
             .clients
             .iter()
-            .filter(|(_, c)| RUNNING.contains(&c.status.as_str()))
+            .filter(|(_, c)| c.status.is_running())
             .filter(|(_, c)| {
                 c.seen_at
                     .is_some_and(|at| now.saturating_duration_since(at) >= dead_after)
@@ -578,7 +597,7 @@ impl Registry {
         let mut changed = false;
         for id in silent {
             let comment = format!("not heard from for {} s", dead_after.as_secs_f64());
-            changed |= self.set_status(&id, "dead", &comment);
+            changed |= self.set_status(&id, ClientStatus::Dead, &comment);
         }
         changed
     }
@@ -726,7 +745,10 @@ impl Registry {
             Some(history) => (true, String::new(), history),
             None => (false, format!("no client '{id}'"), json!([])),
         };
-        let (kind, name, host) = split_client_id(&id).unwrap_or_default();
+        let (kind, name, host) = match id.parse::<ClientId>() {
+            Ok(parsed) => (parsed.kind, parsed.name, parsed.host),
+            Err(_) => Default::default(),
+        };
         Message::new(
             majordome_mdp::domogik::result_action(action),
             json!({
@@ -791,26 +813,38 @@ impl Registry {
     }
 }
 
+/// The registry, up to date with what the supervisor reported: how every
+/// thread of the manager takes it.
+fn take(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    let mut registry = lock(registry);
+    registry.catch_up(Instant::now());
+    registry
+}
+
 /// Answers `plugin.start.do` / `plugin.stop.do` through the supervisor,
 /// without holding the registry's lock while the supervisor works (it
 /// takes that lock to record what it does).
 fn supervise(registry: &Mutex<Registry>, supervisor: &SupervisorHandle, message: &Message) -> Message {
     let action = message.action.as_str();
-    let (target, host) = {
-        let registry = lock(registry);
-        (
-            registry.supervised_target(action, &message.data),
-            registry.host().to_owned(),
-        )
+    let (target, host, elsewhere, known) = {
+        let registry = take(registry);
+        let target = registry.supervised_target(action, &message.data);
+        let host = registry.host().to_owned();
+        let id = target.as_ref().map(|(kind, name)| client_id(kind, name, &host));
+        let (elsewhere, known) = match &id {
+            Ok(id) => (registry.running_unsupervised(id), registry.status(id)),
+            Err(_) => (None, None),
+        };
+        (target, host, elsewhere, known)
     };
     let (kind, name) = match target {
         Ok(target) => target,
         Err(reason) => return Message::failure(action, reason),
     };
     let outcome = if action == "plugin.start.do" {
-        supervisor.start(&kind, &name).map(Some)
+        supervisor.start(&kind, &name, elsewhere).map(Some)
     } else {
-        supervisor.stop(&kind, &name).map(|()| None)
+        supervisor.stop(&kind, &name, known).map(|()| None)
     };
     let id = client_id(&kind, &name, &host);
     let (status, reason, pid) = match outcome {
@@ -826,80 +860,93 @@ fn supervise(registry: &Mutex<Registry>, supervisor: &SupervisorHandle, message:
     Message::new(majordome_mdp::domogik::result_action(action), data)
 }
 
-/// Waits up to `timeout` for `shutdown`; true if it fired.
-fn stopped_within(shutdown: &Shutdown, timeout: Duration) -> bool {
-    let mut poll = libc::pollfd {
-        fd: shutdown.fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd and a bounded timeout. An interrupted poll
-    // just returns early, which the caller's loop absorbs.
-    let ready = unsafe { libc::poll(&mut poll, 1, millis) };
-    ready > 0 && poll.revents & libc::POLLIN != 0
+/// Asks the config service whether each manifest plugin of this host is
+/// configured, until each is answered or `config_wait` passes. The config
+/// service may come up after the manager, so what is unanswered is asked
+/// again a second later. A state machine stepped by the manager's event
+/// thread ([`ConfigAsker::step`], with the time as an input); its bus
+/// client (and that client's I/O thread) lives only while it asks.
+struct ConfigAsker {
+    broker: String,
+    /// Not answered yet.
+    pending: Vec<ClientId>,
+    in_flight: Vec<(ClientId, PendingReply)>,
+    next_round: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    bus: Option<AsyncClient>,
 }
 
-/// Asks the config service whether each manifest plugin of this host is
-/// configured, until each is answered, `config_wait` passes or `shutdown`.
-/// The config service may come up after the manager, so an unanswered
-/// request is sent again a second later.
-fn ask_configured(registry: &Mutex<Registry>, broker: &str, shutdown: &Shutdown) {
-    let (mut pending, settings) = {
-        let registry = lock(registry);
-        let host = registry.host().to_owned();
-        let targets: Vec<(String, String, String)> = registry
-            .manifests()
-            .iter()
-            .map(|m| (m.kind.clone(), m.name.clone(), host.clone()))
-            .collect();
-        (targets, registry.settings().clone())
-    };
-    let deadline = Instant::now() + settings.config_wait;
-    let mut client = Client::new(
-        broker,
-        ClientOptions {
+impl ConfigAsker {
+    fn new(registry: &Registry, broker: &str, now: Instant) -> ConfigAsker {
+        let host = registry.host();
+        let settings = registry.settings();
+        ConfigAsker {
+            broker: broker.to_owned(),
+            pending: registry
+                .manifests()
+                .iter()
+                .map(|m| ClientId::new(&m.kind, &m.name, host))
+                .collect(),
+            in_flight: Vec::new(),
+            next_round: now,
+            deadline: now + settings.config_wait,
             timeout: settings.config_timeout,
-            retries: 0,
-            connect_timeout: settings.config_timeout,
-        },
-    )
-    .stop_on(shutdown);
-    while !pending.is_empty() && !shutdown.is_triggered() && Instant::now() < deadline {
-        pending.retain(|(kind, name, host)| {
-            if shutdown.is_triggered() {
-                return true;
-            }
-            let request = Message::new("config.get", json!({"type": kind, "name": name, "host": host}));
-            match client.request_message("config", &request) {
-                Ok(reply) => match reply.data.get("configured").and_then(Value::as_bool) {
-                    Some(configured) => {
-                        lock(registry).set_configured(&client_id(kind, name, host), configured);
-                        false
-                    }
-                    None => {
-                        tracing::debug!(
-                            reason = reply.reason().unwrap_or_default(),
-                            "config.get not answered yet"
-                        );
-                        true
-                    }
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, "config.get not answered yet");
-                    true
-                }
-            }
-        });
-        if !pending.is_empty() && stopped_within(shutdown, Duration::from_secs(1)) {
-            break;
+            bus: None,
         }
     }
-    for (kind, name, host) in pending {
-        tracing::warn!(
-            client = %client_id(&kind, &name, &host),
-            "the config service did not say whether it is configured; waiting for plugin.configuration events"
-        );
+
+    /// Takes the answers that came and sends what is due.
+    fn step(&mut self, registry: &mut Registry, now: Instant) {
+        let mut answered = Vec::new();
+        self.in_flight.retain_mut(|(id, reply)| {
+            let Some(outcome) = reply.try_take() else { return true };
+            let configured = outcome
+                .ok()
+                .and_then(|body| Message::from_frames(&body).ok())
+                .and_then(|reply| reply.data.get("configured").and_then(Value::as_bool));
+            match configured {
+                Some(configured) => {
+                    registry.set_configured(&id.to_string(), configured);
+                    answered.push(id.clone());
+                }
+                None => tracing::debug!(client = %id, "config.get not answered yet"),
+            }
+            false
+        });
+        self.pending.retain(|id| !answered.contains(id));
+        if self.pending.is_empty() {
+            self.bus = None;
+            return;
+        }
+        if !self.in_flight.is_empty() || now < self.next_round {
+            return;
+        }
+        if now >= self.deadline {
+            for id in self.pending.drain(..) {
+                tracing::warn!(
+                    client = %id,
+                    "the config service did not say whether it is configured; waiting for plugin.configuration events"
+                );
+            }
+            self.bus = None;
+            return;
+        }
+        if self.bus.is_none() {
+            match AsyncClient::connect(&self.broker) {
+                Ok(bus) => self.bus = Some(bus),
+                Err(e) => tracing::debug!(error = %e, "cannot reach the broker to ask the config service"),
+            }
+        }
+        if let Some(bus) = &self.bus {
+            for id in &self.pending {
+                let ask = json!({"type": id.kind, "name": id.name, "host": id.host});
+                let body = Message::new("config.get", ask).to_frames();
+                self.in_flight
+                    .push((id.clone(), bus.request("config", body, self.timeout)));
+            }
+        }
+        self.next_round = now + Duration::from_secs(1);
     }
 }
 
@@ -934,9 +981,13 @@ pub fn run(
         environment,
         log_dir: PathBuf::from(log_dir),
     };
-    let (supervisor, supervisor_thread) = supervisor::start(registry.clone(), &manifests, settings, wiring, shutdown)?;
+    let (reports, reported) = mpsc::channel();
+    take(&registry).follow(reported);
+    let (supervisor, supervisor_thread) =
+        supervisor::start(&manifests, settings.supervisor(), wiring, reports, shutdown)?;
 
-    let (shared, stop) = (registry.clone(), shutdown.clone());
+    let (shared, stop, told) = (registry.clone(), shutdown.clone(), supervisor.clone());
+    let mut asker = ConfigAsker::new(&take(&registry), &endpoints.broker, Instant::now());
     let follower = thread::Builder::new()
         .name("manager-status".into())
         .spawn(move || -> Result<(), ClientError> {
@@ -944,19 +995,26 @@ pub fn run(
             while !stop.is_triggered() {
                 let event = subscriber.recv(Duration::from_millis(250))?;
                 let now = Instant::now();
-                let mut registry = lock(&shared);
+                let mut registry = take(&shared);
                 match event {
                     Some(e) if e.category == "plugin.configuration" => {
                         registry.on_configuration(&e.data);
                     }
-                    Some(e) => {
-                        registry.on_status(&e.data, now);
-                    }
+                    Some(e) => match PluginStatus::parse(&e.data) {
+                        Ok(status) => {
+                            registry.on_plugin_status(&status, now);
+                            // The supervisor tells a plugin that meant to
+                            // stop from one that crashed.
+                            told.said(status.id(), status.event);
+                        }
+                        Err(_) => registry.malformed += 1,
+                    },
                     None => {}
                 }
                 registry.tick(now);
+                asker.step(&mut registry, now);
                 // Changes come from this thread, the supervisor and the
-                // config thread alike; this one publishes them all, at most
+                // config service alike; this one publishes them all, at most
                 // a quarter of a second late.
                 if published != Some(registry.changes()) {
                     published = Some(registry.changes());
@@ -972,25 +1030,21 @@ pub fn run(
             Ok(())
         })?;
 
-    let (shared, stop, broker) = (registry.clone(), shutdown.clone(), endpoints.broker.clone());
-    let asker = thread::Builder::new()
-        .name("manager-config".into())
-        .spawn(move || ask_configured(&shared, &broker, &stop))?;
-
     let shared = registry.clone();
     let handler = domogik_handler(move |message: Message| match message.action.as_str() {
         "plugin.start.do" | "plugin.stop.do" => supervise(&shared, &supervisor, &message),
-        _ => lock(&shared).handle(&message),
+        _ => take(&shared).handle(&message),
     });
     let served = Worker::new(&endpoints.broker, "manager", WorkerOptions::default()).run(handler, shutdown);
 
     // The worker ends at shutdown (or fails to start); the other threads
     // end at shutdown too, the supervisor once every child is reaped.
     let followed = follower.join().map_err(|_| ManagerError::Panicked("status"))?;
-    asker.join().map_err(|_| ManagerError::Panicked("config"))?;
     supervisor_thread
         .join()
         .map_err(|_| ManagerError::Panicked("supervisor"))?;
+    // What the supervisor said last (the plugins it stopped) is recorded.
+    take(&registry).catch_up(Instant::now());
     // The last reference: dropping it finishes the history writes.
     drop(registry);
     served?;
@@ -1151,10 +1205,7 @@ mod tests {
         let mut registry = Registry::new(vec![manifest], settings());
         let t0 = Instant::now();
         assert!(registry.on_process(
-            "plugin-fake.box",
-            Some(42),
-            "starting",
-            "started by the manager, pid 42",
+            &report(Some(42), ClientStatus::Starting, "started by the manager, pid 42"),
             t0
         ));
         let detail = registry.detail(Some("plugin-fake.box"));
@@ -1163,12 +1214,20 @@ mod tests {
         // A plugin that never speaks is dead after the usual silence.
         assert!(!registry.tick(t0 + Duration::from_secs(29)));
         assert!(registry.tick(t0 + Duration::from_secs(30)));
-        assert!(registry.on_process("plugin-fake.box", None, "dead", "exited with status 3", t0));
+        assert!(registry.on_process(&report(None, ClientStatus::Dead, "exited with status 3"), t0));
         assert_eq!(registry.pid("plugin-fake.box"), None);
-        assert!(
-            !registry.on_process("nonsense", None, "dead", "", t0),
-            "ids must be <type>-<name>.<host>"
-        );
+        // (An id that is not <type>-<name>.<host> cannot be reported: a
+        // ClientId is always one.)
+    }
+
+    /// What the supervisor reports of plugin-fake.box.
+    fn report(pid: Option<u32>, status: ClientStatus, comment: &str) -> ProcessEvent {
+        ProcessEvent {
+            id: ClientId::new("plugin", "fake", "box"),
+            pid,
+            status,
+            comment: comment.into(),
+        }
     }
 
     #[test]
@@ -1188,14 +1247,11 @@ mod tests {
         assert_eq!(registry.running_unsupervised("plugin-fake.box"), None);
         registry.on_status(&json!({"id": "fake", "host": "box", "event": "alive"}), t0);
         assert_eq!(
-            registry.running_unsupervised("plugin-fake.box").as_deref(),
-            Some("alive")
+            registry.running_unsupervised("plugin-fake.box"),
+            Some(ClientStatus::Alive)
         );
         registry.on_process(
-            "plugin-fake.box",
-            Some(7),
-            "starting",
-            "started by the manager, pid 7",
+            &report(Some(7), ClientStatus::Starting, "started by the manager, pid 7"),
             t0,
         );
         assert_eq!(registry.running_unsupervised("plugin-fake.box"), None, "ours now");
@@ -1238,12 +1294,8 @@ mod tests {
         assert_eq!(times, [4.0, 3.0, 2.0], "newest first");
         assert!(!registry.tick(t0 + Duration::from_secs(29)));
         assert!(registry.tick(t0 + Duration::from_secs(30)));
-        assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("dead"));
-        assert_eq!(registry.status("core-rest.box").as_deref(), Some("stopped"));
-        assert_eq!(
-            split_client_id("plugin-my-plugin.box"),
-            Some(("plugin", "my-plugin", "box"))
-        );
+        assert_eq!(registry.status("plugin-fake.box"), Some(ClientStatus::Dead));
+        assert_eq!(registry.status("core-rest.box"), Some(ClientStatus::Stopped));
     }
 
     #[test]
@@ -1331,7 +1383,7 @@ mod tests {
         };
         assert_eq!(statuses("plugin-fake.box"), ["stopped", "stop-request", "alive"]);
         assert_eq!(statuses("plugin-other.box"), ["alive"]);
-        assert_eq!(registry.status("plugin-fake.box").as_deref(), Some("stopped"));
+        assert_eq!(registry.status("plugin-fake.box"), Some(ClientStatus::Stopped));
         drop(registry);
         // A lower limit trims the table itself at the next start.
         let fewer = ManagerSettings {

@@ -10,8 +10,10 @@
 //! few times a second, escalates stops (the plugin's own `plugin.stop.do`,
 //! then SIGTERM, then SIGKILL, each after a grace period) and restarts
 //! crashed plugins whose manifest says `restart`, with a doubling backoff
-//! and a limit per window ([`Restarts`]). Every status change goes to the
-//! manager's [`Registry`], which records and publishes it.
+//! and a limit per window ([`Restarts`]). Every status change goes out as
+//! a [`ProcessEvent`] on a channel; the manager records and publishes them.
+//! The supervisor never touches the manager's registry: what it needs to
+//! know of a client's status comes with each request.
 //!
 //! Each child leads its own process group, so a stop reaches whatever the
 //! plugin started too (a shell script's children, say), and whatever is
@@ -24,16 +26,54 @@ use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use majordome_client::{Client, ClientOptions, Message, Shutdown};
+use majordome_api::{ClientId, ClientStatus};
+use majordome_client::{AsyncClient, Message, PendingReply, Shutdown};
+use nix::errno::Errno;
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{getpid, getppid, Pid};
 use serde_json::json;
 
-use crate::lock;
-use crate::manager::{client_id, ManagerSettings, Registry};
 use crate::manifest::Manifest;
+
+/// The supervisor's timers and bounds (the manager's settings give them).
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    /// The host whose plugins it runs.
+    pub host: String,
+    /// How long the plugin's own `plugin.stop.do` may take.
+    pub stop_request_timeout: Duration,
+    /// After `plugin.stop.do`, how long a plugin has to exit before SIGTERM.
+    pub stop_grace: Duration,
+    /// After SIGTERM, how long before SIGKILL.
+    pub kill_grace: Duration,
+    /// `stop_grace` and `kill_grace` when the supervisor itself stops.
+    pub shutdown_stop_grace: Duration,
+    pub shutdown_kill_grace: Duration,
+    /// The first delay before a restart, doubling, and the longest.
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    /// Restarts within `restart_window` before it gives up.
+    pub restart_limit: u32,
+    pub restart_window: Duration,
+    /// How often it looks for children that exited.
+    pub reap_interval: Duration,
+}
+
+/// What the supervisor saw happen to a plugin it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessEvent {
+    pub id: ClientId,
+    /// Its process, while it runs.
+    pub pid: Option<u32>,
+    pub status: ClientStatus,
+    pub comment: String,
+}
 
 /// When and how often a crashed plugin is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +90,7 @@ pub struct RestartPolicy {
 
 impl RestartPolicy {
     /// The policy of a manager's settings.
-    pub fn of(settings: &ManagerSettings) -> RestartPolicy {
+    pub fn of(settings: &SupervisorSettings) -> RestartPolicy {
         RestartPolicy {
             backoff: settings.restart_backoff,
             backoff_max: settings.restart_backoff_max,
@@ -132,20 +172,7 @@ pub fn describe_exit(status: ExitStatus) -> String {
 }
 
 fn signal_name(signal: i32) -> Option<&'static str> {
-    Some(match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => return None,
-    })
+    Signal::try_from(signal).ok().map(Signal::as_str)
 }
 
 /// The program and arguments of a manifest's `command`. The program
@@ -163,57 +190,20 @@ pub fn resolve_command(command: &[String]) -> Result<(PathBuf, &[String]), Strin
 }
 
 /// `unix` seconds as `YYYY-MM-DD hh:mm:ss UTC`, for the log files' start
-/// lines (the manager has no time zone database, and a log read on
-/// another machine is clearer in UTC anyway).
+/// lines (a log read on another machine is clearer in UTC anyway).
 pub fn utc(unix: f64) -> String {
-    let total = unix.max(0.0) as u64;
-    let (mut days, rest) = (total / 86_400, total % 86_400);
-    // Gregorian: every fourth year, but not centuries, unless divisible
-    // by 400. (Written as a match: `is_multiple_of` is newer than the
-    // workspace's rust-version.)
-    let leap = |y: u64| matches!((y % 4, y % 100, y % 400), (0, 1.., _) | (_, _, 0));
-    let mut year = 1970;
-    while days >= if leap(year) { 366 } else { 365 } {
-        days -= if leap(year) { 366 } else { 365 };
-        year += 1;
+    let second = unix.max(0.0) as i64;
+    match jiff::Timestamp::from_second(second) {
+        Ok(time) => time.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Err(_) => format!("{second} s after 1970 (UTC)"),
     }
-    let lengths = [
-        31,
-        if leap(year) { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    let mut month = 0;
-    while days >= lengths[month] {
-        days -= lengths[month];
-        month += 1;
-    }
-    format!(
-        "{year:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-        month + 1,
-        days + 1,
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
 }
 
 /// Sends `signal` to the process group led by `pid`. The caller has not
 /// reaped `pid` yet, so the number cannot belong to anyone else.
-fn signal_group(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory effects; see above for why the group
-    // is still ours.
-    let sent = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
-    if sent != 0 {
-        tracing::debug!(pid, signal, error = %std::io::Error::last_os_error(), "could not signal a plugin");
+fn signal_group(pid: u32, signal: Signal) {
+    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
+        tracing::debug!(pid, %signal, error = %e, "could not signal a plugin");
     }
 }
 
@@ -221,17 +211,13 @@ fn signal_group(pid: u32, signal: i32) {
 /// zombie its pid, and so its process group's id, stay ours, and what is
 /// left in the group can still be signalled safely.
 fn has_exited(pid: u32) -> bool {
-    // SAFETY: a zeroed siginfo_t is a valid value, and waitid only writes it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-    // SAFETY: waitid on our own child with a valid siginfo_t.
-    let result = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
-    if result != 0 {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(_) => true,
         // ECHILD: reaped already, so certainly ended.
-        return true;
+        Err(_) => true,
     }
-    // SAFETY: waitid filled `info` (or left it zeroed, so si_pid is 0).
-    unsafe { info.si_pid() != 0 }
 }
 
 /// Starts `manifest`'s command with `environment`, its output appended to
@@ -268,21 +254,19 @@ fn spawn(manifest: &Manifest, environment: &[(String, String)], log_dir: &Path) 
         .stdout(log)
         .stderr(errors)
         .process_group(0);
-    // SAFETY: getpid is async-signal-safe.
-    let manager = unsafe { libc::getpid() };
-    // SAFETY: the closure runs in the child between fork and exec; it only
-    // calls prctl and getppid, both async-signal-safe, and builds an error
-    // without allocating.
+    let manager = getpid();
+    // SAFETY: `pre_exec` is unsafe because its closure runs in the child
+    // between fork and exec, where only async-signal-safe calls are sound.
+    // This one makes two system calls (prctl, getppid) and builds its error
+    // from a number, without allocating. std offers no safe way to set the
+    // parent-death signal of a child, so this is the one `unsafe` left.
     unsafe {
         command.pre_exec(move || {
-            // Variadic: pass the signal as the unsigned long the kernel reads.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            set_pdeathsig(Signal::SIGTERM)?;
             // The manager may have died between fork and prctl; then the
             // signal will never come, so do not start an orphan at all.
-            if libc::getppid() != manager {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            if getppid() != manager {
+                return Err(std::io::Error::from_raw_os_error(Errno::ESRCH as i32));
             }
             Ok(())
         });
@@ -325,11 +309,17 @@ enum Phase {
 
 /// One plugin this host can run.
 struct Plugin {
+    id: ClientId,
     manifest: Manifest,
     process: Option<Child>,
     started_at: Instant,
     phase: Phase,
     restarts: Restarts,
+    /// It said `stopped` itself since it was started (someone sent
+    /// `plugin.stop.do` to its own service): its exit is no crash.
+    said_stopped: bool,
+    /// Its answer to the `plugin.stop.do` the supervisor sent, to come.
+    asking: Option<PendingReply>,
 }
 
 /// Who asked for a start.
@@ -345,16 +335,19 @@ enum Request {
     Start {
         kind: String,
         name: String,
+        /// The status of the client when someone else runs it.
+        elsewhere: Option<ClientStatus>,
         reply: mpsc::Sender<Result<u32, String>>,
     },
     Stop {
         kind: String,
         name: String,
+        /// The client's status as the manager knows it, for the answer.
+        known: Option<ClientStatus>,
         reply: mpsc::Sender<Result<(), String>>,
     },
-    /// From a messenger: the plugin `id` could not be asked to stop, or
-    /// refused, so there is no clean stop to wait for.
-    NoCleanStop { id: String },
+    /// A plugin said this status itself (its `plugin.status` event).
+    Said { id: ClientId, status: ClientStatus },
 }
 
 /// The way to the supervisor thread, for the manager's request handler.
@@ -368,13 +361,15 @@ pub(crate) struct SupervisorHandle {
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 impl SupervisorHandle {
-    /// Starts a plugin; its pid, or why not.
-    pub(crate) fn start(&self, kind: &str, name: &str) -> Result<u32, String> {
+    /// Starts a plugin; its pid, or why not. `elsewhere`: the client is
+    /// running already, started by someone else, in that status.
+    pub(crate) fn start(&self, kind: &str, name: &str, elsewhere: Option<ClientStatus>) -> Result<u32, String> {
         let (reply, answer) = mpsc::channel();
         self.ask(
             Request::Start {
                 kind: kind.to_owned(),
                 name: name.to_owned(),
+                elsewhere,
                 reply,
             },
             answer,
@@ -382,16 +377,24 @@ impl SupervisorHandle {
     }
 
     /// Begins stopping a plugin; returns once the stop is under way.
-    pub(crate) fn stop(&self, kind: &str, name: &str) -> Result<(), String> {
+    /// `known`: its status as the manager knows it.
+    pub(crate) fn stop(&self, kind: &str, name: &str, known: Option<ClientStatus>) -> Result<(), String> {
         let (reply, answer) = mpsc::channel();
         self.ask(
             Request::Stop {
                 kind: kind.to_owned(),
                 name: name.to_owned(),
+                known,
                 reply,
             },
             answer,
         )
+    }
+
+    /// Tells the supervisor what a client said of itself.
+    pub(crate) fn said(&self, id: ClientId, status: ClientStatus) {
+        // Gone only when the manager stops.
+        let _ = self.requests.send(Request::Said { id, status });
     }
 
     fn ask<T>(&self, request: Request, answer: mpsc::Receiver<Result<T, String>>) -> Result<T, String> {
@@ -421,10 +424,10 @@ pub(crate) struct Wiring {
 /// autostarts those that say so, and on `shutdown` stops every child and
 /// reaps it before the thread ends.
 pub(crate) fn start(
-    registry: Arc<Mutex<Registry>>,
     manifests: &[Manifest],
-    settings: ManagerSettings,
+    settings: SupervisorSettings,
     wiring: Wiring,
+    events: mpsc::Sender<ProcessEvent>,
     shutdown: &Shutdown,
 ) -> std::io::Result<(SupervisorHandle, JoinHandle<()>)> {
     let now = Instant::now();
@@ -432,25 +435,28 @@ pub(crate) fn start(
         .iter()
         .filter(|m| !m.command.is_empty())
         .map(|m| {
+            let id = ClientId::new(&m.kind, &m.name, &settings.host);
             let plugin = Plugin {
+                id: id.clone(),
                 manifest: m.clone(),
                 process: None,
                 started_at: now,
                 phase: Phase::Idle,
                 restarts: Restarts::default(),
+                said_stopped: false,
+                asking: None,
             };
-            (client_id(&m.kind, &m.name, &settings.host), plugin)
+            (id.to_string(), plugin)
         })
         .collect();
     let (requests, inbox) = mpsc::channel();
     let mut supervisor = Supervisor {
-        requests: requests.clone(),
-        registry,
+        events,
         policy: RestartPolicy::of(&settings),
         settings,
         wiring,
         plugins,
-        messengers: Vec::new(),
+        bus: None,
     };
     let shutdown = shutdown.clone();
     let thread = thread::Builder::new()
@@ -460,16 +466,16 @@ pub(crate) fn start(
 }
 
 struct Supervisor {
-    /// Its own way in, for the messengers' answers.
-    requests: mpsc::Sender<Request>,
-    registry: Arc<Mutex<Registry>>,
-    settings: ManagerSettings,
+    /// Where what it does goes (to the manager's registry).
+    events: mpsc::Sender<ProcessEvent>,
+    settings: SupervisorSettings,
     policy: RestartPolicy,
     wiring: Wiring,
     /// By client id; only plugins with a command.
     plugins: BTreeMap<String, Plugin>,
-    /// Threads sending `plugin.stop.do`; joined before the supervisor ends.
-    messengers: Vec<JoinHandle<()>>,
+    /// The bus, while a `plugin.stop.do` it sent is unanswered: many stops
+    /// in flight share it, and it goes (with its I/O thread) once none is.
+    bus: Option<AsyncClient>,
 }
 
 impl Supervisor {
@@ -492,7 +498,6 @@ impl Supervisor {
                 self.answer(request);
             }
             self.poll(Instant::now());
-            self.messengers.retain(|m| !m.is_finished());
         }
         self.stop_everything(inbox);
     }
@@ -516,17 +521,36 @@ impl Supervisor {
 
     fn answer(&mut self, request: Request) {
         match request {
-            Request::Start { kind, name, reply } => {
-                let id = client_id(&kind, &name, &self.settings.host);
-                let result = self.start(&id, Origin::User, Instant::now());
+            Request::Start {
+                kind,
+                name,
+                elsewhere,
+                reply,
+            } => {
+                let id = ClientId::new(&kind, &name, &self.settings.host).to_string();
+                let result = match elsewhere {
+                    Some(status) => Err(format!(
+                        "{id} is already running (status {status}) but was not started by this manager; stop it first"
+                    )),
+                    None => self.start(&id, Origin::User, Instant::now()),
+                };
                 let _ = reply.send(result);
             }
-            Request::Stop { kind, name, reply } => {
-                let id = client_id(&kind, &name, &self.settings.host);
-                let result = self.stop(&id, StopCause::Request, Instant::now());
+            Request::Stop {
+                kind,
+                name,
+                known,
+                reply,
+            } => {
+                let id = ClientId::new(&kind, &name, &self.settings.host).to_string();
+                let result = self.stop(&id, StopCause::Request, known, Instant::now());
                 let _ = reply.send(result);
             }
-            Request::NoCleanStop { id } => self.no_clean_stop(&id, Instant::now()),
+            Request::Said { id, status } => {
+                if let Some(plugin) = self.plugins.get_mut(&id.to_string()) {
+                    plugin.said_stopped = status == ClientStatus::Stopped;
+                }
+            }
         }
     }
 
@@ -546,8 +570,16 @@ impl Supervisor {
         }
     }
 
-    fn report(&self, id: &str, pid: Option<u32>, status: &str, comment: &str) {
-        lock(&self.registry).on_process(id, pid, status, comment, Instant::now());
+    fn report(&self, id: &str, pid: Option<u32>, status: ClientStatus, comment: &str) {
+        let Some(plugin) = self.plugins.get(id) else { return };
+        let event = ProcessEvent {
+            id: plugin.id.clone(),
+            pid,
+            status,
+            comment: comment.to_owned(),
+        };
+        // Gone only when the manager stops, and then nobody needs to know.
+        let _ = self.events.send(event);
     }
 
     fn start(&mut self, id: &str, origin: Origin, now: Instant) -> Result<u32, String> {
@@ -561,12 +593,8 @@ impl Supervisor {
             (Phase::Stopping(_), _) => return Err(format!("{id} is stopping; start it again once it has stopped")),
             _ => {}
         }
+        plugin.said_stopped = false;
         if origin == Origin::User {
-            if let Some(status) = lock(&self.registry).running_unsupervised(id) {
-                return Err(format!(
-                    "{id} is already running (status {status}) but was not started by this manager; stop it first"
-                ));
-            }
             // A start by hand is a fresh start: earlier crashes no longer
             // count towards the restart limit.
             plugin.restarts.clear();
@@ -586,7 +614,7 @@ impl Supervisor {
                     ),
                 };
                 tracing::info!(plugin = %id, pid, "{comment}");
-                self.report(id, Some(pid), "starting", &comment);
+                self.report(id, Some(pid), ClientStatus::Starting, &comment);
                 Ok(pid)
             }
             Err(reason) => {
@@ -601,10 +629,10 @@ impl Supervisor {
                     if let Some(plugin) = self.plugins.get_mut(id) {
                         plugin.phase = phase;
                     }
-                    self.report(id, None, "dead", &comment);
+                    self.report(id, None, ClientStatus::Dead, &comment);
                 } else {
                     plugin.phase = Phase::Idle;
-                    self.report(id, None, "dead", &format!("could not start: {reason}"));
+                    self.report(id, None, ClientStatus::Dead, &format!("could not start: {reason}"));
                 }
                 Err(format!("cannot start {id}: {reason}"))
             }
@@ -631,15 +659,14 @@ impl Supervisor {
         }
     }
 
-    fn stop(&mut self, id: &str, cause: StopCause, now: Instant) -> Result<(), String> {
+    fn stop(&mut self, id: &str, cause: StopCause, known: Option<ClientStatus>, now: Instant) -> Result<(), String> {
         // SIGKILL's own grace is chosen in `poll`, once SIGTERM has gone.
         let stop_grace = match cause {
             StopCause::Request => self.settings.stop_grace,
             StopCause::Shutdown => self.settings.shutdown_stop_grace,
         };
         let Some(plugin) = self.plugins.get_mut(id) else {
-            let status = lock(&self.registry).status(id);
-            return Err(match status {
+            return Err(match known {
                 Some(status) => format!(
                     "{id} was not started by this manager (status {status}); send plugin.stop.do to its own service {id}"
                 ),
@@ -662,64 +689,87 @@ impl Supervisor {
                     StopCause::Request => "stop requested".to_owned(),
                     StopCause::Shutdown => "stopping because the manager stops".to_owned(),
                 };
-                self.report(id, pid, "stop-request", &comment);
+                self.report(id, pid, ClientStatus::StopRequest, &comment);
                 Ok(())
             }
             // Already on its way: a second request changes nothing.
             Phase::Stopping(_) => Ok(()),
             Phase::RestartAt { .. } => {
                 plugin.phase = Phase::Idle;
-                self.report(id, None, "stopped", "stopped on request while waiting to be restarted");
+                self.report(
+                    id,
+                    None,
+                    ClientStatus::Stopped,
+                    "stopped on request while waiting to be restarted",
+                );
                 Ok(())
             }
             Phase::Idle => {
-                let status = lock(&self.registry).status(id).unwrap_or_else(|| "unknown".to_owned());
+                let status = known.unwrap_or(ClientStatus::Unknown);
                 Err(format!("{id} is not running (status {status})"))
             }
         }
     }
 
-    /// Sends the plugin its own `plugin.stop.do`, from a short-lived thread
-    /// so that reaping and other requests go on meanwhile (that thread
-    /// starts no process, so its end signals nobody).
-    fn ask_to_stop(&mut self, service: &str, kind: &str, name: &str, timeout: Duration) {
-        let broker = self.wiring.broker.clone();
-        let service = service.to_owned();
-        let answer = self.requests.clone();
-        let data = json!({"type": kind, "name": name, "id": name, "host": self.settings.host});
-        let sent = thread::Builder::new().name("manager-stop".into()).spawn(move || {
-            let mut client = Client::new(
-                &broker,
-                ClientOptions {
-                    timeout,
-                    retries: 0,
-                    // The broker is normally on this machine: a connection
-                    // that takes this long is one that will not come.
-                    connect_timeout: timeout.min(Duration::from_millis(500)),
-                },
-            );
-            match client.request_message(&service, &Message::new("plugin.stop.do", data)) {
-                Ok(reply) if reply.status() != Some(false) => {
-                    tracing::debug!(%service, "the plugin agreed to stop");
+    /// Sends the plugin its own `plugin.stop.do`; [`Supervisor::poll`]
+    /// looks for the answer, so reaping and other requests go on meanwhile.
+    fn ask_to_stop(&mut self, id: &str, kind: &str, name: &str, timeout: Duration) {
+        if self.bus.is_none() {
+            match AsyncClient::connect(&self.wiring.broker) {
+                Ok(bus) => self.bus = Some(bus),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot reach the broker to ask a plugin to stop");
+                    self.no_clean_stop(id, Instant::now());
                     return;
                 }
-                Ok(reply) => {
-                    tracing::debug!(%service, reason = reply.reason().unwrap_or_default(), "no clean stop")
-                }
-                Err(e) => tracing::debug!(%service, error = %e, "no clean stop"),
             }
-            // The supervisor may have ended meanwhile; then nobody needs to know.
-            let _ = answer.send(Request::NoCleanStop { id: service });
-        });
-        match sent {
-            Ok(thread) => self.messengers.push(thread),
-            // Not fatal: SIGTERM follows after the grace anyway.
-            Err(e) => tracing::warn!(error = %e, "cannot start a thread to ask a plugin to stop"),
+        }
+        let (Some(bus), Some(plugin)) = (self.bus.as_ref(), self.plugins.get_mut(id)) else {
+            return;
+        };
+        let data = json!({"type": kind, "name": name, "id": name, "host": self.settings.host});
+        let body = Message::new("plugin.stop.do", data).to_frames();
+        plugin.asking = Some(bus.request(id, body, timeout));
+    }
+
+    /// Takes the answers to `plugin.stop.do` that have come: a plugin that
+    /// cannot be asked, or refuses, gets SIGTERM at once.
+    fn take_stop_answers(&mut self, now: Instant) {
+        let mut refused = Vec::new();
+        for (id, plugin) in &mut self.plugins {
+            let Some(outcome) = plugin.asking.as_mut().and_then(PendingReply::try_take) else {
+                continue;
+            };
+            plugin.asking = None;
+            match outcome.map(|body| Message::from_frames(&body)) {
+                Ok(Ok(reply)) if reply.status() != Some(false) => {
+                    tracing::debug!(plugin = %id, "the plugin agreed to stop");
+                }
+                Ok(Ok(reply)) => {
+                    tracing::debug!(plugin = %id, reason = reply.reason().unwrap_or_default(), "no clean stop");
+                    refused.push(id.clone());
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(plugin = %id, error = %e, "no clean stop: its answer is not Domogik's");
+                    refused.push(id.clone());
+                }
+                Err(e) => {
+                    tracing::debug!(plugin = %id, error = %e, "no clean stop");
+                    refused.push(id.clone());
+                }
+            }
+        }
+        for id in refused {
+            self.no_clean_stop(&id, now);
+        }
+        if self.plugins.values().all(|p| p.asking.is_none()) {
+            self.bus = None;
         }
     }
 
     /// Reaps what exited, escalates stops, restarts what is due.
     fn poll(&mut self, now: Instant) {
+        self.take_stop_answers(now);
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
             let Some(plugin) = self.plugins.get_mut(&id) else {
@@ -730,7 +780,7 @@ impl Supervisor {
                 if has_exited(pid) {
                     // Whatever the plugin left in its group goes with it,
                     // while the group's id is still safely ours.
-                    signal_group(pid, libc::SIGKILL);
+                    signal_group(pid, Signal::SIGKILL);
                     let how = match child.wait() {
                         Ok(status) => describe_exit(status),
                         Err(e) => format!("ended (its status could not be read: {e})"),
@@ -741,7 +791,7 @@ impl Supervisor {
                 }
                 if let Phase::Stopping(mut stopping) = plugin.phase {
                     if stopping.kill_at.is_none() && now >= stopping.term_at {
-                        signal_group(pid, libc::SIGTERM);
+                        signal_group(pid, Signal::SIGTERM);
                         let kill_grace = match stopping.cause {
                             StopCause::Request => self.settings.kill_grace,
                             StopCause::Shutdown => self.settings.shutdown_kill_grace,
@@ -749,7 +799,7 @@ impl Supervisor {
                         stopping.kill_at = Some(now + kill_grace);
                     } else if let (Some(kill_at), None) = (stopping.kill_at, stopping.killed) {
                         if now >= kill_at {
-                            signal_group(pid, libc::SIGKILL);
+                            signal_group(pid, Signal::SIGKILL);
                             stopping.killed = Some((now, now.saturating_duration_since(stopping.term_at)));
                         }
                     }
@@ -765,8 +815,10 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, id: &str, how: &str, now: Instant) {
-        let said_stopped = lock(&self.registry).status(id).as_deref() == Some("stopped");
         let Some(plugin) = self.plugins.get_mut(id) else { return };
+        let said_stopped = plugin.said_stopped;
+        // Its answer to a stop, if any, no longer matters.
+        plugin.asking = None;
         tracing::info!(plugin = %id, "{how}");
         match plugin.phase {
             Phase::Stopping(stopping) => {
@@ -779,17 +831,17 @@ impl Supervisor {
                     StopCause::Request => format!("stopped on request ({how}{forced})"),
                     StopCause::Shutdown => format!("stopped with the manager ({how}{forced})"),
                 };
-                self.report(id, None, "stopped", &comment);
+                self.report(id, None, ClientStatus::Stopped, &comment);
             }
             // A plugin that said it stopped (someone sent plugin.stop.do to
             // its own service) meant to end: it is not restarted.
             _ if said_stopped => {
                 plugin.phase = Phase::Idle;
-                self.report(id, None, "stopped", &format!("stopped by itself ({how})"));
+                self.report(id, None, ClientStatus::Stopped, &format!("stopped by itself ({how})"));
             }
             _ if !plugin.manifest.restart => {
                 plugin.phase = Phase::Idle;
-                self.report(id, None, "dead", how);
+                self.report(id, None, ClientStatus::Dead, how);
             }
             _ => {
                 let decision = plugin.restarts.after_exit(&self.policy, plugin.started_at, now);
@@ -797,7 +849,7 @@ impl Supervisor {
                 if let Some(plugin) = self.plugins.get_mut(id) {
                     plugin.phase = phase;
                 }
-                self.report(id, None, "dead", &comment);
+                self.report(id, None, ClientStatus::Dead, &comment);
             }
         }
     }
@@ -813,11 +865,11 @@ impl Supervisor {
             };
             match plugin.phase {
                 Phase::Running => {
-                    let _ = self.stop(id, StopCause::Shutdown, now);
+                    let _ = self.stop(id, StopCause::Shutdown, None, now);
                 }
                 Phase::RestartAt { .. } => {
                     plugin.phase = Phase::Idle;
-                    self.report(id, None, "dead", "not restarted: the manager stopped");
+                    self.report(id, None, ClientStatus::Dead, "not restarted: the manager stopped");
                 }
                 Phase::Stopping(_) | Phase::Idle => {}
             }
@@ -854,14 +906,16 @@ impl Supervisor {
                 Ok(Request::Stop { reply, .. }) => {
                     let _ = reply.send(Err("the manager is stopping".to_owned()));
                 }
-                Ok(Request::NoCleanStop { id }) => self.no_clean_stop(&id, Instant::now()),
+                Ok(Request::Said { id, status }) => {
+                    if let Some(plugin) = self.plugins.get_mut(&id.to_string()) {
+                        plugin.said_stopped = status == ClientStatus::Stopped;
+                    }
+                }
                 // Time to poll again.
                 Err(_) => {}
             }
         }
-        for messenger in self.messengers.drain(..) {
-            let _ = messenger.join();
-        }
+        self.bus = None;
     }
 }
 

@@ -1,0 +1,133 @@
+//! majordome's bus API, typed: one Rust type per action and event of the
+//! core services, and one enum per service whose `parse` reads a Domogik
+//! [`Message`] once (as mini-redis's `Command::from_frame` does), so a
+//! service's handler matches on variants, never on strings. No I/O: the
+//! services, the plugin SDK and the gateway use these types; the bytes on
+//! the wire are what Domogik's clients send and read.
+//!
+//! With the `schema` feature every type also derives a JSON Schema, for
+//! the gateway's OpenAPI document.
+
+pub mod client;
+
+pub use client::{ClientId, ClientStatus};
+pub use events::PluginStatus;
+pub use majordome_mdp::domogik::Message;
+pub mod events;
+
+use serde_json::{Map, Value};
+
+/// A message the API cannot read, naming what is wrong; its text is the
+/// `reason` a service answers with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The data is not a JSON object.
+    #[error("{what} needs a JSON object, not {found}")]
+    NotAnObject { what: String, found: String },
+    #[error("{what} needs '{field}'{example}")]
+    Missing {
+        what: String,
+        field: &'static str,
+        example: String,
+    },
+    #[error("{what}: '{field}' {why}")]
+    Invalid {
+        what: String,
+        field: &'static str,
+        why: String,
+    },
+    #[error("unknown action '{action}': the {service} service answers {known}")]
+    UnknownAction {
+        service: &'static str,
+        action: String,
+        known: String,
+    },
+}
+
+impl ApiError {
+    /// The field at fault, if one is.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Missing { field, .. } | ApiError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// The fields of a message's data, read with errors that name the action
+/// and the field: the one place that reads untyped JSON.
+pub(crate) struct Fields<'a> {
+    what: &'a str,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn of(what: &'a str, data: &'a Value) -> Result<Fields<'a>, ApiError> {
+        match data {
+            Value::Object(map) => Ok(Fields { what, map }),
+            other => Err(ApiError::NotAnObject {
+                what: what.to_owned(),
+                found: kind_of(other).to_owned(),
+            }),
+        }
+    }
+
+    pub(crate) fn invalid(&self, field: &'static str, why: impl Into<String>) -> ApiError {
+        ApiError::Invalid {
+            what: self.what.to_owned(),
+            field,
+            why: why.into(),
+        }
+    }
+
+    fn missing(&self, field: &'static str) -> ApiError {
+        ApiError::Missing {
+            what: self.what.to_owned(),
+            field,
+            example: String::new(),
+        }
+    }
+
+    /// A present, non-null field.
+    pub(crate) fn value(&self, field: &str) -> Option<&'a Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    /// A non-empty string, if there is one; another type is an error.
+    pub(crate) fn optional_text(&self, field: &'static str) -> Result<Option<String>, ApiError> {
+        match self.value(field) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.invalid(field, format!("must be a string, not {}", kind_of(other)))),
+        }
+    }
+
+    pub(crate) fn text(&self, field: &'static str) -> Result<String, ApiError> {
+        self.optional_text(field)?.ok_or_else(|| self.missing(field))
+    }
+
+    pub(crate) fn text_or(&self, field: &'static str, default: &str) -> Result<String, ApiError> {
+        Ok(self.optional_text(field)?.unwrap_or_else(|| default.to_owned()))
+    }
+
+    /// `first`, or else `second`; missing both names `first`.
+    pub(crate) fn either(&self, first: &'static str, second: &'static str) -> Result<String, ApiError> {
+        match self.optional_text(first)? {
+            Some(text) => Ok(text),
+            None => self.optional_text(second)?.ok_or_else(|| self.missing(first)),
+        }
+    }
+}
+
+/// How a JSON value is named in an error.
+pub(crate) fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
