@@ -9,6 +9,8 @@
 //! the gateway's OpenAPI document.
 
 pub mod client;
+pub mod config;
+pub mod manager;
 
 pub use client::{ClientId, ClientStatus};
 pub use events::PluginStatus;
@@ -36,6 +38,9 @@ pub enum ApiError {
         field: &'static str,
         why: String,
     },
+    /// A request that lacks what it needs, said as a whole.
+    #[error("{what} needs {needs}")]
+    Needs { what: String, needs: &'static str },
     #[error("unknown action '{action}': the {service} service answers {known}")]
     UnknownAction {
         service: &'static str,
@@ -58,7 +63,7 @@ impl ApiError {
 /// and the field: the one place that reads untyped JSON.
 pub(crate) struct Fields<'a> {
     what: &'a str,
-    map: &'a Map<String, Value>,
+    pub(crate) map: &'a Map<String, Value>,
 }
 
 impl<'a> Fields<'a> {
@@ -77,6 +82,13 @@ impl<'a> Fields<'a> {
             what: self.what.to_owned(),
             field,
             why: why.into(),
+        }
+    }
+
+    pub(crate) fn needs(&self, needs: &'static str) -> ApiError {
+        ApiError::Needs {
+            what: self.what.to_owned(),
+            needs,
         }
     }
 

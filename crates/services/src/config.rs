@@ -34,9 +34,11 @@ use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
+use majordome_api::config::{ConfigRequest, Target};
+use majordome_api::{ApiError, ClientId};
 
 /// The built-in key that says whether a client is configured.
-pub const CONFIGURED: &str = "configured";
+pub use majordome_api::config::CONFIGURED;
 
 /// A `configured` value as Domogik writes it: a JSON boolean, or the
 /// strings "1"/"0", "true"/"false", "True"/"False".
@@ -81,22 +83,13 @@ pub enum ConfigError {
     Thread(#[from] std::io::Error),
 }
 
-/// Which client a request is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Target {
-    kind: String,
-    name: String,
-    host: String,
-}
-
-impl Target {
-    fn json(&self) -> Map<String, Value> {
-        let mut map = Map::new();
-        map.insert("type".into(), self.kind.clone().into());
-        map.insert("name".into(), self.name.clone().into());
-        map.insert("host".into(), self.host.clone().into());
-        map
-    }
+/// `type`, `name` and `host` of the client, as every reply carries them.
+fn target_json(target: &Target) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert("type".into(), target.kind.clone().into());
+    map.insert("name".into(), target.name.clone().into());
+    map.insert("host".into(), target.host.clone().into());
+    map
 }
 
 /// The config service, shared by its worker threads.
@@ -166,34 +159,24 @@ impl ConfigService {
                 ..ClientOptions::default()
             };
             let mut bus = Client::new(broker, options).stop_on(shutdown);
-            domogik_handler(move |message: Message| {
-                if message.action == "device.get" {
-                    return devices_of(&mut bus, &message.data);
-                }
-                service.handle(&reader, publisher.as_ref().as_ref(), message)
+            domogik_handler(move |message: Message| match ConfigRequest::parse(&message) {
+                Ok(ConfigRequest::DeviceGet { client }) => devices_of(&mut bus, client),
+                Ok(request) => service.handle(&reader, publisher.as_ref().as_ref(), request),
+                Err(e) => refused(&message.action, e),
             })
         };
         Ok(worker.run_pool(HANDLER_THREADS, handler, shutdown)?)
     }
 
-    /// Answers one request.
-    pub fn handle(&self, reader: &Connection, publisher: Option<&Mutex<Publisher>>, message: Message) -> Message {
-        let target = match target(&message.data) {
-            Ok(target) => target,
-            Err(reason) => return fail(reason),
-        };
-        let outcome = match message.action.as_str() {
-            "config.get" => self.get(reader, &target, &message.data),
-            "config.set" => self.set(reader, &target, &message.data),
-            "config.delete" => self.delete(reader, &target, &message.data),
-            other => {
-                return Message::failure(
-                    other,
-                    format!(
-                        "unknown action '{other}': the config service answers config.get, config.set, \
-                         config.delete (and device.get, from the devices service)"
-                    ),
-                )
+    /// Answers one request (but Domogik's `device.get`, which needs the
+    /// bus).
+    pub fn handle(&self, reader: &Connection, publisher: Option<&Mutex<Publisher>>, request: ConfigRequest) -> Message {
+        let outcome = match request {
+            ConfigRequest::Get(get) => self.get(reader, &get.client, get.key.as_deref()),
+            ConfigRequest::Set(set) => self.set(reader, &set.client, set.values),
+            ConfigRequest::Delete(delete) => self.delete(reader, &delete.client, delete.key),
+            ConfigRequest::DeviceGet { .. } => {
+                return fail("device.get is answered by asking the devices service, which this handler cannot")
             }
         };
         match outcome {
@@ -258,20 +241,25 @@ impl ConfigService {
         })
     }
 
-    fn get(&self, reader: &Connection, target: &Target, data: &Value) -> Result<(Message, Option<Value>), ConfigError> {
+    fn get(
+        &self,
+        reader: &Connection,
+        target: &Target,
+        key: Option<&str>,
+    ) -> Result<(Message, Option<Value>), ConfigError> {
         let stored = self.stored(reader, target)?;
-        let mut fields = target.json();
+        let mut fields = target_json(target);
         fields.insert("configured".into(), self.configured(target, &stored).into());
         let who = format!("{}-{}.{}", target.kind, target.name, target.host);
-        match data.get("key") {
-            Some(Value::String(key)) if key == CONFIGURED => {
-                fields.insert("key".into(), key.clone().into());
+        match key {
+            Some(key) if key == CONFIGURED => {
+                fields.insert("key".into(), key.into());
                 let configured = fields["configured"].clone();
                 fields.insert("value".into(), configured);
                 Ok((result(true, "", fields), None))
             }
-            Some(Value::String(key)) => {
-                fields.insert("key".into(), key.clone().into());
+            Some(key) => {
+                fields.insert("key".into(), key.into());
                 let default = self
                     .manifest(target)
                     .and_then(|m| m.key(key))
@@ -287,7 +275,6 @@ impl ConfigService {
                 fields.insert("value".into(), value);
                 Ok((result(true, reason, fields), None))
             }
-            Some(_) => Ok((fail("'key' must be a string"), None)),
             None => {
                 let mut values = Map::new();
                 if let Some(manifest) = self.manifest(target) {
@@ -304,20 +291,12 @@ impl ConfigService {
         }
     }
 
-    fn set(&self, reader: &Connection, target: &Target, data: &Value) -> Result<(Message, Option<Value>), ConfigError> {
-        // One key (`key` + `value`) or several (`data`: {key: value}).
-        let mut values: Vec<(String, Value)> = match (data.get("key"), data.get("value"), data.get("data")) {
-            (Some(Value::String(key)), Some(value), None) => vec![(key.clone(), value.clone())],
-            (None, None, Some(Value::Object(map))) if !map.is_empty() => {
-                map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-            }
-            _ => {
-                return Ok((
-                    fail("config.set needs 'key' and 'value', or 'data' with {key: value, …}"),
-                    None,
-                ))
-            }
-        };
+    fn set(
+        &self,
+        reader: &Connection,
+        target: &Target,
+        mut values: Vec<(String, Value)>,
+    ) -> Result<(Message, Option<Value>), ConfigError> {
         for (key, value) in values.iter_mut() {
             if key.is_empty() || key.len() > 255 {
                 return Ok((fail("a config key must be 1 to 255 bytes long"), None));
@@ -388,10 +367,10 @@ impl ConfigService {
         let stored = self.stored(reader, target)?;
         let configured = self.configured(target, &stored);
         let keys: Vec<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
-        let mut fields = target.json();
+        let mut fields = target_json(target);
         fields.insert("configured".into(), configured.into());
         fields.insert("keys".into(), json!(keys));
-        let mut event = target.json();
+        let mut event = target_json(target);
         event.insert("event".into(), "updated".into());
         event.insert("keys".into(), json!(keys));
         event.insert("configured".into(), configured.into());
@@ -402,13 +381,8 @@ impl ConfigService {
         &self,
         reader: &Connection,
         target: &Target,
-        data: &Value,
+        key: Option<String>,
     ) -> Result<(Message, Option<Value>), ConfigError> {
-        let key = match data.get("key") {
-            None => None,
-            Some(Value::String(key)) => Some(key.clone()),
-            Some(_) => return Ok((fail("'key' must be a string"), None)),
-        };
         let t = target.clone();
         let one = key.clone();
         let deleted = self.committer.submit(move |c| match &one {
@@ -423,13 +397,13 @@ impl ConfigService {
         })?;
         let stored = self.stored(reader, target)?;
         let configured = self.configured(target, &stored);
-        let mut fields = target.json();
+        let mut fields = target_json(target);
         fields.insert("configured".into(), configured.into());
         fields.insert("deleted".into(), deleted.into());
         if let Some(key) = &key {
             fields.insert("key".into(), key.clone().into());
         }
-        let mut event = target.json();
+        let mut event = target_json(target);
         event.insert("event".into(), "deleted".into());
         event.insert("key".into(), key.map_or(Value::Null, Value::String));
         event.insert("configured".into(), configured.into());
@@ -446,21 +420,14 @@ const DEVICES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Domogik's `device.get` to `admin`: the devices of one client (`type`,
 /// `name`, `host`), or of all when none is given, asked of `devices`.
-fn devices_of(bus: &mut Client, data: &Value) -> Message {
+fn devices_of(bus: &mut Client, client: Option<ClientId>) -> Message {
     let mut fields = Map::new();
     let mut request = json!({});
-    let named = ["type", "name", "host"].iter().any(|field| data.get(field).is_some());
-    if named {
-        match target(data) {
-            Ok(target) => {
-                request["client"] = format!("{}-{}.{}", target.kind, target.name, target.host).into();
-                fields = target.json();
-            }
-            Err(reason) => {
-                fields.insert("devices".into(), json!([]));
-                return Message::new("device.result", Value::Object(with_status(fields, false, reason)));
-            }
-        }
+    if let Some(id) = client {
+        request["client"] = id.to_string().into();
+        fields.insert("type".into(), id.kind.into());
+        fields.insert("name".into(), id.name.into());
+        fields.insert("host".into(), id.host.into());
     }
     let (status, reason, devices) = match bus.request_message("devices", &Message::new("device.get", request)) {
         Ok(reply) if reply.status() != Some(false) => (true, String::new(), reply.data["devices"].clone()),
@@ -477,17 +444,18 @@ fn with_status(mut fields: Map<String, Value>, status: bool, reason: impl Into<S
     fields
 }
 
-/// `type` (default `plugin`), `name` (or Domogik's `id`, or the seed's
-/// `plugin`), `host`.
-fn target(data: &Value) -> Result<Target, String> {
-    let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
-    let name = text("name").or_else(|| text("id")).or_else(|| text("plugin"));
-    let (Some(name), Some(host)) = (name, text("host")) else {
-        return Err("the request needs 'name' (or 'id') and 'host', e.g. {\"type\": \"plugin\", \"name\": \"fake\", \"host\": \"box\"}".into());
-    };
-    Ok(Target {
-        kind: text("type").unwrap_or("plugin").to_owned(),
-        name: name.to_owned(),
-        host: host.to_owned(),
-    })
+/// A request the API could not read: `<action>.result` with status false
+/// and the reason, for every name of the service.
+fn refused(action: &str, error: ApiError) -> Message {
+    match (action, error) {
+        (_, error @ ApiError::UnknownAction { .. }) => Message::failure(action, error.to_string()),
+        ("device.get", error) => {
+            let fields = Map::from_iter([("devices".to_owned(), json!([]))]);
+            Message::new(
+                "device.result",
+                Value::Object(with_status(fields, false, error.to_string())),
+            )
+        }
+        (_, error) => fail(error.to_string()),
+    }
 }

@@ -35,6 +35,7 @@ use serde_json::{json, Map, Value};
 use crate::lock;
 use crate::manifest::Manifest;
 use crate::supervisor::{self, ProcessEvent, SupervisorHandle, SupervisorSettings};
+use majordome_api::manager::{ClientEntry as Listed, HistoryEntry, ManagerRequest, PluginTarget};
 use majordome_api::{ClientId, ClientStatus, PluginStatus};
 
 /// Every timer and bound of the manager, with its default.
@@ -611,15 +612,19 @@ impl Registry {
     /// plugin must be one this manager can run. Returns (type, name), or
     /// why not.
     pub fn supervised_target(&self, action: &str, data: &Value) -> Result<(String, String), String> {
-        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
-        let Some(name) = text("name").or_else(|| text("id")) else {
-            return Err(format!(
-                "{action} needs 'name' (or 'id'), e.g. {{\"type\": \"plugin\", \"name\": \"fake\"}}"
-            ));
-        };
-        let kind = text("type").unwrap_or("plugin");
+        match ManagerRequest::parse(&Message::new(action, data.clone())) {
+            Ok(ManagerRequest::PluginStart(target) | ManagerRequest::PluginStop(target)) => self.check_target(&target),
+            Ok(_) => Err(format!("{action} is not plugin.start.do or plugin.stop.do")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The plugin of a start or stop must be one this manager can run;
+    /// (type, name), or why not.
+    fn check_target(&self, target: &PluginTarget) -> Result<(String, String), String> {
+        let (kind, name) = (target.kind.as_str(), target.name.as_str());
         let host = self.host();
-        if let Some(other) = text("host").filter(|h| *h != host) {
+        if let Some(other) = target.host.as_deref().filter(|h| *h != host) {
             return Err(format!(
                 "this manager runs the plugins of host '{host}' only, not of '{other}'; ask the manager there"
             ));
@@ -648,10 +653,6 @@ impl Registry {
         Ok((kind.to_owned(), name.to_owned()))
     }
 
-    fn configured_json(&self, id: &str) -> Value {
-        self.configured(id).map_or(Value::Null, Value::Bool)
-    }
-
     /// One client as Domogik's manager lists it (`Clients.add` in its
     /// `manager.py`): `name`, `type`, `host`, `status`, `configured`,
     /// `pid` (null when not running here; Domogik said 0), `package_id`
@@ -659,18 +660,22 @@ impl Registry {
     /// `xpl_source` (`domogik-<name>.<host>`), `last_seen` (unix time), the
     /// xPL client lists (always empty here), plus the seed's `id` (the
     /// name) and majordome's `comment`.
-    fn listed(&self, id: &str, client: &ClientEntry) -> Map<String, Value> {
-        let entry = json!({
-            "name": client.name, "id": client.name, "type": client.kind, "host": client.host,
-            "status": client.status, "configured": self.configured_json(id),
-            "pid": client.pid, "package_id": format!("{}-{}", client.kind, client.name),
-            "xpl_source": format!("domogik-{}.{}", client.name, client.host),
-            "last_seen": client.last_seen, "comment": client.comment,
-            "compliant_xpl_clients": [], "xpl_clients_only": [],
-        });
-        match entry {
-            Value::Object(map) => map,
-            _ => unreachable!("a JSON object"),
+    fn listed(&self, id: &str, client: &ClientEntry) -> Listed {
+        Listed {
+            name: client.name.clone(),
+            id: client.name.clone(),
+            kind: client.kind.clone(),
+            host: client.host.clone(),
+            status: client.status,
+            configured: self.configured(id),
+            pid: client.pid,
+            package_id: format!("{}-{}", client.kind, client.name),
+            xpl_source: format!("domogik-{}.{}", client.name, client.host),
+            last_seen: client.last_seen,
+            comment: client.comment.clone(),
+            compliant_xpl_clients: Vec::new(),
+            xpl_clients_only: Vec::new(),
+            data: None,
         }
     }
 
@@ -680,7 +685,7 @@ impl Registry {
         let clients: Map<String, Value> = self
             .clients
             .iter()
-            .map(|(id, c)| (id.clone(), Value::Object(self.listed(id, c))))
+            .map(|(id, c)| (id.clone(), json!(self.listed(id, c))))
             .collect();
         Value::Object(clients)
     }
@@ -696,14 +701,13 @@ impl Registry {
             .map(|(id, c)| {
                 let mut entry = self.listed(id, c);
                 let manifest = self.manifest(&c.kind, &c.name);
-                let data = manifest.map_or(json!({}), |m| {
+                entry.data = Some(manifest.map_or(json!({}), |m| {
                     json!({
                         "version": m.version, "description": m.description,
                         "config": m.config, "device_types": m.device_types,
                     })
-                });
-                entry.insert("data".into(), data);
-                (id.clone(), Value::Object(entry))
+                }));
+                (id.clone(), json!(entry))
             })
             .collect();
         Value::Object(clients)
@@ -719,7 +723,12 @@ impl Registry {
             .iter()
             .rev()
             .map(|(time, status, comment)| {
-                json!({"status": status, "comment": comment, "timestamp": time, "time": time})
+                json!(HistoryEntry {
+                    status: *status,
+                    comment: comment.clone(),
+                    timestamp: *time,
+                    time: *time,
+                })
             })
             .collect();
         Some(Value::Array(history))
@@ -729,26 +738,13 @@ impl Registry {
     /// admin asks, by `type`, `name` and `host`. The reply carries both
     /// forms and Domogik's `status`/`reason`; an unknown client has an
     /// empty history and status false.
-    fn history_reply(&self, action: &str, data: &Value) -> Message {
-        let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|s| !s.is_empty());
-        let id = match (text("id"), text("name"), text("host")) {
-            (Some(id), _, _) => id.to_owned(),
-            (None, Some(name), Some(host)) => client_id(text("type").unwrap_or("plugin"), name, host),
-            _ => {
-                return Message::failure(
-                    action,
-                    "client.history.get needs 'id' (e.g. plugin-fake.box), or 'type', 'name' and 'host'",
-                )
-            }
-        };
+    fn history_reply(&self, action: &str, client: &ClientId) -> Message {
+        let id = client.to_string();
         let (status, reason, history) = match self.history(&id) {
             Some(history) => (true, String::new(), history),
             None => (false, format!("no client '{id}'"), json!([])),
         };
-        let (kind, name, host) = match id.parse::<ClientId>() {
-            Ok(parsed) => (parsed.kind, parsed.name, parsed.host),
-            Err(_) => Default::default(),
-        };
+        let (kind, name, host) = (&client.kind, &client.name, &client.host);
         Message::new(
             majordome_mdp::domogik::result_action(action),
             json!({
@@ -761,28 +757,34 @@ impl Registry {
     /// Answers one request to the manager, except `plugin.start.do` and
     /// `plugin.stop.do`, which need the supervisor that [`run`] starts.
     pub fn handle(&self, message: &Message) -> Message {
-        let action = message.action.as_str();
+        match ManagerRequest::parse(message) {
+            Ok(request) => self.answer(&message.action, request),
+            Err(e) => Message::failure(&message.action, e.to_string()),
+        }
+    }
+
+    /// Answers one request, read.
+    fn answer(&self, action: &str, request: ManagerRequest) -> Message {
         let reply = |data: Value| Message::new(majordome_mdp::domogik::result_action(action), data);
-        match action {
+        match request {
             // Domogik's own code answers the singular spelling with the
             // clients at the top level of the data; the seed documents'
             // plural spelling wraps them in "clients".
-            "client.list.get" => reply(self.list()),
-            "clients.list.get" => reply(json!({"clients": self.list()})),
-            "client.detail.get" | "clients.detail.get" => {
+            ManagerRequest::ClientList { wrapped: false } => reply(self.list()),
+            ManagerRequest::ClientList { wrapped: true } => reply(json!({"clients": self.list()})),
+            ManagerRequest::ClientDetail { id, wrapped } => {
                 // Domogik asks for every client; `id` (majordome's) keeps one.
-                let only = message.data.get("id").and_then(Value::as_str);
-                let detail = self.detail(only);
-                if only.is_some() && detail.as_object().is_some_and(Map::is_empty) {
-                    return Message::failure(action, format!("no client '{}'", only.unwrap_or_default()));
+                let detail = self.detail(id.as_deref());
+                if let (Some(id), Some(true)) = (&id, detail.as_object().map(Map::is_empty)) {
+                    return Message::failure(action, format!("no client '{id}'"));
                 }
-                match action {
-                    "client.detail.get" => reply(detail),
-                    _ => reply(json!({"clients": detail})),
+                match wrapped {
+                    false => reply(detail),
+                    true => reply(json!({"clients": detail})),
                 }
             }
-            "client.history.get" | "clients.history.get" => self.history_reply(action, &message.data),
-            "package.detail.get" | "packages.detail.get" => {
+            ManagerRequest::ClientHistory(client) => self.history_reply(action, &client),
+            ManagerRequest::PackageDetail => {
                 let packages: Map<String, Value> = self
                     .manifests
                     .iter()
@@ -790,7 +792,7 @@ impl Registry {
                     .collect();
                 reply(json!({"packages": packages}))
             }
-            "device_types.get" => {
+            ManagerRequest::DeviceTypes => {
                 let types: Map<String, Value> = self
                     .manifests
                     .iter()
@@ -798,16 +800,9 @@ impl Registry {
                     .collect();
                 reply(json!({"device_types": types}))
             }
-            "plugin.start.do" | "plugin.stop.do" => Message::failure(
+            ManagerRequest::PluginStart(_) | ManagerRequest::PluginStop(_) => Message::failure(
                 action,
                 format!("{action} needs the manager's supervisor, which this registry runs without"),
-            ),
-            other => Message::failure(
-                other,
-                format!(
-                    "unknown action '{other}': the manager answers client.list.get, client.detail.get, \
-                     client.history.get, package.detail.get, device_types.get, plugin.start.do, plugin.stop.do"
-                ),
             ),
         }
     }
@@ -824,11 +819,15 @@ fn take(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
 /// Answers `plugin.start.do` / `plugin.stop.do` through the supervisor,
 /// without holding the registry's lock while the supervisor works (it
 /// takes that lock to record what it does).
-fn supervise(registry: &Mutex<Registry>, supervisor: &SupervisorHandle, message: &Message) -> Message {
-    let action = message.action.as_str();
+fn supervise(
+    registry: &Mutex<Registry>,
+    supervisor: &SupervisorHandle,
+    action: &str,
+    target: &PluginTarget,
+) -> Message {
     let (target, host, elsewhere, known) = {
         let registry = take(registry);
-        let target = registry.supervised_target(action, &message.data);
+        let target = registry.check_target(target);
         let host = registry.host().to_owned();
         let id = target.as_ref().map(|(kind, name)| client_id(kind, name, &host));
         let (elsewhere, known) = match &id {
@@ -841,7 +840,7 @@ fn supervise(registry: &Mutex<Registry>, supervisor: &SupervisorHandle, message:
         Ok(target) => target,
         Err(reason) => return Message::failure(action, reason),
     };
-    let outcome = if action == "plugin.start.do" {
+    let outcome = if action.starts_with("plugin.start") {
         supervisor.start(&kind, &name, elsewhere).map(Some)
     } else {
         supervisor.stop(&kind, &name, known).map(|()| None)
@@ -1031,9 +1030,12 @@ pub fn run(
         })?;
 
     let shared = registry.clone();
-    let handler = domogik_handler(move |message: Message| match message.action.as_str() {
-        "plugin.start.do" | "plugin.stop.do" => supervise(&shared, &supervisor, &message),
-        _ => take(&shared).handle(&message),
+    let handler = domogik_handler(move |message: Message| match ManagerRequest::parse(&message) {
+        Ok(ManagerRequest::PluginStart(target) | ManagerRequest::PluginStop(target)) => {
+            supervise(&shared, &supervisor, &message.action, &target)
+        }
+        Ok(request) => take(&shared).answer(&message.action, request),
+        Err(e) => Message::failure(&message.action, e.to_string()),
     });
     let served = Worker::new(&endpoints.broker, "manager", WorkerOptions::default()).run(handler, shutdown);
 
