@@ -48,6 +48,15 @@ impl PluginStatus {
     pub fn id(&self) -> ClientId {
         ClientId::new(&self.kind, &self.name, &self.host)
     }
+
+    /// The event's data as every reader expects it: majordome's `name`
+    /// and Domogik's `id` both, and the comment even when empty.
+    pub fn to_data(&self) -> Value {
+        serde_json::json!({
+            "type": self.kind, "name": self.name, "id": self.name, "host": self.host,
+            "event": self.event, "comment": self.comment,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -75,5 +84,8 @@ mod tests {
             assert_eq!(error.field(), Some(field), "{bad}: {error}");
         }
         assert!(PluginStatus::parse(&json!("text")).is_err());
+        let said = PluginStatus::parse(&ours).unwrap().to_data();
+        assert_eq!(PluginStatus::parse(&said).unwrap(), PluginStatus::parse(&ours).unwrap());
+        assert_eq!((&said["id"], &said["event"]), (&json!("fake"), &json!("stopped")));
     }
 }

@@ -10,12 +10,14 @@
 
 pub mod client;
 pub mod config;
+pub mod devices;
 pub mod manager;
 
 pub use client::{ClientId, ClientStatus};
 pub use events::PluginStatus;
 pub use majordome_mdp::domogik::Message;
 pub mod events;
+pub mod history;
 
 use serde_json::{Map, Value};
 
@@ -141,5 +143,34 @@ pub(crate) fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(all(test, feature = "schema"))]
+mod schema_tests {
+    use super::*;
+
+    /// Every request and reply type has a JSON Schema that names its
+    /// fields as the wire does (`type`, not `kind`).
+    #[test]
+    fn schemas_use_the_wire_names() {
+        let create = serde_json::to_value(schemars::schema_for!(devices::DeviceCreate)).unwrap();
+        let properties = create["properties"].as_object().expect("an object schema");
+        assert!(
+            properties.contains_key("type") && !properties.contains_key("kind"),
+            "{create}"
+        );
+        assert_eq!(create["required"], serde_json::json!(["client", "id", "type"]));
+        let status = serde_json::to_value(schemars::schema_for!(ClientStatus)).unwrap();
+        assert!(status.to_string().contains("not-configured"), "{status}");
+        for schema in [
+            schemars::schema_for!(config::ConfigGet),
+            schemars::schema_for!(manager::ClientEntry),
+            schemars::schema_for!(history::HistoryQuery),
+            schemars::schema_for!(devices::DeviceCommand),
+            schemars::schema_for!(events::PluginStatus),
+        ] {
+            assert!(serde_json::to_value(schema).unwrap().is_object());
+        }
     }
 }

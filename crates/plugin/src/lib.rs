@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use majordome_api::{ClientStatus, PluginStatus};
 use majordome_client::{
     domogik_handler, unix_now, Client, ClientError, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber,
     Worker, WorkerOptions,
@@ -257,7 +258,7 @@ impl Plugin {
     /// Connects and says `starting`.
     pub fn start(settings: PluginSettings, endpoints: Endpoints) -> Result<Plugin, PluginError> {
         let plugin = Plugin::connect(settings, endpoints)?;
-        plugin.status("starting", "");
+        plugin.status(ClientStatus::Starting, "");
         Ok(plugin)
     }
 
@@ -302,14 +303,14 @@ impl Plugin {
         self.values.clone()
     }
 
-    fn status(&self, event: &str, comment: &str) {
+    fn status(&self, event: ClientStatus, comment: &str) {
         publish_status(&self.values, &self.settings, event, comment);
     }
 
     /// Says `stopped` and gives the error that tells the caller why it
     /// returns before the plugin is up.
     fn stopped(&self, what: &'static str) -> PluginError {
-        self.status("stopped", &format!("stopped before {what}"));
+        self.status(ClientStatus::Stopped, &format!("stopped before {what}"));
         PluginError::Stopped(what)
     }
 
@@ -369,7 +370,7 @@ impl Plugin {
             if configured {
                 return Ok(values);
             }
-            self.status("not-configured", "set its required keys with config.set");
+            self.status(ClientStatus::NotConfigured, "set its required keys with config.set");
             // It asks again at the status interval even without an event:
             // saying `not-configured` again keeps the manager from taking
             // the silence for death, and an event lost on the way (pub/sub
@@ -466,7 +467,7 @@ impl Plugin {
                         ..ClientOptions::default()
                     },
                 );
-                publish_status(&values, &settings, "alive", "");
+                publish_status(&values, &settings, ClientStatus::Alive, "");
                 let mut next = Instant::now() + settings.status_interval;
                 while !stop.is_triggered() {
                     if let Some(event) = next_event(&mut subscriber, Duration::from_millis(200))? {
@@ -484,11 +485,11 @@ impl Plugin {
                         }
                     }
                     if Instant::now() >= next {
-                        publish_status(&values, &settings, "alive", "");
+                        publish_status(&values, &settings, ClientStatus::Alive, "");
                         next = Instant::now() + settings.status_interval;
                     }
                 }
-                publish_status(&values, &settings, "stopped", "");
+                publish_status(&values, &settings, ClientStatus::Stopped, "");
                 Ok(())
             })?);
         }
@@ -523,12 +524,15 @@ impl Plugin {
     }
 }
 
-fn publish_status(values: &Values, settings: &PluginSettings, event: &str, comment: &str) {
-    values.send(
-        "plugin.status",
-        &json!({"type": settings.kind, "name": settings.name, "id": settings.name, "host": settings.host,
-                "event": event, "comment": comment}),
-    );
+fn publish_status(values: &Values, settings: &PluginSettings, event: ClientStatus, comment: &str) {
+    let status = PluginStatus {
+        kind: settings.kind.clone(),
+        name: settings.name.clone(),
+        host: settings.host.clone(),
+        event,
+        comment: comment.to_owned(),
+    };
+    values.send(PluginStatus::CATEGORY, &status.to_data());
 }
 
 /// The next event, or `None` after `timeout`. A signal (SIGINT, SIGTERM)

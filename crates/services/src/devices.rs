@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use majordome_api::devices::{DeviceCommand, DeviceCreate, DeviceQuery, DeviceRequest, DeviceUpdate};
 use majordome_client::{
     domogik_handler, unix_now, Client, ClientOptions, Event, Message, Publisher, Shutdown, Subscriber, Worker,
     WorkerOptions,
@@ -55,18 +56,7 @@ CREATE TABLE IF NOT EXISTS devices (
 ";
 
 /// The actions `devices` answers.
-const ACTIONS: &[&str] = &[
-    "device.create.do",
-    "device.get",
-    "devices.get",
-    "device.update.do",
-    "device.delete.do",
-    "device.command.do",
-    "inventory.get",
-    "inventory",
-    "device_types.get",
-    "stats.get",
-];
+const ACTIONS: &[&str] = DeviceRequest::ACTIONS;
 
 /// The most quantities (sensors) one device may have values for; values
 /// of further quantities are dropped and counted, so that a plugin making
@@ -879,26 +869,22 @@ impl Shared {
         // "unknown": the map must not grow with bad input.
         let counted = if ACTIONS.contains(&action) { action } else { "unknown" };
         *lock(&self.stats).requests.entry(counted.to_owned()).or_default() += 1;
-        let data = message.data.as_object().cloned().unwrap_or_default();
-        match action {
-            "device.create.do" => self.create(action, &data),
-            "device.get" | "devices.get" => self.get(action, &data),
-            "device.update.do" => self.update(action, &data),
-            "device.delete.do" => self.delete(action, &data),
-            "device.command.do" if data.get("command").and_then(Value::as_str) == Some("inventory") => {
-                self.inventory("inventory.get")
+        match DeviceRequest::parse(message) {
+            Ok(DeviceRequest::Create(create)) => self.create(action, &create),
+            Ok(DeviceRequest::Get(query)) => self.get(action, &query),
+            Ok(DeviceRequest::Update(update)) => self.update(action, &update),
+            Ok(DeviceRequest::Delete { uuid }) => self.delete(action, &uuid),
+            Ok(DeviceRequest::Command(command)) => self.command(client, action, &command),
+            Ok(DeviceRequest::Inventory) if action == "device.command.do" => self.inventory("inventory.get"),
+            Ok(DeviceRequest::Inventory) => self.inventory(action),
+            Ok(DeviceRequest::DeviceTypes) => Message::new("device_types.result", json!({"schema": self.schema})),
+            Ok(DeviceRequest::Stats) => Message::new("stats.result", self.stats()),
+            Err(e) if action == "device.command.do" => {
+                let identifier = DeviceCommand::error_identifier(&e);
+                lock(&self.stats).outcome(None, identifier);
+                command_error(action, identifier, e.to_string())
             }
-            "device.command.do" => self.command(client, action, &data),
-            "inventory.get" | "inventory" => self.inventory(action),
-            "device_types.get" => Message::new("device_types.result", json!({"schema": self.schema})),
-            "stats.get" => Message::new("stats.result", self.stats()),
-            other => Message::failure(
-                other,
-                format!(
-                    "unknown action '{other}': the devices service answers {}",
-                    ACTIONS.join(", ")
-                ),
-            ),
+            Err(e) => Message::failure(action, e.to_string()),
         }
     }
 
@@ -925,23 +911,9 @@ impl Shared {
         })
     }
 
-    fn create(&self, action: &str, data: &Map<String, Value>) -> Message {
-        let text = |field: &str| {
-            data.get(field)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-        };
-        let (Some(client), Some(id), Some(kind)) = (text("client"), text("id"), text("type")) else {
-            return Message::failure(
-                action,
-                "device.create.do needs 'client' (e.g. plugin-fake.box), 'id' (the plugin's own name for the \
-                 device) and 'type' (see device_types.get)",
-            );
-        };
-        if id.len() > 200 || id.contains('/') {
-            return Message::failure(action, "a device 'id' has at most 200 characters and no '/'");
-        }
+    fn create(&self, action: &str, request: &DeviceCreate) -> Message {
+        let (client, id) = (request.client.as_str(), request.id.as_str());
+        let kind = request.kind.as_str();
         let Some(kind) = self.schema.resolve(kind) else {
             let known: Vec<&str> = self.schema.types.keys().map(String::as_str).collect();
             return Message::failure(
@@ -949,13 +921,9 @@ impl Shared {
                 format!("unknown device type '{kind}'; known types: {}", known.join(", ")),
             );
         };
-        let stale_after = match data.get("stale_after") {
-            None | Some(Value::Null) => self.schema.get(kind).and_then(|t| t.stale_after),
-            Some(value) => match value.as_f64().filter(|s| s.is_finite() && *s >= 0.0) {
-                Some(seconds) => Some(seconds),
-                None => return Message::failure(action, format!("'stale_after' must be seconds ≥ 0, not {value}")),
-            },
-        };
+        let stale_after = request
+            .stale_after
+            .or_else(|| self.schema.get(kind).and_then(|t| t.stale_after));
         let mut registry = lock(&self.registry);
         let existing = registry.by_key.get(&(client.to_owned(), id.to_owned())).cloned();
         let (mut device, changed, created) = match existing.and_then(|uuid| registry.devices.get(&uuid).cloned()) {
@@ -963,7 +931,7 @@ impl Shared {
             Some(mut device) => {
                 let before = (device.kind.clone(), device.stale_after);
                 device.kind = kind.to_owned();
-                if data.contains_key("stale_after") {
+                if request.stale_after.is_some() {
                     device.stale_after = stale_after;
                 }
                 let changed = before != (device.kind.clone(), device.stale_after);
@@ -981,8 +949,8 @@ impl Shared {
                     client: client.to_owned(),
                     id: id.to_owned(),
                     kind: kind.to_owned(),
-                    name: text("name").unwrap_or(id).to_owned(),
-                    room: text("room").unwrap_or_default().to_owned(),
+                    name: request.name.clone().unwrap_or_else(|| id.to_owned()),
+                    room: request.room.clone().unwrap_or_default(),
                     stale_after,
                     created: unix_now(),
                     values: BTreeMap::new(),
@@ -1020,53 +988,40 @@ impl Shared {
         )
     }
 
-    fn get(&self, action: &str, data: &Map<String, Value>) -> Message {
+    fn get(&self, action: &str, query: &DeviceQuery) -> Message {
         let registry = lock(&self.registry);
         let result = majordome_mdp::domogik::result_action(action);
-        if let Some(uuid) = data.get("uuid").and_then(Value::as_str) {
+        if let Some(uuid) = query.uuid.as_deref() {
             return match registry.find(uuid) {
                 Some(device) => Message::new(result, json!({"devices": [device.inventory_entry(&self.schema)]})),
                 None => Message::failure(action, format!("no device '{uuid}'")),
             };
         }
-        let field = |name: &str| data.get(name).and_then(Value::as_str);
         let mut devices: Vec<&Device> = registry
             .devices
             .values()
-            .filter(|d| field("client").is_none_or(|c| c == d.client))
-            .filter(|d| field("room").is_none_or(|r| r == d.room))
+            .filter(|d| query.client.as_ref().is_none_or(|c| *c == d.client))
+            .filter(|d| query.room.as_ref().is_none_or(|r| *r == d.room))
             .collect();
         devices.sort_by(|a, b| (&a.client, &a.id).cmp(&(&b.client, &b.id)));
         let devices: Vec<Value> = devices.iter().map(|d| d.inventory_entry(&self.schema)).collect();
         Message::new(result, json!({"devices": devices}))
     }
 
-    fn update(&self, action: &str, data: &Map<String, Value>) -> Message {
-        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
-            return Message::failure(action, "device.update.do needs 'uuid'");
-        };
+    fn update(&self, action: &str, update: &DeviceUpdate) -> Message {
+        let uuid = update.uuid.as_str();
         let mut registry = lock(&self.registry);
         let Some(mut device) = registry.find(uuid).cloned() else {
             return Message::failure(action, format!("no device '{uuid}'"));
         };
-        for (field, target) in [("name", &mut device.name), ("room", &mut device.room)] {
-            match data.get(field) {
-                None => {}
-                Some(Value::String(value)) if field == "room" || !value.trim().is_empty() => {
-                    *target = value.trim().to_owned()
-                }
-                Some(other) => {
-                    return Message::failure(action, format!("'{field}' must be a non-empty string, not {other}"))
-                }
-            }
+        if let Some(name) = &update.name {
+            device.name = name.clone();
         }
-        match data.get("stale_after") {
-            None => {}
-            Some(Value::Null) => device.stale_after = None,
-            Some(value) => match value.as_f64().filter(|s| s.is_finite() && *s >= 0.0) {
-                Some(seconds) => device.stale_after = Some(seconds),
-                None => return Message::failure(action, format!("'stale_after' must be seconds ≥ 0, not {value}")),
-            },
+        if let Some(room) = &update.room {
+            device.room = room.clone();
+        }
+        if let Some(stale_after) = update.stale_after {
+            device.stale_after = stale_after;
         }
         if let Err(e) = self.store(&device) {
             return Message::failure(action, format!("the device store failed: {e}"));
@@ -1080,10 +1035,7 @@ impl Shared {
         outcome_reply(action, json!({"device": info}).as_object().cloned().unwrap_or_default())
     }
 
-    fn delete(&self, action: &str, data: &Map<String, Value>) -> Message {
-        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
-            return Message::failure(action, "device.delete.do needs 'uuid'");
-        };
+    fn delete(&self, action: &str, uuid: &str) -> Message {
         let mut registry = lock(&self.registry);
         let Some(uuid) = registry.find(uuid).map(|d| d.uuid.clone()) else {
             return Message::failure(action, format!("no device '{uuid}'"));
@@ -1112,37 +1064,13 @@ impl Shared {
         outcome_reply(action, json!({"uuid": uuid}).as_object().cloned().unwrap_or_default())
     }
 
-    fn command(&self, client: &mut Client, action: &str, data: &Map<String, Value>) -> Message {
-        let reject = |identifier: &str, message: String| {
-            lock(&self.stats).outcome(None, identifier);
-            command_error(action, identifier, message)
-        };
-        let Some(uuid) = data.get("uuid").and_then(Value::as_str) else {
-            return reject("error.parameter.missing", "a device command needs 'uuid'".into());
-        };
-        let Some(command) = data.get("command").and_then(Value::as_str).filter(|c| !c.is_empty()) else {
-            return reject("error.command.missing", "a device command needs 'command'".into());
-        };
+    fn command(&self, client: &mut Client, action: &str, request: &DeviceCommand) -> Message {
+        let (uuid, command, parameters) = (request.uuid.as_str(), request.command.as_str(), &request.data);
         let Some(device) = lock(&self.registry).find(uuid).cloned() else {
-            return reject("error.device.invalid", format!("no device '{uuid}'"));
+            lock(&self.stats).outcome(None, "error.device.invalid");
+            return command_error(action, "error.device.invalid", format!("no device '{uuid}'"));
         };
-        // The parameters: `data`, or (ago's older form) the other top-level
-        // fields.
-        let parameters = match data.get("data") {
-            Some(Value::Object(parameters)) => parameters.clone(),
-            Some(Value::Null) | None => data
-                .iter()
-                .filter(|(k, _)| !["uuid", "command", "data"].contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            Some(other) => {
-                return reject(
-                    "error.parameter.invalid",
-                    format!("'data' must be an object of parameters, not {other}"),
-                )
-            }
-        };
-        let checked = match self.schema.check_command(&device.kind, command, &parameters) {
+        let checked = match self.schema.check_command(&device.kind, command, parameters) {
             Ok(checked) => checked,
             Err(error) => {
                 let identifier = error["identifier"].as_str().unwrap_or("error.internal").to_owned();

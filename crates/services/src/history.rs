@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use majordome_api::history::{HistoryQuery, HistoryRequest, Range, MAX_BUCKETS};
 use majordome_client::{domogik_handler, unix_now, Message, Shutdown, Worker, WorkerOptions};
 use majordome_store::rusqlite::{params, Connection};
 use majordome_store::{CommitStats, Committer, Durability, StoreError, Ticket};
@@ -250,19 +251,6 @@ fn level_of(raw: &Value) -> Option<f64> {
     }
 }
 
-/// Domogik's interval names, in seconds.
-fn interval_seconds(name: &str) -> Option<f64> {
-    Some(match name {
-        "minute" => 60.0,
-        "hour" => 3600.0,
-        "day" => 86_400.0,
-        "week" => 7.0 * 86_400.0,
-        "month" => 30.0 * 86_400.0,
-        "year" => 365.0 * 86_400.0,
-        _ => return None,
-    })
-}
-
 /// What a `history.get` asks for.
 #[derive(Debug, Clone, PartialEq)]
 enum Query {
@@ -315,21 +303,40 @@ impl HistoryService {
     /// Answers one request.
     pub fn handle(&self, connection: &Connection, message: &Message) -> Message {
         let action = message.action.as_str();
-        match action {
-            "history.get" | "sensor_history.get" => match self.get(connection, &message.data) {
+        match HistoryRequest::parse(message) {
+            Ok(HistoryRequest::Get(query)) => match self.get(connection, &query) {
                 Ok(data) => {
                     self.counters.queries.fetch_add(1, Ordering::Relaxed);
                     Message::new(majordome_mdp::domogik::result_action(action), data)
                 }
                 Err(why) => Message::failure(action, why),
             },
-            "stats.get" => Message::new("stats.result", self.stats(connection)),
-            other => Message::failure(
-                other,
-                format!(
-                    "unknown action '{other}': the history service answers history.get, sensor_history.get, stats.get"
-                ),
-            ),
+            Ok(HistoryRequest::Stats) => Message::new("stats.result", self.stats(connection)),
+            Err(e) => Message::failure(action, e.to_string()),
+        }
+    }
+
+    /// The range asked for, within this service's bounds.
+    fn query(&self, range: &Range) -> Result<Query, String> {
+        match *range {
+            Range::Last(count) => Ok(Query::Last(
+                (count.min(usize::MAX as u64) as usize).min(self.settings.max_points.max(1) * 10),
+            )),
+            Range::Period { from, to, bucket } => {
+                let to = to.unwrap_or_else(|| unix_now() + 1.0);
+                if !(from.is_finite() && to.is_finite() && from < to) {
+                    return Err(format!("'from' ({from}) must come before 'to' ({to})"));
+                }
+                if let Some(bucket) = bucket {
+                    if (to - from) / bucket > MAX_BUCKETS {
+                        return Err(format!(
+                            "{} buckets of {bucket} s is too many: ask for a shorter period or larger buckets",
+                            ((to - from) / bucket).ceil()
+                        ));
+                    }
+                }
+                Ok(Query::Period { from, to, bucket })
+            }
         }
     }
 
@@ -349,16 +356,8 @@ impl HistoryService {
         })
     }
 
-    fn get(&self, connection: &Connection, data: &Value) -> Result<Value, String> {
-        let uuid = data
-            .get("uuid")
-            .or_else(|| data.get("sensor_id"))
-            .and_then(|v| match v {
-                Value::String(s) if !s.is_empty() => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-            .ok_or("history.get needs 'uuid' (the device's; Domogik's 'sensor_id' is accepted too)")?;
+    fn get(&self, connection: &Connection, request: &HistoryQuery) -> Result<Value, String> {
+        let uuid = &request.uuid;
         let quantities: Vec<String> = connection
             .prepare_cached("SELECT DISTINCT quantity FROM history WHERE uuid = ?1 ORDER BY quantity")
             .and_then(|mut q| {
@@ -366,8 +365,8 @@ impl HistoryService {
                     .collect::<Result<Vec<String>, _>>()
             })
             .map_err(|e| format!("the history store failed: {e}"))?;
-        let quantity = match data.get("quantity").and_then(Value::as_str) {
-            Some(quantity) => quantity.to_owned(),
+        let quantity = match &request.quantity {
+            Some(quantity) => quantity.clone(),
             None if quantities.len() <= 1 => quantities.first().cloned().unwrap_or_default(),
             None => {
                 return Err(format!(
@@ -376,7 +375,7 @@ impl HistoryService {
                 ))
             }
         };
-        let query = parse_query(data, self.settings.max_points)?;
+        let query = self.query(&request.range)?;
         let mut answer = json!({"uuid": uuid, "quantity": quantity, "quantities": quantities});
         let failed = |e: majordome_store::rusqlite::Error| format!("the history store failed: {e}");
         match query {
@@ -420,65 +419,13 @@ impl HistoryService {
                     Some(bucket) => {
                         answer["bucket"] = json!(bucket);
                         answer["buckets"] =
-                            Value::Array(read_buckets(connection, &uuid, &quantity, from, to, bucket).map_err(failed)?);
+                            Value::Array(read_buckets(connection, uuid, &quantity, from, to, bucket).map_err(failed)?);
                     }
                 }
             }
         }
         Ok(answer)
     }
-}
-
-fn parse_query(data: &Value, max_points: usize) -> Result<Query, String> {
-    let number = |field: &str| -> Result<Option<f64>, String> {
-        match data.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse::<f64>()
-                .map(Some)
-                .map_err(|_| format!("'{field}' must be a number, not \"{s}\"")),
-            Some(other) => Err(format!("'{field}' must be a number, not {other}")),
-        }
-    };
-    let from = number("from")?;
-    let mode = data.get("mode").and_then(Value::as_str);
-    if mode == Some("period") || (mode.is_none() && from.is_some()) {
-        let from = from.ok_or("a period needs 'from' (unix seconds)")?;
-        let to = number("to")?.unwrap_or_else(|| unix_now() + 1.0);
-        if !(from.is_finite() && to.is_finite() && from < to) {
-            return Err(format!("'from' ({from}) must come before 'to' ({to})"));
-        }
-        let bucket = match data.get("bucket").or_else(|| data.get("interval")) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(name)) => Some(interval_seconds(name).or_else(|| name.parse::<f64>().ok()).ok_or_else(
-                || format!("unknown interval '{name}': minute, hour, day, week, month, year or seconds"),
-            )?),
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(other) => return Err(format!("'bucket' must be seconds or an interval name, not {other}")),
-        };
-        if let Some(bucket) = bucket {
-            if !(bucket.is_finite() && bucket > 0.0) {
-                return Err(format!("'bucket' must be a positive number of seconds, not {bucket}"));
-            }
-            if (to - from) / bucket > 100_000.0 {
-                return Err(format!(
-                    "{} buckets of {bucket} s is too many: ask for a shorter period or larger buckets",
-                    ((to - from) / bucket).ceil()
-                ));
-            }
-        }
-        return Ok(Query::Period { from, to, bucket });
-    }
-    if mode.is_some_and(|m| m != "last") {
-        return Err(format!("unknown mode '{}': last or period", mode.unwrap_or_default()));
-    }
-    let count = number("last")?.or(number("number")?).unwrap_or(100.0);
-    if !(count.is_finite() && count >= 1.0) {
-        return Err(format!("'last' must be at least 1, not {count}"));
-    }
-    Ok(Query::Last((count as usize).min(max_points.max(1) * 10)))
 }
 
 fn read_values(
