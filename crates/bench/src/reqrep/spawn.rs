@@ -30,6 +30,9 @@ impl SpawnedBroker {
         let mut child = Command::new(exe)
             .args(["broker", "--bind", "tcp://127.0.0.1:0"])
             .args(extra)
+            // Its own start line is read from stdout; its log would only
+            // clutter the bench's report.
+            .env("MAJORDOME_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
