@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use majordome_mdp::domogik::Event;
 use majordome_net as net;
+use majordome_net::Shutdown;
 use serde_json::Value;
 
 use crate::error::ClientError;
@@ -167,6 +168,36 @@ impl Subscriber {
                 Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
+            }
+            let frames: Vec<Bytes> = net::recv_all(&self.socket)?;
+            match Event::from_frames(&frames) {
+                Ok(event) => return Ok(Some(event)),
+                Err(e) => {
+                    self.malformed += 1;
+                    tracing::debug!(error = %e, "skipped a malformed event");
+                }
+            }
+        }
+    }
+
+    /// Like [`Subscriber::recv`], but also returns (with no event) as soon
+    /// as `shutdown` fires: a loop that waits for events and a timer need
+    /// not wake up just to look at its stop signal.
+    pub fn recv_or_stop(&mut self, timeout: Duration, shutdown: &Shutdown) -> Result<Option<Event>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut items = [
+                self.socket.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, left.as_millis() as i64) {
+                Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if !items[0].is_readable() {
+                return Ok(None);
             }
             let frames: Vec<Bytes> = net::recv_all(&self.socket)?;
             match Event::from_frames(&frames) {

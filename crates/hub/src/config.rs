@@ -392,7 +392,7 @@ impl Loaded {
     fn check(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let zero = Duration::ZERO;
-        let rules: [(&str, bool, &str); 14] = [
+        let rules: [(&str, bool, &str); 16] = [
             (
                 "broker.heartbeat_interval",
                 c.broker.heartbeat_interval > zero,
@@ -431,6 +431,12 @@ impl Loaded {
             ("devices.workers", c.devices.workers >= 1, "must be at least 1"),
             ("history.workers", c.history.workers >= 1, "must be at least 1"),
             ("devices.batch", c.devices.batch >= 1, "must be at least 1"),
+            ("devices.stale_check", c.devices.stale_check > zero, "must be above 0"),
+            (
+                "manager.reap_interval",
+                c.manager.reap_interval > zero,
+                "must be above 0",
+            ),
         ];
         for (key, ok, why) in rules {
             if !ok {

@@ -473,8 +473,13 @@ where
             format!("unknown action '{other}': the {service} service answers stats.get"),
         ),
     });
-    // Reading counters is quick: answered on the socket thread.
-    Ok(Worker::new(broker, service, WorkerOptions::default()).run_inline(handler, shutdown)?)
+    // Reading counters is quick: answered on the socket thread, several in
+    // flight at once.
+    let options = WorkerOptions {
+        capacity: 16,
+        ..WorkerOptions::default()
+    };
+    Ok(Worker::new(broker, service, options).run_inline(handler, shutdown)?)
 }
 
 /// The echo service's handler: a Domogik request `x.get` is answered as

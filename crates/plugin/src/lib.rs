@@ -115,6 +115,10 @@ pub struct PluginSettings {
     /// How long one request to a core service may take before it is
     /// asked again.
     pub request_timeout: Duration,
+    /// Requests the broker may hand the plugin at once (announced in
+    /// READY): they wait at the plugin rather than at the broker, and
+    /// reach the handler, one after the other, without a round trip each.
+    pub capacity: u32,
 }
 
 impl PluginSettings {
@@ -126,6 +130,7 @@ impl PluginSettings {
             host: host.to_owned(),
             status_interval: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
+            capacity: 4,
         }
     }
 
@@ -448,7 +453,11 @@ impl Plugin {
                     )
                 }),
             });
-            let worker = Worker::new(&endpoints.broker, &settings.client_id(), WorkerOptions::default());
+            let options = WorkerOptions {
+                capacity: settings.capacity,
+                ..WorkerOptions::default()
+            };
+            let worker = Worker::new(&endpoints.broker, &settings.client_id(), options);
             let stop = stop.clone();
             threads.push(
                 thread::Builder::new()

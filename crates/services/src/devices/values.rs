@@ -40,13 +40,14 @@ pub(crate) fn follow(
     while !shutdown.is_triggered() {
         let mut batch = Vec::new();
         // While commits are in flight, look at them often: their
-        // `device-stats` wait for them.
+        // `device-stats` wait for them. Else sleep until the next stale
+        // check, an event or the shutdown.
         let wait = if pending.is_empty() {
-            Duration::from_millis(200)
+            shared.settings.stale_check.saturating_sub(last_check.elapsed())
         } else {
             Duration::from_millis(2)
         };
-        if let Some(event) = subscriber.recv(wait)? {
+        if let Some(event) = subscriber.recv_or_stop(wait, shutdown)? {
             batch.push(event);
             while batch.len() < shared.settings.batch {
                 match subscriber.recv(Duration::ZERO)? {

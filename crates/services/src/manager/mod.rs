@@ -89,7 +89,7 @@ pub struct ManagerSettings {
     /// longer than this has its count reset.
     #[serde(with = "majordome_net::duration_text")]
     pub restart_window: Duration,
-    /// How often the supervisor looks for children that exited (100 ms).
+    /// How often the supervisor looks for children that exited (250 ms).
     #[serde(with = "majordome_net::duration_text")]
     pub reap_interval: Duration,
     /// How long one `config.get` (for `configured`) may take (2 s).
@@ -121,7 +121,7 @@ impl Default for ManagerSettings {
             restart_backoff_max: Duration::from_secs(60),
             restart_limit: 5,
             restart_window: Duration::from_secs(600),
-            reap_interval: Duration::from_millis(100),
+            reap_interval: Duration::from_millis(250),
             config_timeout: Duration::from_secs(2),
             config_wait: Duration::from_secs(60),
             plugin_environment: Vec::new(),
@@ -322,7 +322,13 @@ pub fn run(
         Ok(request) => take(&shared).answer(&message.action, request),
         Err(e) => Message::failure(&message.action, e.to_string()),
     });
-    let served = Worker::new(&endpoints.broker, "manager", WorkerOptions::default()).run(handler, shutdown);
+    // One handler thread (the registry is one lock anyway); the broker may
+    // hand it a few requests at once, which then wait here, not there.
+    let options = WorkerOptions {
+        capacity: 4,
+        ..WorkerOptions::default()
+    };
+    let served = Worker::new(&endpoints.broker, "manager", options).run(handler, shutdown);
 
     // The worker ends at shutdown (or fails to start); the other threads
     // end at shutdown too, the supervisor once every child is reaped.
