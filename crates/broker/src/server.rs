@@ -31,6 +31,8 @@ pub struct Broker {
     context: zmq::Context,
     socket: zmq::Socket,
     endpoint: String,
+    /// The `inproc://` endpoint it also listens on, if any.
+    inproc: Option<String>,
     settings: Settings,
 }
 
@@ -56,6 +58,7 @@ impl Broker {
             context,
             socket,
             endpoint,
+            inproc: None,
             settings,
         })
     }
@@ -63,6 +66,26 @@ impl Broker {
     /// The endpoint it listens on, with the real port.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Also listens on an `inproc://` endpoint, for the workers and clients
+    /// of this process: they reach the broker without a TCP connection or
+    /// ZeroMQ's I/O threads in between (an idle hub's heartbeats then wake
+    /// only the two threads they concern). Returns the endpoint; sockets
+    /// made through `majordome_net::context_for` it can connect to it.
+    pub fn bind_inproc(&mut self) -> Result<String, BrokerError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let endpoint = format!(
+            "inproc://majordome-broker-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.socket.bind(&endpoint).map_err(|source| BrokerError::Bind {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+        net::share_context(&endpoint, &self.context);
+        self.inproc = Some(endpoint.clone());
+        Ok(endpoint)
     }
 
     /// Serves until `shutdown` fires, then tells every worker to disconnect.
@@ -111,6 +134,9 @@ impl Broker {
         // Give the DISCONNECTs a moment to go out; closing the context waits
         // for them (and no longer than this).
         self.socket.set_linger(SHUTDOWN_LINGER_MS)?;
+        if let Some(endpoint) = &self.inproc {
+            net::unshare_context(endpoint);
+        }
         let Broker { context, socket, .. } = self;
         drop(socket);
         drop(context);

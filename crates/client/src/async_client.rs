@@ -89,7 +89,7 @@ impl AsyncClient {
     /// Starts the I/O thread and connects to the broker at `endpoint`.
     pub fn connect(endpoint: &str) -> Result<Self, ClientError> {
         let context = net::context();
-        let dealer = context.socket(zmq::DEALER)?;
+        let dealer = net::context_for(endpoint).socket(zmq::DEALER)?;
         dealer.set_linger(0)?;
         dealer.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),

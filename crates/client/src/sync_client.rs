@@ -147,7 +147,7 @@ impl Client {
 
     fn connected_socket(&mut self) -> Result<&zmq::Socket, ClientError> {
         if self.socket.is_none() {
-            let socket = net::context().socket(zmq::DEALER)?;
+            let socket = net::context_for(&self.endpoint).socket(zmq::DEALER)?;
             socket.set_linger(0)?;
             // With IMMEDIATE, the socket is writable only once a connection
             // is up: that is how "nothing listening" is told apart from

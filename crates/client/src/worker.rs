@@ -263,7 +263,9 @@ impl Worker {
     }
 
     fn connect(&self, service: &str) -> Result<zmq::Socket, ClientError> {
-        let socket = net::context().socket(zmq::DEALER)?;
+        // In the broker's own context when it is in this process and
+        // reached through `inproc://`.
+        let socket = net::context_for(&self.endpoint).socket(zmq::DEALER)?;
         socket.set_linger(0)?;
         socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: self.endpoint.clone(),

@@ -98,6 +98,9 @@ pub struct Hub {
     failures: Failures,
     plugins: PluginSummary,
     counters: Counters,
+    /// Where this process's parts reach the broker: its `inproc://`
+    /// endpoint when it runs here, else `endpoints.broker`.
+    local_broker: String,
 }
 
 impl Hub {
@@ -120,6 +123,7 @@ impl Hub {
             failures: Failures::default(),
             plugins: PluginSummary::default(),
             counters: Counters::default(),
+            local_broker: config.listen.broker.clone(),
         };
         match hub.start_parts(config) {
             Ok(()) => Ok(hub),
@@ -143,9 +147,11 @@ impl Hub {
         let database = self.endpoints.database.clone();
         let durability = config.durability;
         if parts.broker {
-            let broker =
+            let mut broker =
                 Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker")(&e))?;
             self.endpoints.broker = broker.endpoint().to_owned();
+            // The parts of this process reach it in-process.
+            self.local_broker = broker.bind_inproc().map_err(|e| start_error("broker")(&e))?;
             self.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
         } else {
             self.needs_port(
@@ -162,7 +168,7 @@ impl Hub {
             let counters = forwarder.counters();
             self.spawn("forwarder", move |stop| Ok(forwarder.run(stop)?))?;
             if parts.stats {
-                let at = self.endpoints.broker.clone();
+                let at = self.local_broker.clone();
                 self.spawn("events-stats", move |stop| {
                     stats_service(&at, "events", stop, move || serde_json::to_value(counters.snapshot()))
                 })?;
@@ -186,7 +192,7 @@ impl Hub {
             let counters = state.counters();
             self.spawn("state", move |stop| Ok(state.run(stop)?))?;
             if parts.stats {
-                let at = self.endpoints.broker.clone();
+                let at = self.local_broker.clone();
                 self.spawn("state-stats", move |stop| {
                     stats_service(&at, "state", stop, move || serde_json::to_value(counters.snapshot()))
                 })?;
@@ -194,7 +200,7 @@ impl Hub {
         }
         if parts.titanic {
             let titanic = majordome_titanic::Titanic::start(
-                &self.endpoints.broker,
+                &self.local_broker,
                 &database,
                 majordome_titanic::Settings {
                     durability,
@@ -213,7 +219,7 @@ impl Hub {
         if parts.config {
             let service =
                 ConfigService::open(&database, manifests.clone(), durability).map_err(|e| start_error("config")(&e))?;
-            let (at, publish) = (self.endpoints.broker.clone(), self.endpoints.publish.clone());
+            let (at, publish) = (self.local_broker.clone(), self.endpoints.publish.clone());
             self.spawn("config", move |stop| Ok(service.run(&at, Some(&publish), stop)?))?;
         }
         if parts.manager {
@@ -223,7 +229,7 @@ impl Hub {
             self.start_devices(config, &manifests)?;
         }
         if parts.echo {
-            let at = self.endpoints.broker.clone();
+            let at = self.local_broker.clone();
             self.spawn("echo", move |stop| {
                 // Echoing is quick: answered on the socket thread, and the
                 // broker may keep several requests in flight to it, which
@@ -304,6 +310,7 @@ impl Hub {
             broker: self.endpoints.broker.clone(),
             publish: self.endpoints.publish.clone(),
             subscribe: self.endpoints.subscribe.clone(),
+            local_broker: Some(self.local_broker.clone()),
         };
         self.spawn("manager", move |stop| {
             Ok(majordome_services::manager::run(registry, &endpoints, &log_dir, stop)?)
@@ -329,7 +336,7 @@ impl Hub {
                 config.devices.clone(),
                 &config.history,
                 DeviceEndpoints {
-                    broker: self.endpoints.broker.clone(),
+                    broker: self.local_broker.clone(),
                     publish: self.endpoints.publish.clone(),
                     subscribe: self.endpoints.subscribe.clone(),
                     state,
@@ -343,7 +350,7 @@ impl Hub {
         }
         if config.parts.history {
             let history = HistoryService::new(&database, config.history.clone(), history_counters);
-            let at = self.endpoints.broker.clone();
+            let at = self.local_broker.clone();
             self.spawn("history", move |stop| Ok(history.run(&at, stop)?))?;
         }
         Ok(())

@@ -59,6 +59,45 @@ pub mod duration_text {
     }
 }
 
+/// Contexts shared by name, for `inproc://` endpoints: an inproc
+/// connection only works within one context, and a server (the broker)
+/// may keep its own.
+fn shared_contexts() -> &'static std::sync::Mutex<std::collections::HashMap<String, zmq::Context>> {
+    static SHARED: OnceLock<std::sync::Mutex<std::collections::HashMap<String, zmq::Context>>> = OnceLock::new();
+    SHARED.get_or_init(Default::default)
+}
+
+/// Makes `endpoint` (an `inproc://` one that `context` binds) reachable
+/// from this process's other sockets, through [`context_for`].
+pub fn share_context(endpoint: &str, context: &zmq::Context) {
+    let mut shared = shared_contexts()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.insert(endpoint.to_owned(), context.clone());
+}
+
+/// Forgets what [`share_context`] said of `endpoint`.
+pub fn unshare_context(endpoint: &str) {
+    let mut shared = shared_contexts()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.remove(endpoint);
+}
+
+/// The context a socket connecting to `endpoint` must be made in: the one
+/// shared for that `inproc://` endpoint, else the process-wide one.
+pub fn context_for(endpoint: &str) -> zmq::Context {
+    if endpoint.starts_with("inproc://") {
+        let shared = shared_contexts()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(context) = shared.get(endpoint) {
+            return context.clone();
+        }
+    }
+    context().clone()
+}
+
 /// What [`recv_frames`] got.
 #[derive(Debug)]
 pub enum Received {

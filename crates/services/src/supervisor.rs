@@ -675,16 +675,26 @@ impl Supervisor {
         };
         match plugin.phase {
             Phase::Running => {
+                // When the whole hub stops, its broker goes down at the
+                // same moment: the plugin could not hear a `plugin.stop.do`,
+                // so SIGTERM (which majordome's plugins take as a clean
+                // stop) goes at once.
+                let term_at = match cause {
+                    StopCause::Request => now + stop_grace,
+                    StopCause::Shutdown => now,
+                };
                 plugin.phase = Phase::Stopping(Stopping {
                     cause,
-                    term_at: now + stop_grace,
+                    term_at,
                     kill_at: None,
                     killed: None,
                 });
                 let (kind, name) = (plugin.manifest.kind.clone(), plugin.manifest.name.clone());
                 let pid = plugin.process.as_ref().map(Child::id);
-                // Asking costs a round trip; no use waiting past the grace.
-                self.ask_to_stop(id, &kind, &name, self.settings.stop_request_timeout.min(stop_grace));
+                if cause == StopCause::Request {
+                    // Asking costs a round trip; no use waiting past the grace.
+                    self.ask_to_stop(id, &kind, &name, self.settings.stop_request_timeout.min(stop_grace));
+                }
                 let comment = match cause {
                     StopCause::Request => "stop requested".to_owned(),
                     StopCause::Shutdown => "stopping because the manager stops".to_owned(),

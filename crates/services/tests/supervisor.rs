@@ -29,6 +29,7 @@ fn manager_endpoints(bus: &Bus) -> ManagerEndpoints {
         broker: bus.broker.clone(),
         publish: bus.publish_at.clone(),
         subscribe: bus.subscribe_at.clone(),
+        local_broker: None,
     }
 }
 

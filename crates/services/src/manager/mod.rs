@@ -181,6 +181,17 @@ pub struct ManagerEndpoints {
     pub publish: String,
     /// The forwarder's side subscribers connect to (`MAJORDOME_SUBSCRIBE`).
     pub subscribe: String,
+    /// Where the manager itself reaches the broker, when not at `broker`
+    /// (the hub's `inproc://` endpoint: plugins are other processes and
+    /// are told `broker`).
+    pub local_broker: Option<String>,
+}
+
+impl ManagerEndpoints {
+    /// The broker, as the manager itself reaches it.
+    fn own_broker(&self) -> &str {
+        self.local_broker.as_deref().unwrap_or(&self.broker)
+    }
 }
 
 /// The registry, up to date with what the supervisor reported: how every
@@ -261,7 +272,7 @@ pub fn run(
     ];
     environment.extend(settings.plugin_environment.iter().cloned());
     let wiring = supervisor::Wiring {
-        broker: endpoints.broker.clone(),
+        broker: endpoints.own_broker().to_owned(),
         environment,
         log_dir: PathBuf::from(log_dir),
     };
@@ -271,7 +282,7 @@ pub fn run(
         supervisor::start(&manifests, settings.supervisor(), wiring, reports, shutdown)?;
 
     let (shared, stop, told) = (registry.clone(), shutdown.clone(), supervisor.clone());
-    let mut asker = ConfigAsker::new(&take(&registry), &endpoints.broker, Instant::now());
+    let mut asker = ConfigAsker::new(&take(&registry), endpoints.own_broker(), Instant::now());
     let follower = thread::Builder::new()
         .name("manager-status".into())
         .spawn(move || -> Result<(), ClientError> {
@@ -328,7 +339,7 @@ pub fn run(
         capacity: 4,
         ..WorkerOptions::default()
     };
-    let served = Worker::new(&endpoints.broker, "manager", options).run(handler, shutdown);
+    let served = Worker::new(endpoints.own_broker(), "manager", options).run(handler, shutdown);
 
     // The worker ends at shutdown (or fails to start); the other threads
     // end at shutdown too, the supervisor once every child is reaped.
