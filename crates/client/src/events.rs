@@ -159,44 +159,41 @@ impl Subscriber {
     /// The next well-formed event, or `None` after `timeout`. Messages that
     /// are not Domogik events are skipped and counted.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.socket.poll(zmq::POLLIN, left.as_millis() as i64) {
-                // A signal (SIGINT, SIGTERM) interrupts the wait: no event,
-                // so that the caller can look at its shutdown.
-                Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
-                Ok(_) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let frames: Vec<Bytes> = net::recv_all(&self.socket)?;
-            match Event::from_frames(&frames) {
-                Ok(event) => return Ok(Some(event)),
-                Err(e) => {
-                    self.malformed += 1;
-                    tracing::debug!(error = %e, "skipped a malformed event");
-                }
-            }
-        }
+        self.wait_for_event(timeout, None)
     }
 
     /// Like [`Subscriber::recv`], but also returns (with no event) as soon
     /// as `shutdown` fires: a loop that waits for events and a timer need
     /// not wake up just to look at its stop signal.
     pub fn recv_or_stop(&mut self, timeout: Duration, shutdown: &Shutdown) -> Result<Option<Event>, ClientError> {
+        self.wait_for_event(timeout, Some(shutdown))
+    }
+
+    /// The next well-formed event within `timeout`, skipping (and counting)
+    /// malformed ones; `None` at the timeout, on a signal (SIGINT, SIGTERM:
+    /// the caller looks at its shutdown next) or once `shutdown` fires.
+    fn wait_for_event(&mut self, timeout: Duration, shutdown: Option<&Shutdown>) -> Result<Option<Event>, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut items = [
-                self.socket.as_poll_item(zmq::POLLIN),
-                zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
-            ];
-            match zmq::poll(&mut items, left.as_millis() as i64) {
+            let mut items = [self.socket.as_poll_item(zmq::POLLIN)];
+            let mut with_stop;
+            let polled: &mut [zmq::PollItem] = match shutdown {
+                Some(shutdown) => {
+                    with_stop = [
+                        self.socket.as_poll_item(zmq::POLLIN),
+                        zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+                    ];
+                    &mut with_stop
+                }
+                None => &mut items,
+            };
+            match zmq::poll(polled, left.as_millis() as i64) {
                 Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }
-            if !items[0].is_readable() {
+            if !polled[0].is_readable() {
                 return Ok(None);
             }
             let frames: Vec<Bytes> = net::recv_all(&self.socket)?;

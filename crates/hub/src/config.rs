@@ -154,6 +154,16 @@ impl Parts {
         }
     }
 
+    /// The broker and the event forwarder: a bus for services to be tried
+    /// on (the tests' and the bench's).
+    pub fn bus() -> Parts {
+        Parts {
+            broker: true,
+            events: true,
+            ..Parts::none()
+        }
+    }
+
     /// No part: a start for choosing a few.
     pub fn none() -> Parts {
         Parts {

@@ -38,13 +38,8 @@ struct Bus {
 
 impl Bus {
     fn start() -> Bus {
-        let parts = Parts {
-            broker: true,
-            events: true,
-            ..Parts::none()
-        };
         // Neither part writes to the data folder.
-        let config = HubConfig::on_free_ports(&std::env::temp_dir(), parts);
+        let config = HubConfig::on_free_ports(&std::env::temp_dir(), Parts::bus());
         let hub = Hub::start(&config, &Shutdown::new().unwrap()).unwrap();
         let endpoints = hub.endpoints().clone();
         Bus {

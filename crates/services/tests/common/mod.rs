@@ -41,10 +41,8 @@ impl Bus {
 
     fn start_with(state_data: Option<&Path>) -> Bus {
         let parts = Parts {
-            broker: true,
-            events: true,
             state: state_data.is_some(),
-            ..Parts::none()
+            ..Parts::bus()
         };
         // Without a Clone server nothing is written to the data folder.
         let data = state_data.map_or_else(std::env::temp_dir, Path::to_path_buf);
