@@ -21,15 +21,19 @@
 //! service over the bus and answered as Domogik's admin did
 //! (`device.result` with `status`, `reason`, `type`, `name`, `host`,
 //! `devices`).
+//!
+//! The modules: `model` (configured, required keys, checked values: pure),
+//! `store` (the `config` table), and here the requests and the threads.
+
+mod model;
+mod store;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use majordome_client::{
-    domogik_handler, unix_now, Client, ClientOptions, Message, Publisher, Shutdown, Worker, WorkerOptions,
-};
-use majordome_store::rusqlite::{params, Connection};
+use majordome_client::{domogik_handler, Client, ClientOptions, Message, Publisher, Shutdown, Worker, WorkerOptions};
+use majordome_store::rusqlite::Connection;
 use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Map, Value};
 
@@ -40,36 +44,8 @@ use majordome_api::{ApiError, ClientId};
 /// The built-in key that says whether a client is configured.
 pub use majordome_api::config::CONFIGURED;
 
-/// A `configured` value as Domogik writes it: a JSON boolean, or the
-/// strings "1"/"0", "true"/"false", "True"/"False".
-fn configured_flag(value: &Value) -> Option<bool> {
-    match value {
-        Value::Bool(flag) => Some(*flag),
-        Value::Number(n) if n.as_i64() == Some(1) => Some(true),
-        Value::Number(n) if n.as_i64() == Some(0) => Some(false),
-        Value::String(text) => match text.to_ascii_lowercase().as_str() {
-            "1" | "true" | "y" => Some(true),
-            "0" | "false" | "n" => Some(false),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 /// The names the service answers on.
 pub const SERVICE_NAMES: &[&str] = &["config", "dbmgr", "admin", "dbmanager"];
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS config (
-    type    TEXT NOT NULL,
-    name    TEXT NOT NULL,
-    host    TEXT NOT NULL,
-    key     TEXT NOT NULL,
-    value   TEXT NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (type, name, host, key)
-);
-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -117,7 +93,7 @@ impl ConfigService {
         durability: Durability,
     ) -> Result<ConfigService, ConfigError> {
         let connection = majordome_store::open(database, durability)?;
-        connection.execute_batch(SCHEMA)?;
+        connection.execute_batch(store::SCHEMA)?;
         Ok(ConfigService {
             committer: majordome_store::shared_committer(database, durability)?,
             database: database.to_owned(),
@@ -200,45 +176,12 @@ impl ConfigService {
         self.manifests.get(&(target.kind.clone(), target.name.clone()))
     }
 
-    /// Stored values of `target`, by key.
     fn stored(&self, reader: &Connection, target: &Target) -> Result<Map<String, Value>, ConfigError> {
-        let mut statement = reader
-            .prepare_cached("SELECT key, value FROM config WHERE type = ?1 AND name = ?2 AND host = ?3 ORDER BY key")?;
-        let rows = statement.query_map(params![target.kind, target.name, target.host], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?;
-        let mut values = Map::new();
-        for row in rows {
-            let (key, text) = row?;
-            values.insert(key, serde_json::from_str(&text).unwrap_or(Value::String(text)));
-        }
-        Ok(values)
+        Ok(store::stored(reader, target)?)
     }
 
-    /// Whether the client is configured: not if `configured` was set to
-    /// false; else every required key of its manifest has a value (stored
-    /// or default), or, with no manifest, some key was set.
     fn configured(&self, target: &Target, stored: &Map<String, Value>) -> bool {
-        let explicit = stored.get(CONFIGURED).and_then(configured_flag);
-        if explicit == Some(false) {
-            return false;
-        }
-        match self.manifest(target) {
-            Some(_) => self.missing_required(target, stored).is_empty(),
-            None => explicit == Some(true) || stored.keys().any(|key| key != CONFIGURED),
-        }
-    }
-
-    /// The required keys of the client's manifest that have no value.
-    fn missing_required(&self, target: &Target, stored: &Map<String, Value>) -> Vec<String> {
-        self.manifest(target).map_or_else(Vec::new, |manifest| {
-            manifest
-                .config
-                .iter()
-                .filter(|k| k.required && !stored.contains_key(&k.key) && k.default.is_none())
-                .map(|k| k.key.clone())
-                .collect()
-        })
+        model::configured(self.manifest(target), stored)
     }
 
     fn get(
@@ -276,15 +219,7 @@ impl ConfigService {
                 Ok((result(true, reason, fields), None))
             }
             None => {
-                let mut values = Map::new();
-                if let Some(manifest) = self.manifest(target) {
-                    for key in &manifest.config {
-                        if let Some(default) = &key.default {
-                            values.insert(key.key.clone(), default.clone());
-                        }
-                    }
-                }
-                values.extend(stored);
+                let values = model::with_defaults(self.manifest(target), stored);
                 fields.insert("data".into(), Value::Object(values));
                 Ok((result(true, "", fields), None))
             }
@@ -295,50 +230,18 @@ impl ConfigService {
         &self,
         reader: &Connection,
         target: &Target,
-        mut values: Vec<(String, Value)>,
+        values: Vec<(String, Value)>,
     ) -> Result<(Message, Option<Value>), ConfigError> {
-        for (key, value) in values.iter_mut() {
-            if key.is_empty() || key.len() > 255 {
-                return Ok((fail("a config key must be 1 to 255 bytes long"), None));
-            }
-            if value.is_null() {
-                return Ok((
-                    fail(format!("'{key}' has no value; use config.delete to remove it")),
-                    None,
-                ));
-            }
-            if key == CONFIGURED {
-                match configured_flag(value) {
-                    Some(flag) => *value = Value::Bool(flag),
-                    None => return Ok((fail(format!("'{CONFIGURED}' must be true or false, not {value}")), None)),
-                }
-                continue;
-            }
-            if let Some(manifest) = self.manifest(target) {
-                let Some(spec) = manifest.key(key) else {
-                    let known: Vec<&str> = manifest.config.iter().map(|k| k.key.as_str()).collect();
-                    return Ok((
-                        fail(format!(
-                            "{} '{}' has no config key '{key}' (it has: {})",
-                            target.kind,
-                            target.name,
-                            known.join(", ")
-                        )),
-                        None,
-                    ));
-                };
-                match spec.check(value) {
-                    Ok(checked) => *value = checked,
-                    Err(reason) => return Ok((fail(reason), None)),
-                }
-            }
-        }
+        let values = match model::checked(self.manifest(target), target, values) {
+            Ok(values) => values,
+            Err(reason) => return Ok((fail(reason), None)),
+        };
         // Marking a client configured needs its required keys, set before
         // or in this same request.
         if values.iter().any(|(k, v)| k == CONFIGURED && *v == Value::Bool(true)) {
             let mut after = self.stored(reader, target)?;
             after.extend(values.iter().cloned());
-            let missing = self.missing_required(target, &after);
+            let missing = model::missing_required(self.manifest(target), &after);
             if !missing.is_empty() {
                 return Ok((
                     fail(format!(
@@ -351,19 +254,7 @@ impl ConfigService {
                 ));
             }
         }
-        let rows: Vec<(String, String)> = values.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
-        let t = target.clone();
-        let now = unix_now();
-        self.committer.submit(move |c| {
-            for (key, value) in &rows {
-                c.execute(
-                    "INSERT INTO config (type, name, host, key, value, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (type, name, host, key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
-                    params![t.kind, t.name, t.host, key, value, now],
-                )?;
-            }
-            Ok(())
-        })?;
+        store::save(&self.committer, target, &values)?;
         let stored = self.stored(reader, target)?;
         let configured = self.configured(target, &stored);
         let keys: Vec<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
@@ -383,18 +274,7 @@ impl ConfigService {
         target: &Target,
         key: Option<String>,
     ) -> Result<(Message, Option<Value>), ConfigError> {
-        let t = target.clone();
-        let one = key.clone();
-        let deleted = self.committer.submit(move |c| match &one {
-            Some(key) => c.execute(
-                "DELETE FROM config WHERE type = ?1 AND name = ?2 AND host = ?3 AND key = ?4",
-                params![t.kind, t.name, t.host, key],
-            ),
-            None => c.execute(
-                "DELETE FROM config WHERE type = ?1 AND name = ?2 AND host = ?3",
-                params![t.kind, t.name, t.host],
-            ),
-        })?;
+        let deleted = store::remove(&self.committer, target, key.clone())?;
         let stored = self.stored(reader, target)?;
         let configured = self.configured(target, &stored);
         let mut fields = target_json(target);
