@@ -29,13 +29,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-
-// Quicker than SipHash on these short keys, and seeded per process, so a
-// client cannot pick identities or names that collide on purpose.
-use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+// Quicker than SipHash on these short keys, and seeded per process, so a
+// client cannot pick identities or names that collide on purpose.
+use foldhash::{HashMap, HashMapExt};
 use majordome_mdp::domogik::{self, Message, TimeoutFrame};
 use majordome_mdp::mdp::{self, FromWorker, Inbound};
 use majordome_mdp::{mmi, Frames};
@@ -404,7 +403,10 @@ impl Core {
         }
         let cost = QUEUED_REQUEST_OVERHEAD + body.iter().chain(address.iter()).map(Bytes::len).sum::<usize>();
         let total_full = self.queued_bytes + cost > self.settings.max_queued_bytes;
-        let entry = service_entry(&mut self.services, &service, now);
+        let entry = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service::new(now));
         entry.last_active = now;
         if total_full || entry.queued_bytes + cost > self.settings.max_queue_bytes_per_service {
             entry.counters.rejected += 1;
@@ -501,7 +503,10 @@ impl Core {
             return;
         }
         let generation = self.token();
-        let entry = service_entry(&mut self.services, &service, now);
+        let entry = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service::new(now));
         entry.workers += 1;
         entry.idle_workers += 1;
         entry.last_active = now;
@@ -949,16 +954,6 @@ impl Core {
             *suppressed += 1;
         }
     }
-}
-
-/// The service `name` in `services`, made if new. Its key is a copy of its
-/// own: the name is a slice of the message it came in, and would keep that
-/// whole message alive as long as the service lives.
-fn service_entry<'a>(services: &'a mut HashMap<Bytes, Service>, name: &Bytes, now: Instant) -> &'a mut Service {
-    if !services.contains_key(name) {
-        services.insert(Bytes::copy_from_slice(name), Service::new(now));
-    }
-    services.get_mut(name).expect("inserted above")
 }
 
 #[cfg(test)]

@@ -123,16 +123,17 @@ pub fn recv_frames(
         Err(zmq::Error::EAGAIN) => return Ok(None),
         Err(e) => return Err(e),
     }
-    // The frames are copied into one buffer, and handed out as slices of
-    // it: one allocation per message rather than one per frame (most
-    // frames of this bus are a few bytes: identities, "", MDPC01).
+    // The frames are copied into one buffer and split off it as they come:
+    // they share its allocation (one per message rather than one per frame;
+    // most frames of this bus are a few bytes: identities, "", MDPC01). A
+    // frame larger than what is left gets an allocation of its own, so a
+    // small frame kept long (a service name) never holds a large one.
     let mut buffer = BytesMut::with_capacity(256);
-    let mut ends: [usize; 16] = [0; 16];
-    let mut spill: Vec<usize> = Vec::new();
+    let mut frames = Vec::with_capacity(8);
     let mut count = 1;
     let mut total = scratch.len();
     buffer.extend_from_slice(scratch);
-    ends[0] = buffer.len();
+    frames.push(buffer.split().freeze());
     while scratch.get_more() {
         // The rest of a multipart message is already there: ZeroMQ delivers
         // messages whole, so this never blocks.
@@ -141,10 +142,7 @@ pub fn recv_frames(
         total += scratch.len();
         if count <= max_frames && total <= max_bytes {
             buffer.extend_from_slice(scratch);
-            match ends.get_mut(count - 1) {
-                Some(end) => *end = buffer.len(),
-                None => spill.push(buffer.len()),
-            }
+            frames.push(buffer.split().freeze());
         }
     }
     if count > max_frames || total > max_bytes {
@@ -152,13 +150,6 @@ pub fn recv_frames(
             frames: count,
             bytes: total,
         }));
-    }
-    let whole = buffer.freeze();
-    let mut frames = Vec::with_capacity(count);
-    let mut start = 0;
-    for &end in ends.iter().take(count).chain(spill.iter()) {
-        frames.push(whole.slice(start..end));
-        start = end;
     }
     Ok(Some(Received::Message(frames)))
 }
@@ -288,7 +279,7 @@ mod tests {
     }
 
     /// Frames come back whole and in order from the one buffer, empty ones
-    /// and more than the sixteen the fast path keeps offsets for included.
+    /// and ones larger than what is left of it included.
     #[test]
     fn every_frame_comes_back_as_sent() {
         let ctx = zmq::Context::new();
