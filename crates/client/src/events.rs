@@ -176,18 +176,12 @@ impl Subscriber {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut items = [self.socket.as_poll_item(zmq::POLLIN)];
-            let mut with_stop;
-            let polled: &mut [zmq::PollItem] = match shutdown {
-                Some(shutdown) => {
-                    with_stop = [
-                        self.socket.as_poll_item(zmq::POLLIN),
-                        zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
-                    ];
-                    &mut with_stop
-                }
-                None => &mut items,
-            };
+            // The shutdown's descriptor is polled only when there is one.
+            let mut items = [
+                self.socket.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(shutdown.map_or(-1, Shutdown::fd), zmq::POLLIN),
+            ];
+            let polled = &mut items[..if shutdown.is_some() { 2 } else { 1 }];
             match zmq::poll(polled, left.as_millis() as i64) {
                 Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
                 Ok(_) => {}

@@ -50,10 +50,10 @@ pub enum HubError {
     Config(String),
 }
 
-fn start_error(part: &'static str) -> impl Fn(&dyn std::fmt::Display) -> HubError {
-    move |e| HubError::Start {
+fn start_error(part: &'static str, why: impl std::fmt::Display) -> HubError {
+    HubError::Start {
         part,
-        why: e.to_string(),
+        why: why.to_string(),
     }
 }
 
@@ -148,10 +148,10 @@ impl Hub {
         let durability = config.durability;
         if parts.broker {
             let mut broker =
-                Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker")(&e))?;
+                Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker", e))?;
             self.endpoints.broker = broker.endpoint().to_owned();
             // The parts of this process reach it in-process.
-            self.local_broker = broker.bind_inproc().map_err(|e| start_error("broker")(&e))?;
+            self.local_broker = broker.bind_inproc().map_err(|e| start_error("broker", e))?;
             self.spawn("broker", move |stop| Ok(broker.run(stop)?))?;
         } else {
             self.needs_port(
@@ -162,7 +162,7 @@ impl Hub {
         }
         if parts.events {
             let forwarder = Forwarder::bind(&config.listen.publish, &config.listen.subscribe, config.events.clone())
-                .map_err(|e| start_error("forwarder")(&e))?;
+                .map_err(|e| start_error("forwarder", e))?;
             self.endpoints.publish = forwarder.publisher_endpoint().to_owned();
             self.endpoints.subscribe = forwarder.subscriber_endpoint().to_owned();
             let counters = forwarder.counters();
@@ -187,7 +187,7 @@ impl Hub {
                     ..config.state.clone()
                 },
             )
-            .map_err(|e| start_error("state")(&e))?;
+            .map_err(|e| start_error("state", e))?;
             self.endpoints.state = state.endpoints().clone();
             let counters = state.counters();
             self.spawn("state", move |stop| Ok(state.run(stop)?))?;
@@ -207,7 +207,7 @@ impl Hub {
                     ..config.titanic.clone()
                 },
             )
-            .map_err(|e| start_error("titanic")(&e))?;
+            .map_err(|e| start_error("titanic", e))?;
             self.counters.titanic_commits = Some(titanic.commit_stats());
             self.spawn("titanic", move |stop| Ok(titanic.run(stop)?))?;
         }
@@ -218,7 +218,7 @@ impl Hub {
         };
         if parts.config {
             let service =
-                ConfigService::open(&database, manifests.clone(), durability).map_err(|e| start_error("config")(&e))?;
+                ConfigService::open(&database, manifests.clone(), durability).map_err(|e| start_error("config", e))?;
             let (at, publish) = (self.local_broker.clone(), self.endpoints.publish.clone());
             self.spawn("config", move |stop| Ok(service.run(&at, Some(&publish), stop)?))?;
         }
@@ -299,7 +299,7 @@ impl Hub {
             (dead_after.as_secs_f64() / 3.0).min(15.0).to_string(),
         ));
         let registry = Registry::open(manifests, settings, &self.endpoints.database, config.durability)
-            .map_err(|e| start_error("manager")(&e))?;
+            .map_err(|e| start_error("manager", e))?;
         // Each plugin the manager starts writes its output here.
         let log_dir = config.data.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| HubError::Start {
@@ -342,7 +342,7 @@ impl Hub {
                     state,
                 },
             )
-            .map_err(|e| start_error("devices")(&e))?;
+            .map_err(|e| start_error("devices", e))?;
             history_counters = devices.history_counters();
             self.counters.history = Some(history_counters.clone());
             self.counters.history_commits = Some(devices.history_commit_stats());

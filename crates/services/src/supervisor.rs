@@ -546,11 +546,14 @@ impl Supervisor {
                 let result = self.stop(&id, StopCause::Request, known, Instant::now());
                 let _ = reply.send(result);
             }
-            Request::Said { id, status } => {
-                if let Some(plugin) = self.plugins.get_mut(&id.to_string()) {
-                    plugin.said_stopped = status == ClientStatus::Stopped;
-                }
-            }
+            Request::Said { id, status } => self.said(&id, status),
+        }
+    }
+
+    /// What a plugin said of itself: one that says `stopped` meant to end.
+    fn said(&mut self, id: &ClientId, status: ClientStatus) {
+        if let Some(plugin) = self.plugins.get_mut(&id.to_string()) {
+            plugin.said_stopped = status == ClientStatus::Stopped;
         }
     }
 
@@ -916,11 +919,7 @@ impl Supervisor {
                 Ok(Request::Stop { reply, .. }) => {
                     let _ = reply.send(Err("the manager is stopping".to_owned()));
                 }
-                Ok(Request::Said { id, status }) => {
-                    if let Some(plugin) = self.plugins.get_mut(&id.to_string()) {
-                        plugin.said_stopped = status == ClientStatus::Stopped;
-                    }
-                }
+                Ok(Request::Said { id, status }) => self.said(&id, status),
                 // Time to poll again.
                 Err(_) => {}
             }
