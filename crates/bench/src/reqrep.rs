@@ -74,6 +74,12 @@ pub struct Figures {
     pub p99_us: f64,
     /// See `p50_us`.
     pub max_us: f64,
+    /// On-CPU time of the broker (all its threads) or of the proxy (its
+    /// thread and its context's), per request, microseconds: the work the
+    /// relay itself did, which a busy machine does not change as much as
+    /// it changes the throughput. `None` for a broker the bench did not
+    /// start.
+    pub cpu_us_per_request: Option<f64>,
 }
 
 /// The medians of all runs.
@@ -179,12 +185,13 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
     };
     let mut broker_runs = Vec::with_capacity(options.runs);
     let mut proxy_runs = Vec::with_capacity(options.runs);
+    let broker_cpu = || spawned.as_ref().and_then(SpawnedBroker::cpu_ns);
     for run_index in 1..=options.runs {
-        let figures = measure(&broker_target, options, &mut broker_workers)?;
+        let figures = measure_with_cpu(&broker_target, options, &mut broker_workers, broker_cpu)?;
         say!(out, "run {run_index}/{} broker: {}", options.runs, describe(&figures));
         broker_runs.push(figures);
         if let Some((proxy, workers)) = &mut baseline {
-            let figures = measure(&proxy.target(), options, workers)?;
+            let figures = measure_with_cpu(&proxy.target(), options, workers, || proxy.cpu_ns())?;
             say!(out, "run {run_index}/{} proxy:  {}", options.runs, describe(&figures));
             proxy_runs.push(figures);
         }
@@ -242,10 +249,31 @@ fn validate(options: &ReqRepOptions) -> Result<()> {
     Ok(())
 }
 
+/// [`measure`], with the on-CPU time that `cpu_ns` reads before and after
+/// divided among the requests.
+fn measure_with_cpu(
+    target: &Target,
+    options: &ReqRepOptions,
+    workers: &mut EchoWorkers,
+    cpu_ns: impl Fn() -> Option<u64>,
+) -> Result<Figures> {
+    let before = cpu_ns();
+    let figures = measure(target, options, workers)?;
+    let used = before.zip(cpu_ns()).map(|(before, after)| after.saturating_sub(before));
+    Ok(Figures {
+        cpu_us_per_request: used.map(|ns| ns as f64 / 1000.0 / options.requests as f64),
+        ..figures
+    })
+}
+
 /// One measured run or median, on one line: easy to read and to grep.
 fn describe(figures: &Figures) -> String {
+    let cpu = figures
+        .cpu_us_per_request
+        .map(|us| format!(", CPU {us:.1} us/req"))
+        .unwrap_or_default();
     format!(
-        "{:.0} req/s, latency p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us",
+        "{:.0} req/s, latency p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us{cpu}",
         figures.requests_per_second, figures.p50_us, figures.p90_us, figures.p99_us, figures.max_us
     )
 }
@@ -257,8 +285,12 @@ fn ratio_line(broker: &Figures, proxy: &Figures) -> String {
         // Latencies are whole microseconds; a zero median cannot be divided by.
         "n/a".to_owned()
     };
+    let cpu = match (broker.cpu_us_per_request, proxy.cpu_us_per_request) {
+        (Some(broker), Some(proxy)) if proxy > 0.0 => format!(", CPU per request {:.2}x", broker / proxy),
+        _ => String::new(),
+    };
     format!(
-        "ratio broker/proxy: {:.2} (req/s), p50 {latency} (latency)",
+        "ratio broker/proxy: {:.2} (req/s), p50 {latency} (latency){cpu}",
         broker.requests_per_second / proxy.requests_per_second
     )
 }
@@ -287,6 +319,12 @@ fn median_figures(runs: &[Figures]) -> Figures {
         p90_us: pick(|f| f.p90_us),
         p99_us: pick(|f| f.p99_us),
         max_us: pick(|f| f.max_us),
+        cpu_us_per_request: runs
+            .iter()
+            .map(|f| f.cpu_us_per_request)
+            .collect::<Option<Vec<f64>>>()
+            .filter(|cpu| !cpu.is_empty())
+            .map(|cpu| median(&cpu)),
     }
 }
 
@@ -310,6 +348,7 @@ fn figures_of(mut latencies: Vec<u32>, requests: usize, elapsed: Duration) -> Fi
         p90_us: percentile(&latencies, 0.90),
         p99_us: percentile(&latencies, 0.99),
         max_us: percentile(&latencies, 1.0),
+        cpu_us_per_request: None,
     }
 }
 
@@ -363,6 +402,7 @@ mod tests {
             p90_us: p50 * 2.0,
             p99_us: p50 * 3.0,
             max_us: p50 * 4.0,
+            cpu_us_per_request: Some(p50 / 10.0),
         };
         // Each field is the median of that field, not the figures of the median run.
         let median = median_figures(&[run(100.0, 30.0), run(300.0, 10.0), run(200.0, 20.0)]);
@@ -370,6 +410,14 @@ mod tests {
         let median = median_figures(&[run(100.0, 50.0), run(300.0, 10.0), run(200.0, 20.0)]);
         assert_eq!(median.requests_per_second, 200.0);
         assert_eq!(median.p50_us, 20.0);
+        assert_eq!(median.cpu_us_per_request, Some(2.0));
+        // CPU time is a median only when every run has it.
+        let unknown = Figures {
+            cpu_us_per_request: None,
+            ..run(400.0, 40.0)
+        };
+        let median = median_figures(&[run(100.0, 50.0), unknown, run(200.0, 20.0)]);
+        assert_eq!(median.cpu_us_per_request, None);
     }
 
     #[test]
@@ -384,6 +432,7 @@ mod tests {
                 p90_us: 900.0,
                 p99_us: 990.0,
                 max_us: 1000.0,
+                cpu_us_per_request: None,
             }
         );
     }
@@ -396,6 +445,7 @@ mod tests {
             p90_us: 0.0,
             p99_us: 0.0,
             max_us: 0.0,
+            cpu_us_per_request: None,
         };
         let proxy = Figures {
             requests_per_second: 1000.0,
@@ -408,6 +458,18 @@ mod tests {
         );
         let instant = Figures { p50_us: 0.0, ..proxy };
         assert!(ratio_line(&broker, &instant).contains("p50 n/a"));
+        let broker = Figures {
+            cpu_us_per_request: Some(15.0),
+            ..broker
+        };
+        let proxy = Figures {
+            cpu_us_per_request: Some(12.0),
+            ..proxy
+        };
+        assert_eq!(
+            ratio_line(&broker, &proxy),
+            "ratio broker/proxy: 0.83 (req/s), p50 1.12x (latency), CPU per request 1.25x"
+        );
     }
 
     #[test]

@@ -318,7 +318,7 @@ pub enum Bench {
         #[arg(long, default_value_t = 0)]
         idle_services: usize,
         /// Runs of each target; the figures are medians.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         runs: usize,
         #[arg(long, default_value = "echo")]
         service: String,

@@ -10,6 +10,44 @@ use super::load::Target;
 
 const CONTROL: &str = "inproc://bench-proxy-control";
 
+/// The proxy's thread, and so the threads of its context too (they inherit
+/// the name of the thread that makes them).
+const THREAD_NAME: &str = "bench-proxy";
+
+/// The proxy's sockets, on a context of their own.
+struct Sides {
+    frontend: zmq::Socket,
+    backend: zmq::Socket,
+    /// The inside end of the control pair.
+    control: zmq::Socket,
+    context: zmq::Context,
+}
+
+/// Both sides bound on free local ports, and the control socket's inside
+/// end, on a new context.
+fn bind() -> Result<Sides> {
+    let context = zmq::Context::new();
+    let frontend = context.socket(zmq::ROUTER)?;
+    let backend = context.socket(zmq::DEALER)?;
+    for socket in [&frontend, &backend] {
+        socket.set_linger(0)?;
+        socket.set_sndhwm(100_000)?;
+        socket.set_rcvhwm(100_000)?;
+        socket
+            .bind("tcp://127.0.0.1:0")
+            .context("cannot bind the baseline proxy")?;
+    }
+    // Each proxy has its own context, so the same inproc name is free.
+    let control = context.socket(zmq::PAIR)?;
+    control.bind(CONTROL)?;
+    Ok(Sides {
+        frontend,
+        backend,
+        control,
+        context,
+    })
+}
+
 /// A bare libzmq proxy on its own context (so with its own I/O thread, as
 /// a separate process would have), stopped with `TERMINATE` on its control
 /// socket when dropped.
@@ -23,41 +61,53 @@ pub(super) struct Proxy {
 impl Proxy {
     /// Binds both sides on free local ports and starts relaying.
     pub(super) fn start() -> Result<Proxy> {
-        let context = zmq::Context::new();
-        let frontend = context.socket(zmq::ROUTER)?;
-        let backend = context.socket(zmq::DEALER)?;
-        for socket in [&frontend, &backend] {
-            socket.set_linger(0)?;
-            socket.set_sndhwm(100_000)?;
-            socket.set_rcvhwm(100_000)?;
-            socket
-                .bind("tcp://127.0.0.1:0")
-                .context("cannot bind the baseline proxy")?;
-        }
-        let frontend_endpoint = net::bound_endpoint(&frontend)?;
-        let backend_endpoint = net::bound_endpoint(&backend)?;
-        // Each proxy has its own context, so the same inproc name is free.
-        let control_inside = context.socket(zmq::PAIR)?;
-        control_inside.bind(CONTROL)?;
+        // Everything is made on the proxy's own thread, so that the
+        // context's I/O threads inherit its name and
+        // [`Proxy::cpu_ns`] can find them.
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let thread = thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || {
+                let mut sides = match bind().and_then(|sides| {
+                    let endpoints = (
+                        net::bound_endpoint(&sides.frontend)?,
+                        net::bound_endpoint(&sides.backend)?,
+                    );
+                    Ok((sides, endpoints))
+                }) {
+                    Ok((sides, endpoints)) => {
+                        let _ = bound_tx.send(Ok((sides.context.clone(), endpoints)));
+                        sides
+                    }
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e));
+                        return;
+                    }
+                };
+                // It returns on TERMINATE; an error could only mean the
+                // context is gone, and then there is nothing to relay.
+                let _ = zmq::proxy_steerable(&mut sides.frontend, &mut sides.backend, &mut sides.control);
+                let _ = sides.control.set_linger(0);
+            })
+            .context("cannot start the baseline proxy's thread")?;
+        let (context, (frontend, backend)) = bound_rx
+            .recv()
+            .context("the baseline proxy's thread stopped before binding")??;
         let control = context.socket(zmq::PAIR)?;
         control.set_linger(0)?;
         control.connect(CONTROL)?;
-        let thread = thread::Builder::new()
-            .name("bench-proxy".into())
-            .spawn(move || {
-                let (mut frontend, mut backend, mut control) = (frontend, backend, control_inside);
-                // It returns on TERMINATE; an error could only mean the
-                // context is gone, and then there is nothing to relay.
-                let _ = zmq::proxy_steerable(&mut frontend, &mut backend, &mut control);
-                let _ = control.set_linger(0);
-            })
-            .context("cannot start the baseline proxy's thread")?;
         Ok(Proxy {
-            frontend: frontend_endpoint,
-            backend: backend_endpoint,
+            frontend,
+            backend,
             control,
             thread: Some(thread),
         })
+    }
+
+    /// On-CPU time so far of the proxy's thread and its context's threads,
+    /// in nanoseconds (`None` where `/proc` cannot tell).
+    pub(super) fn cpu_ns(&self) -> Option<u64> {
+        super::spawn::cpu_ns(std::process::id(), |name| name == THREAD_NAME)
     }
 
     /// Where clients and workers connect.

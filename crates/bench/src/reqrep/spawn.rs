@@ -90,6 +90,11 @@ impl SpawnedBroker {
     pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// On-CPU time so far of all the broker's threads, in nanoseconds.
+    pub(super) fn cpu_ns(&self) -> Option<u64> {
+        cpu_ns(self.pid(), |_| true)
+    }
 }
 
 impl Drop for SpawnedBroker {
@@ -104,6 +109,28 @@ pub(super) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// On-CPU time so far of the threads of process `pid` whose name `keep`
+/// accepts, in nanoseconds: the sum of the first field of each
+/// `/proc/<pid>/task/<tid>/schedstat`. A thread that ends while it is read
+/// is left out; `None` when the process cannot be read at all.
+pub(super) fn cpu_ns(pid: u32, keep: impl Fn(&str) -> bool) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let path = task.path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !keep(name.trim_end()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// Many sockets need many descriptors: raises the soft limit to the hard one.
@@ -177,6 +204,34 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("cannot start /nonexistent/majordome"), "{error}");
+    }
+
+    #[test]
+    fn counts_the_cpu_time_of_the_named_threads_only() {
+        use nix::time::{clock_gettime, ClockId};
+        let thread_cpu = || std::time::Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap());
+        let (spun_tx, spun_rx) = mpsc::channel();
+        let busy = thread::Builder::new()
+            .name("cpu-ns-test".into())
+            .spawn(move || {
+                // Spins until it has had 30 ms of CPU (whatever the load),
+                // then stays alive, and named, until it has been read.
+                let mut spins = 0u64;
+                while thread_cpu() < std::time::Duration::from_millis(30) {
+                    spins = std::hint::black_box(spins + 1);
+                }
+                spun_tx.send(()).unwrap();
+                thread::park();
+            })
+            .unwrap();
+        spun_rx.recv().unwrap();
+        let named = cpu_ns(std::process::id(), |n| n == "cpu-ns-test").unwrap();
+        let all = cpu_ns(std::process::id(), |_| true).unwrap();
+        assert!(named >= 30_000_000 && all >= named, "{named} of {all}");
+        assert_eq!(cpu_ns(std::process::id(), |n| n == "no-such-thread"), Some(0));
+        assert_eq!(cpu_ns(u32::MAX, |_| true), None);
+        busy.thread().unpark();
+        busy.join().unwrap();
     }
 
     #[test]
