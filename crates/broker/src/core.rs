@@ -25,7 +25,12 @@
 //!   The heap holds its first possible deadline and pushes it back when it
 //!   comes due early, so progress costs nothing on the hot path.
 //! - Queued requests are bounded in bytes (frames plus a fixed overhead
-//!   each), per service and in all; `queued_bytes` counts them exactly.
+//!   each), per service, per client and in all; `queued_bytes` and
+//!   `client_bytes` count them exactly.
+//! - The service table cannot be filled by clients: services without a
+//!   worker are bounded on their own and evicted oldest first (their
+//!   waiting requests fail, saying why), so a worker's READY finds room
+//!   unless every service has a worker.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -74,6 +79,16 @@ pub struct Core {
     /// Bytes of every queued request, as counted against
     /// `max_queued_bytes`.
     queued_bytes: usize,
+    /// The same per client (the first address frame), against
+    /// `max_queued_bytes_per_client`; only clients with some.
+    client_bytes: HashMap<Bytes, usize>,
+    /// Services with at least one worker; the others are "workerless".
+    served_services: usize,
+    /// Workerless services in the order they became so, each with the mark
+    /// it had then; entries of services that got a worker or went away
+    /// since are skipped (and swept, as the other FIFOs).
+    workerless: VecDeque<(Bytes, u64)>,
+    services_evicted: u64,
     messages_in: u64,
     messages_out: u64,
     dropped: BTreeMap<&'static str, u64>,
@@ -105,10 +120,12 @@ struct Service {
     /// Request → reply times, for `mmi.stats`.
     latency: LatencyHistogram,
     last_active: Instant,
+    /// While it has no worker: the mark of its entry in `Core::workerless`.
+    workerless_mark: u64,
 }
 
 impl Service {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, workerless_mark: u64) -> Self {
         Service {
             queue: VecDeque::new(),
             queued: 0,
@@ -121,6 +138,7 @@ impl Service {
             counters: ServiceCounters::default(),
             latency: LatencyHistogram::default(),
             last_active: now,
+            workerless_mark,
         }
     }
 }
@@ -184,6 +202,9 @@ struct Request {
     fixed_deadline: bool,
     /// What it counts against the queue bounds while queued.
     cost: usize,
+    /// The timeout its client asked for, when longer than the broker's
+    /// `max_request_timeout` and so clipped to it.
+    clipped_from: Option<Duration>,
     state: RequestState,
     /// When the broker took it: its reply's latency counts from here.
     accepted_at: Instant,
@@ -196,9 +217,11 @@ enum Failure {
     NoAnswer,
     WorkerGone,
     QueueFull,
+    ClientFull,
     BrokerFull,
     TooManyServices,
     BadServiceName,
+    Evicted,
 }
 
 impl Failure {
@@ -208,9 +231,10 @@ impl Failure {
             Failure::NoWorker => "no_worker",
             Failure::NoAnswer => "no_answer",
             Failure::WorkerGone => "worker_gone",
-            Failure::QueueFull | Failure::BrokerFull => "queue_full",
+            Failure::QueueFull | Failure::BrokerFull | Failure::ClientFull => "queue_full",
             Failure::TooManyServices => "too_many_services",
             Failure::BadServiceName => "bad_service_name",
+            Failure::Evicted => "evicted",
         }
     }
 }
@@ -235,6 +259,10 @@ impl Core {
             next_heartbeat,
             outbox: Vec::new(),
             queued_bytes: 0,
+            client_bytes: HashMap::new(),
+            served_services: 0,
+            workerless: VecDeque::new(),
+            services_evicted: 0,
             messages_in: 0,
             messages_out: 0,
             dropped: BTreeMap::new(),
@@ -359,6 +387,7 @@ impl Core {
                 .collect(),
             workers_expired: self.workers_expired,
             workers_disconnected: self.workers_disconnected,
+            services_evicted: self.services_evicted,
             services,
         }
     }
@@ -368,11 +397,23 @@ impl Core {
             .settings
             .domogik_timeout_frame
             .then(|| domogik::take_timeout_frame(&mut body));
+        let mut clipped_from = None;
         let (timeout, expires_in, fixed_deadline) = match frame.flatten() {
+            Some(TimeoutFrame::Seconds(asked)) if asked > self.settings.max_request_timeout => {
+                // The client waits longer than the broker keeps anything:
+                // it hears at the cap why, and that the cap cut its wait.
+                clipped_from = Some(asked);
+                let cap = self.settings.max_request_timeout;
+                (cap, cap, true)
+            }
             // Domogik's client waits exactly its timeout; the broker answers
             // a little before, so that the client hears why.
             Some(TimeoutFrame::Seconds(seconds)) => (seconds, seconds - (seconds / 10).min(EXPIRY_HEAD_START), true),
-            Some(TimeoutFrame::Unset) | None => (self.settings.request_timeout, self.settings.request_timeout, false),
+            Some(TimeoutFrame::Unset) | None => (
+                self.settings.request_timeout.min(self.settings.max_request_timeout),
+                self.settings.request_timeout.min(self.settings.max_request_timeout),
+                false,
+            ),
         };
         if mmi::is_internal(&service) {
             self.on_mmi(now, address, service, body);
@@ -390,7 +431,20 @@ impl Core {
             );
             return;
         }
-        if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
+        let cost = QUEUED_REQUEST_OVERHEAD + body.iter().chain(address.iter()).map(Bytes::len).sum::<usize>();
+        let client = address[0].clone();
+        let client_has = self.client_bytes.get(&client).copied().unwrap_or(0);
+        if client_has + cost > self.settings.max_queued_bytes_per_client {
+            // Checked before the service is made, so that one client's
+            // flood cannot even churn the table.
+            self.drop_message(now, "client_queue_full");
+            if let Some(entry) = self.services.get_mut(&service) {
+                entry.counters.rejected += 1;
+            }
+            self.fail(&address, &service, dialect_action.as_ref(), Failure::ClientFull, Duration::ZERO);
+            return;
+        }
+        if !self.services.contains_key(&service) && !self.make_room(now, false) {
             self.drop_message(now, "too_many_services");
             self.fail(
                 &address,
@@ -401,12 +455,11 @@ impl Core {
             );
             return;
         }
-        let cost = QUEUED_REQUEST_OVERHEAD + body.iter().chain(address.iter()).map(Bytes::len).sum::<usize>();
         let total_full = self.queued_bytes + cost > self.settings.max_queued_bytes;
-        let entry = self
-            .services
-            .entry(service.clone())
-            .or_insert_with(|| Service::new(now));
+        if !self.services.contains_key(&service) {
+            self.add_service(now, &service);
+        }
+        let entry = self.services.get_mut(&service).expect("made above");
         entry.last_active = now;
         if total_full || entry.queued_bytes + cost > self.settings.max_queue_bytes_per_service {
             entry.counters.rejected += 1;
@@ -422,6 +475,7 @@ impl Core {
         entry.queued += 1;
         entry.queued_bytes += cost;
         self.queued_bytes += cost;
+        *self.client_bytes.entry(client).or_default() += cost;
         let id = self.next_request;
         self.next_request += 1;
         entry.queue.push_back(id);
@@ -436,6 +490,7 @@ impl Core {
                 timeout,
                 fixed_deadline,
                 cost,
+                clipped_from,
                 state: RequestState::Queued,
                 accepted_at: now,
             },
@@ -496,17 +551,18 @@ impl Core {
             self.outbox.push(mdp::worker_disconnect(&identity));
             return;
         }
-        if !self.services.contains_key(&service) && self.services.len() >= self.settings.max_services {
-            self.drop_message(now, "too_many_services");
-            self.workers_disconnected += 1;
-            self.outbox.push(mdp::worker_disconnect(&identity));
-            return;
+        if !self.services.contains_key(&service) {
+            if !self.make_room(now, true) {
+                self.drop_message(now, "too_many_services");
+                self.workers_disconnected += 1;
+                self.outbox.push(mdp::worker_disconnect(&identity));
+                return;
+            }
+            self.add_service(now, &service);
         }
         let generation = self.token();
-        let entry = self
-            .services
-            .entry(service.clone())
-            .or_insert_with(|| Service::new(now));
+        let entry = self.services.get_mut(&service).expect("made above");
+        let was_workerless = entry.workers == 0;
         entry.workers += 1;
         entry.idle_workers += 1;
         entry.last_active = now;
@@ -528,6 +584,10 @@ impl Core {
                 grace_from: now,
             },
         );
+        if was_workerless {
+            self.served_services += 1;
+            self.compact_workerless();
+        }
         debug!(worker = ?identity, service = %String::from_utf8_lossy(&service), "worker ready");
         self.make_ready(&identity);
         self.dispatch(now, &service);
@@ -669,6 +729,7 @@ impl Core {
             service.queued -= 1;
             service.queued_bytes -= request.cost;
             self.queued_bytes -= request.cost;
+            release(&mut self.client_bytes, &request.address[0], request.cost);
             service.last_progress = now;
             let body = std::mem::take(&mut request.body);
             let worker = self.workers.get_mut(&identity).expect("checked live");
@@ -780,6 +841,7 @@ impl Core {
                     service.queued_bytes -= request.cost;
                 }
                 self.queued_bytes -= request.cost;
+                release(&mut self.client_bytes, &request.address[0], request.cost);
                 Failure::NoWorker
             }
             RequestState::Dispatched { worker, .. } => {
@@ -796,12 +858,13 @@ impl Core {
             service.counters.expired += 1;
             service.last_active = now;
         }
-        self.fail(
+        self.fail_clipped(
             &request.address,
             &request.service,
             request.dialect_action.as_ref(),
             failure,
             now.saturating_duration_since(request.accepted_at),
+            request.clipped_from,
         );
         self.compact(&request.service);
     }
@@ -847,13 +910,20 @@ impl Core {
         let Some(worker) = self.workers.remove(identity) else {
             return;
         };
+        let mark = self.token();
         if let Some(service) = self.services.get_mut(&worker.service) {
             service.workers -= 1;
             service.last_active = now;
             if worker.in_flight.is_empty() {
                 service.idle_workers -= 1;
             }
+            if service.workers == 0 {
+                self.served_services -= 1;
+                service.workerless_mark = mark;
+                self.workerless.push_back((worker.service.clone(), mark));
+            }
         }
+        self.compact_workerless();
         for id in worker
             .in_flight
             .into_iter()
@@ -882,6 +952,20 @@ impl Core {
     /// no error reply, and anything sent would be taken for the service's
     /// answer.
     fn fail(&mut self, address: &[Bytes], service: &Bytes, action: Option<&Bytes>, failure: Failure, waited: Duration) {
+        self.fail_clipped(address, service, action, failure, waited, None);
+    }
+
+    /// [`Core::fail`] for a request whose timeout was clipped from
+    /// `clipped_from` to `max_request_timeout`: the reason says so.
+    fn fail_clipped(
+        &mut self,
+        address: &[Bytes],
+        service: &Bytes,
+        action: Option<&Bytes>,
+        failure: Failure,
+        waited: Duration,
+        clipped_from: Option<Duration>,
+    ) {
         let Some(action) = action else { return };
         let name = String::from_utf8_lossy(service);
         let mebibytes = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
@@ -910,6 +994,19 @@ impl Core {
                 "the broker holds {:.1} MiB of waiting requests, its limit; try again later",
                 mebibytes(self.queued_bytes)
             ),
+            Failure::ClientFull => format!(
+                "this client has {:.1} MiB of requests waiting already, the limit per client is {:.1} MiB; \
+                 wait for replies before sending more",
+                mebibytes(address.first().and_then(|c| self.client_bytes.get(c)).copied().unwrap_or(0)),
+                mebibytes(self.settings.max_queued_bytes_per_client)
+            ),
+            Failure::Evicted => format!(
+                "service '{name}' had no worker and was evicted to make room for another \
+                 (max_workerless_services {}, max_services {}); no worker became available within {:.1} s",
+                self.settings.max_workerless_services,
+                self.settings.max_services,
+                waited.as_secs_f64()
+            ),
             Failure::BadServiceName => {
                 format!("the service name must be 1 to {MAX_SERVICE_NAME} bytes long")
             }
@@ -919,6 +1016,14 @@ impl Core {
                     self.settings.max_services
                 )
             }
+        };
+        let reason = match clipped_from {
+            Some(asked) => format!(
+                "{reason} (the request asked for {} s; the broker's max_request_timeout is {} s)",
+                asked.as_secs_f64(),
+                self.settings.max_request_timeout.as_secs_f64()
+            ),
+            None => reason,
         };
         let action = String::from_utf8_lossy(action);
         let mut message = Message::failure(&action, reason);
@@ -931,9 +1036,91 @@ impl Core {
 
     fn forget_idle_services(&mut self, now: Instant) {
         let retention = self.settings.idle_service_retention;
+        // Only services without a worker go: `served_services` holds.
         self.services.retain(|_, service| {
             service.workers > 0 || service.queued > 0 || now.saturating_duration_since(service.last_active) < retention
         });
+        self.compact_workerless();
+    }
+
+    /// A new service, without a worker yet: it joins the back of the
+    /// workerless FIFO.
+    fn add_service(&mut self, now: Instant, name: &Bytes) {
+        let mark = self.token();
+        self.services.insert(name.clone(), Service::new(now, mark));
+        self.workerless.push_back((name.clone(), mark));
+        self.compact_workerless();
+    }
+
+    /// Whether a new service may be added, evicting the oldest workerless
+    /// service when the table (or, for a service a request names, the
+    /// workerless part of it) is full. `false` when it is full of served
+    /// services.
+    fn make_room(&mut self, now: Instant, for_worker: bool) -> bool {
+        // More than one may go: services that lost their worker become
+        // workerless without counting against the bound until now.
+        loop {
+            let workerless = self.services.len() - self.served_services;
+            let full = self.services.len() >= self.settings.max_services
+                || (!for_worker && workerless >= self.settings.max_workerless_services);
+            if !full {
+                return true;
+            }
+            if !self.evict_oldest_workerless(now) {
+                return false;
+            }
+        }
+    }
+
+    /// Forgets the service that has been without a worker longest; its
+    /// waiting requests fail with [`Failure::Evicted`]. `false` when every
+    /// service has a worker.
+    fn evict_oldest_workerless(&mut self, now: Instant) -> bool {
+        let name = loop {
+            let Some((name, mark)) = self.workerless.pop_front() else {
+                return false;
+            };
+            if self
+                .services
+                .get(&name)
+                .is_some_and(|s| s.workers == 0 && s.workerless_mark == mark)
+            {
+                break name;
+            }
+        };
+        let service = self.services.remove(&name).expect("checked above");
+        self.services_evicted += 1;
+        debug!(service = %String::from_utf8_lossy(&name), queued = service.queued, "evicted a service without a worker");
+        for id in service.queue {
+            let Some(request) = self.requests.remove_if_queued(id) else {
+                continue;
+            };
+            self.queued_bytes -= request.cost;
+            release(&mut self.client_bytes, &request.address[0], request.cost);
+            self.fail_clipped(
+                &request.address,
+                &name,
+                request.dialect_action.as_ref(),
+                Failure::Evicted,
+                now.saturating_duration_since(request.accepted_at),
+                None,
+            );
+        }
+        self.compact_deadlines();
+        true
+    }
+
+    /// Sweeps the workerless FIFO once stale entries outnumber live ones.
+    fn compact_workerless(&mut self) {
+        let workerless = self.services.len() - self.served_services;
+        if self.workerless.len() > 2 * workerless + 8 {
+            let services = &self.services;
+            self.workerless.retain(|(name, mark)| {
+                services
+                    .get(name)
+                    .is_some_and(|s| s.workers == 0 && s.workerless_mark == *mark)
+            });
+        }
     }
 
     fn token(&mut self) -> u64 {
@@ -952,6 +1139,30 @@ impl Core {
             *suppressed = 0;
         } else {
             *suppressed += 1;
+        }
+    }
+}
+
+/// Takes `cost` off what `client` has queued, forgetting the client at 0.
+fn release(client_bytes: &mut HashMap<Bytes, usize>, client: &Bytes, cost: usize) {
+    if let Some(bytes) = client_bytes.get_mut(client) {
+        *bytes -= cost;
+        if *bytes == 0 {
+            client_bytes.remove(client);
+        }
+    }
+}
+
+/// Removing a request only while it waits in a queue.
+trait RemoveIfQueued {
+    fn remove_if_queued(&mut self, id: RequestId) -> Option<Request>;
+}
+
+impl RemoveIfQueued for HashMap<RequestId, Request> {
+    fn remove_if_queued(&mut self, id: RequestId) -> Option<Request> {
+        match self.get(&id) {
+            Some(request) if request.state == RequestState::Queued => self.remove(&id),
+            _ => None,
         }
     }
 }
@@ -995,6 +1206,23 @@ impl Core {
         }
         let total: usize = self.services.values().map(|s| s.queued_bytes).sum();
         assert_eq!(self.queued_bytes, total, "queued bytes of the broker");
+        let mut per_client: HashMap<Bytes, usize> = HashMap::new();
+        for request in self.requests.values().filter(|r| r.state == RequestState::Queued) {
+            *per_client.entry(request.address[0].clone()).or_default() += request.cost;
+        }
+        assert_eq!(self.client_bytes, per_client, "queued bytes per client");
+        let served = self.services.values().filter(|s| s.workers > 0).count();
+        assert_eq!(self.served_services, served, "services with a worker");
+        for (name, service) in self.services.iter().filter(|(_, s)| s.workers == 0) {
+            assert!(
+                self.workerless.contains(&(name.clone(), service.workerless_mark)),
+                "{name:?} is in the workerless FIFO"
+            );
+        }
+        assert!(
+            self.workerless.len() <= 2 * (self.services.len() - served) + 8,
+            "the workerless FIFO is swept"
+        );
         for (id, request) in &self.requests {
             assert!(
                 self.services.contains_key(&request.service),

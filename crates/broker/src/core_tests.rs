@@ -571,18 +571,127 @@ fn a_failure_says_how_long_the_request_waited() {
 }
 
 #[test]
-fn the_number_of_services_is_bounded() {
+fn a_table_full_of_served_services_refuses_new_ones() {
     let mut h = Harness::with(Settings {
         max_services: 2,
         ..Settings::default()
     });
-    h.request("c", "a", &["x"]);
-    h.request("c", "b", &["x"]);
-    h.request("c", "c", &["x"]);
+    h.ready("wa", "a");
+    h.ready("wb", "b");
+    assert!(h.request("c", "c", &["x"]).is_empty(), "a plain client is told nothing");
     assert!(is_disconnect(&h.ready("w", "d")[0], "w"));
     let stats = h.core.stats(h.now);
     assert_eq!(stats.services.len(), 2);
     assert_eq!(stats.dropped["too_many_services"], 2);
+    assert_eq!(stats.services_evicted, 0);
+}
+
+/// The table once held for minutes after a client named 100,000 services:
+/// a worker's READY now always finds room while any service has no worker.
+#[test]
+fn a_ready_evicts_the_oldest_workerless_service() {
+    let mut h = Harness::with(Settings {
+        max_services: 3,
+        ..Settings::default()
+    });
+    h.request("c", "old", &["5", "a.get", "{}"]);
+    h.advance(Duration::from_millis(10));
+    h.request("c", "mid", &["5", "a.get", "{}"]);
+    h.ready("wz", "served");
+    h.advance(Duration::from_millis(10));
+    let out = h.ready("w", "new");
+    // The failure goes to the client of the evicted service; the worker is kept.
+    assert_eq!(out.len(), 1, "{out:?}");
+    let (client, service, body) = as_reply(&out[0]);
+    assert_eq!((client, service), ("c".into(), "old".into()));
+    let message = Message::from_frames(&body).unwrap();
+    assert_eq!(message.status(), Some(false));
+    assert_eq!(message.data["error"], "evicted");
+    assert!(
+        message.reason().unwrap().contains("'old' had no worker and was evicted"),
+        "{message:?}"
+    );
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services_evicted, 1);
+    assert!(stats.services.contains_key("new") && stats.services.contains_key("mid"));
+    assert!(!stats.services.contains_key("old"));
+    assert_eq!(stats.queued_bytes, stats.services["mid"].queued_bytes);
+    // The new worker is served.
+    let out = h.request("c2", "new", &["hello"]);
+    assert_eq!(as_request(&out[0]).2, f(&["hello"]));
+    h.core.check_invariants();
+}
+
+#[test]
+fn workerless_services_are_bounded_on_their_own() {
+    let mut h = Harness::with(Settings {
+        max_workerless_services: 2,
+        ..Settings::default()
+    });
+    h.ready("w", "served");
+    for name in ["s1", "s2", "s3", "s4"] {
+        h.request("c", name, &["x"]);
+    }
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.services_evicted, 2);
+    let names: Vec<&String> = stats.services.keys().collect();
+    assert_eq!(names, ["s3", "s4", "served"]);
+    // A service that loses its worker joins the back of the line.
+    h.input(f(&["w", "", "MDPW01", "\x05"]));
+    h.request("c", "s5", &["x"]);
+    let names: Vec<String> = h.core.stats(h.now).services.into_keys().collect();
+    assert_eq!(names, ["s5", "served"]);
+    h.core.check_invariants();
+}
+
+#[test]
+fn one_client_cannot_hold_more_than_its_share_of_the_queues() {
+    let mut h = Harness::with(Settings {
+        max_queued_bytes_per_client: 2 * SMALL_REQUEST,
+        ..Settings::default()
+    });
+    assert!(h.request("c1", "svc", &["a.get", "{}"]).is_empty());
+    assert!(h.request("c1", "other", &["a.get", "{}"]).is_empty());
+    let out = h.request("c1", "svc", &["a.get", "{}"]);
+    let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
+    assert_eq!(message.data["error"], "queue_full");
+    assert!(
+        message.reason().unwrap().contains("this client has 0.0 MiB of requests waiting already"),
+        "{message:?}"
+    );
+    // Another client still gets in, and the first again once a worker
+    // has taken one of its requests.
+    assert!(h.request("c2", "svc", &["a.get", "{}"]).is_empty());
+    h.ready("w", "svc");
+    assert!(h.request("c1", "svc", &["a.get", "{}"]).is_empty());
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.dropped["client_queue_full"], 1);
+    assert_eq!(stats.services["svc"].counters.rejected, 1);
+    h.core.check_invariants();
+}
+
+/// A Domogik client once parked a request for a year: its deadline is
+/// clipped, and the failure says so.
+#[test]
+fn a_year_long_timeout_frame_is_clipped_and_the_failure_says_so() {
+    let mut h = Harness::with(Settings {
+        max_request_timeout: Duration::from_secs(60),
+        ..Settings::default()
+    });
+    h.request("c", "nobody", &["31536000", "a.get", "{}"]);
+    h.advance(Duration::from_secs(59));
+    assert!(h.out().iter().all(|m| m[0] != "c"));
+    h.advance(Duration::from_secs(1));
+    let replies: Vec<_> = h.out().into_iter().filter(|m| m[0] == "c").collect();
+    assert_eq!(replies.len(), 1);
+    let message = Message::from_frames(&as_reply(&replies[0]).2).unwrap();
+    let reason = message.reason().unwrap();
+    assert!(
+        reason.contains("no worker for service 'nobody'")
+            && reason.contains("asked for 31536000 s; the broker's max_request_timeout is 60 s"),
+        "{reason}"
+    );
+    assert_eq!(h.core.stats(h.now).requests_in_flight, 0);
 }
 
 #[test]
@@ -769,6 +878,8 @@ fn random_inputs_never_panic_and_keep_every_counter_true() {
             max_queue_bytes_per_service: 4 * 300,
             max_queued_bytes: 6 * 300,
             max_services: 3,
+            max_workerless_services: 1 + rng.below(3),
+            max_queued_bytes_per_client: 3 * 300,
             worker_prefetch: 1 + rng.below(3),
             idle_service_retention: Duration::from_millis(500),
             ..Settings::default()

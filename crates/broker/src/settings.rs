@@ -33,8 +33,22 @@ pub struct Settings {
     /// The same, for all services together.
     pub max_queued_bytes: usize,
     /// Services known at once (with a worker, a queue, or recent activity);
-    /// bounds memory against clients asking for random names.
+    /// bounds memory against clients asking for random names. A worker's
+    /// READY for a new service always finds room while any service has no
+    /// worker: the one without a worker for longest is evicted.
     pub max_services: usize,
+    /// Of those, services that have no worker (only requests named them).
+    /// A request for one more evicts the oldest; its waiting requests fail
+    /// with a reason that says so.
+    pub max_workerless_services: usize,
+    /// Bytes of requests one client (one connection) may have waiting for
+    /// a worker, counted as for `max_queue_bytes_per_service`. Beyond it
+    /// its new requests are rejected; other clients are not affected.
+    pub max_queued_bytes_per_client: usize,
+    /// The longest deadline a request may have. A Domogik timeout frame
+    /// beyond it is clipped, and a failure reply says so.
+    #[serde(with = "majordome_net::duration_text")]
+    pub max_request_timeout: Duration,
     /// Frames in one message; larger messages are dropped and counted.
     pub max_frames: usize,
     /// Bytes in one message (all frames); larger messages are dropped.
@@ -69,6 +83,9 @@ impl Default for Settings {
             max_queue_bytes_per_service: 64 * 1024 * 1024,
             max_queued_bytes: 256 * 1024 * 1024,
             max_services: 10_000,
+            max_workerless_services: 1_000,
+            max_queued_bytes_per_client: 16 * 1024 * 1024,
+            max_request_timeout: Duration::from_secs(300),
             max_frames: 64,
             max_message_bytes: 16 * 1024 * 1024,
             max_envelope: 4,

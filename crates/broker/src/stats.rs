@@ -113,6 +113,9 @@ pub struct Snapshot {
     pub workers_expired: u64,
     /// Workers sent DISCONNECT for breaking the protocol.
     pub workers_disconnected: u64,
+    /// Services without a worker forgotten to make room for others.
+    #[serde(default)]
+    pub services_evicted: u64,
     /// Per service, by name.
     pub services: BTreeMap<String, ServiceStats>,
 }

@@ -402,7 +402,7 @@ impl Loaded {
     fn check(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let zero = Duration::ZERO;
-        let rules: [(&str, bool, &str); 16] = [
+        let rules: [(&str, bool, &str); 19] = [
             (
                 "broker.heartbeat_interval",
                 c.broker.heartbeat_interval > zero,
@@ -421,6 +421,21 @@ impl Loaded {
                 "must be at least 1",
             ),
             ("broker.max_services", c.broker.max_services >= 1, "must be at least 1"),
+            (
+                "broker.max_workerless_services",
+                c.broker.max_workerless_services >= 1,
+                "must be at least 1",
+            ),
+            (
+                "broker.max_queued_bytes_per_client",
+                c.broker.max_queued_bytes_per_client >= 1024,
+                "must be at least 1024",
+            ),
+            (
+                "broker.max_request_timeout",
+                c.broker.max_request_timeout > zero,
+                "must be above 0",
+            ),
             (
                 "events.high_water_mark",
                 c.events.high_water_mark > 0,

@@ -434,3 +434,42 @@ fn status_shows_services_and_counters() {
     assert_eq!(&columns[..6], &["echo", "1", "1", "0", "1", "1"], "{stdout}");
     assert!(stdout.contains("dropped messages: none"), "{stdout}");
 }
+
+/// A client that named 100,000 services in under a second once filled the
+/// service table for five minutes: a new worker's READY got DISCONNECT.
+/// Services without a worker are now evicted, oldest first, to make room.
+#[test]
+fn a_flood_of_service_names_never_locks_out_a_new_worker() {
+    let broker = Process::broker(&[]);
+    let flooder = socket(zmq::DEALER, &broker.endpoint);
+    flooder.set_sndhwm(0).unwrap();
+    const NAMES: usize = 30_000;
+    for n in 0..NAMES {
+        send(
+            &flooder,
+            &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]),
+        );
+    }
+    // Messages from one connection are handled in order: once this is
+    // answered, every name above has been seen.
+    send(&flooder, &strings(&["", "MDPC01", "mmi.service", "nobody-0"]));
+    let answer = recv(&flooder, LIMIT);
+    assert_eq!(answer[3], "404");
+    let counters = stats(&broker.endpoint);
+    assert!(
+        counters["services_evicted"].as_u64().unwrap() >= (NAMES - 1_000) as u64,
+        "{counters}"
+    );
+    assert_eq!(counters["dropped"].get("too_many_services"), None, "{counters}");
+
+    // A new worker is registered and served at once.
+    let worker = raw_worker(&broker.endpoint, "fresh");
+    let client = socket(zmq::DEALER, &broker.endpoint);
+    send(&client, &strings(&["", "MDPC01", "fresh", "hello"]));
+    let (address, body) = next_request(&worker, LIMIT);
+    assert_eq!(body, strings(&["hello"]));
+    send_reply(&worker, &address, &["world"]);
+    assert_eq!(recv(&client, LIMIT)[3], "world");
+    let counters = stats(&broker.endpoint);
+    assert!(counters["services"].as_object().unwrap().len() <= 1_001 + 1, "{counters}");
+}
