@@ -441,7 +441,13 @@ impl Core {
             if let Some(entry) = self.services.get_mut(&service) {
                 entry.counters.rejected += 1;
             }
-            self.fail(&address, &service, dialect_action.as_ref(), Failure::ClientFull, Duration::ZERO);
+            self.fail(
+                &address,
+                &service,
+                dialect_action.as_ref(),
+                Failure::ClientFull,
+                Duration::ZERO,
+            );
             return;
         }
         if !self.services.contains_key(&service) && !self.make_room(now, false) {
@@ -997,7 +1003,13 @@ impl Core {
             Failure::ClientFull => format!(
                 "this client has {:.1} MiB of requests waiting already, the limit per client is {:.1} MiB; \
                  wait for replies before sending more",
-                mebibytes(address.first().and_then(|c| self.client_bytes.get(c)).copied().unwrap_or(0)),
+                mebibytes(
+                    address
+                        .first()
+                        .and_then(|c| self.client_bytes.get(c))
+                        .copied()
+                        .unwrap_or(0)
+                ),
                 mebibytes(self.settings.max_queued_bytes_per_client)
             ),
             Failure::Evicted => format!(

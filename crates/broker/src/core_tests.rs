@@ -608,7 +608,10 @@ fn a_ready_evicts_the_oldest_workerless_service() {
     assert_eq!(message.status(), Some(false));
     assert_eq!(message.data["error"], "evicted");
     assert!(
-        message.reason().unwrap().contains("'old' had no worker and was evicted"),
+        message
+            .reason()
+            .unwrap()
+            .contains("'old' had no worker and was evicted"),
         "{message:?}"
     );
     let stats = h.core.stats(h.now);
@@ -656,7 +659,10 @@ fn one_client_cannot_hold_more_than_its_share_of_the_queues() {
     let message = Message::from_frames(&as_reply(&out[0]).2).unwrap();
     assert_eq!(message.data["error"], "queue_full");
     assert!(
-        message.reason().unwrap().contains("this client has 0.0 MiB of requests waiting already"),
+        message
+            .reason()
+            .unwrap()
+            .contains("this client has 0.0 MiB of requests waiting already"),
         "{message:?}"
     );
     // Another client still gets in, and the first again once a worker

@@ -1,6 +1,6 @@
 //! The socket loop around [`Core`]: one ROUTER socket, one thread.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use majordome_net::{self as net, Received, Shutdown};
 use thiserror::Error;
@@ -16,8 +16,8 @@ const SHUTDOWN_LINGER_MS: i32 = 1000;
 #[derive(Debug, Error)]
 pub enum BrokerError {
     /// The endpoint could not be bound.
-    #[error("cannot listen on {endpoint}: {source} (is another broker already running there?)")]
-    Bind { endpoint: String, source: zmq::Error },
+    #[error(transparent)]
+    Bind(#[from] net::BindError),
     /// A ZeroMQ call failed.
     #[error("ZeroMQ error: {0}")]
     Zmq(#[from] zmq::Error),
@@ -49,10 +49,7 @@ impl Broker {
         // before the broker even sees it: the first line of defence against
         // memory exhaustion. Whole messages are bounded in the loop.
         socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
-        socket.bind(endpoint).map_err(|source| BrokerError::Bind {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
+        net::bind(&socket, endpoint, net::bind::PATIENCE)?;
         let endpoint = net::bound_endpoint(&socket)?;
         Ok(Broker {
             context,
@@ -79,10 +76,7 @@ impl Broker {
             "inproc://majordome-broker-{}",
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        self.socket.bind(&endpoint).map_err(|source| BrokerError::Bind {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+        net::bind(&self.socket, &endpoint, Duration::ZERO)?;
         net::share_context(&endpoint, &self.context);
         self.inproc = Some(endpoint.clone());
         Ok(endpoint)

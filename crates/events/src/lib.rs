@@ -84,8 +84,8 @@ impl Counters {
 #[derive(Debug, Error)]
 pub enum ForwarderError {
     /// An endpoint could not be bound.
-    #[error("cannot listen on {endpoint}: {source} (is another majordome already running there?)")]
-    Bind { endpoint: String, source: zmq::Error },
+    #[error(transparent)]
+    Bind(#[from] net::BindError),
     /// A ZeroMQ call failed.
     #[error("ZeroMQ error: {0}")]
     Zmq(#[from] zmq::Error),
@@ -117,10 +117,7 @@ impl Forwarder {
             socket.set_sndhwm(settings.high_water_mark)?;
             socket.set_rcvhwm(settings.high_water_mark)?;
             socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
-            socket.bind(endpoint).map_err(|source| ForwarderError::Bind {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
+            net::bind(socket, endpoint, net::bind::PATIENCE)?;
         }
         let publisher_endpoint = net::bound_endpoint(&publishers)?;
         let subscriber_endpoint = net::bound_endpoint(&subscribers)?;

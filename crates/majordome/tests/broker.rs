@@ -445,10 +445,7 @@ fn a_flood_of_service_names_never_locks_out_a_new_worker() {
     flooder.set_sndhwm(0).unwrap();
     const NAMES: usize = 30_000;
     for n in 0..NAMES {
-        send(
-            &flooder,
-            &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]),
-        );
+        send(&flooder, &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]));
     }
     // Messages from one connection are handled in order: once this is
     // answered, every name above has been seen.
@@ -471,5 +468,8 @@ fn a_flood_of_service_names_never_locks_out_a_new_worker() {
     send_reply(&worker, &address, &["world"]);
     assert_eq!(recv(&client, LIMIT)[3], "world");
     let counters = stats(&broker.endpoint);
-    assert!(counters["services"].as_object().unwrap().len() <= 1_001 + 1, "{counters}");
+    assert!(
+        counters["services"].as_object().unwrap().len() <= 1_001 + 1,
+        "{counters}"
+    );
 }

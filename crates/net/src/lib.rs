@@ -12,6 +12,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 pub use zmq;
 
+pub mod bind;
+pub use bind::{bind, BindError};
+
 /// The default endpoints of the hub: the one place that names its ports.
 /// Domogik's ports, so that its plugins and tools find majordome where
 /// they found Domogik's hub.

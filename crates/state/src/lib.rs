@@ -47,8 +47,8 @@ pub const DEFAULT_ENDPOINT: &str = majordome_net::ports::STATE;
 #[derive(Debug, Error)]
 pub enum StateError {
     /// An endpoint could not be bound.
-    #[error("cannot listen on {endpoint}: {source} (is another majordome already running there?)")]
-    Bind { endpoint: String, source: zmq::Error },
+    #[error(transparent)]
+    Bind(#[from] majordome_net::BindError),
     /// Port 0 was asked for and no three consecutive free ports were found.
     #[error("found no three free consecutive ports for the state server after {attempts} attempts")]
     NoFreePorts { attempts: u32 },

@@ -782,10 +782,7 @@ fn new_sockets(context: &zmq::Context, settings: &Settings) -> Result<Sockets, S
 }
 
 fn bind_one(socket: &zmq::Socket, endpoint: &str) -> Result<(), StateError> {
-    socket.bind(endpoint).map_err(|source| StateError::Bind {
-        endpoint: endpoint.to_owned(),
-        source,
-    })
+    Ok(net::bind(socket, endpoint, net::bind::PATIENCE)?)
 }
 
 /// Port 0: bind the snapshot socket on a free port P, then try P+1 and P+2;
