@@ -44,6 +44,7 @@ pub struct HubConfig {
     pub manager: ManagerSettings,
     pub devices: DeviceSettings,
     pub history: HistorySettings,
+    pub backup: Backup,
 }
 
 impl Default for HubConfig {
@@ -61,6 +62,7 @@ impl Default for HubConfig {
             manager: Default::default(),
             devices: Default::default(),
             history: Default::default(),
+            backup: Backup::default(),
         }
     }
 }
@@ -129,6 +131,8 @@ pub struct Parts {
     /// The `events` and `state` services, which answer `stats.get` with the
     /// forwarder's and the Clone server's counters.
     pub stats: bool,
+    /// Backups of the database on a schedule (see `[backup]`).
+    pub backup: bool,
 }
 
 impl Default for Parts {
@@ -151,6 +155,7 @@ impl Parts {
             history: true,
             echo: true,
             stats: true,
+            backup: true,
         }
     }
 
@@ -177,6 +182,36 @@ impl Parts {
             history: false,
             echo: false,
             stats: false,
+            backup: false,
+        }
+    }
+}
+
+impl Parts {
+    /// Whether any of these parts opens the database.
+    pub fn use_database(&self) -> bool {
+        self.state || self.titanic || self.config || self.manager || self.devices || self.history || self.backup
+    }
+}
+
+/// Backups of the database, kept in `backups/` in the data folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backup {
+    /// How often: the first at start when the newest backup is older than
+    /// this (or there is none).
+    #[serde(with = "majordome_net::duration_text")]
+    pub every: Duration,
+    /// How many to keep (older ones are removed); 0 makes none on a
+    /// schedule (`majordome backup` still does).
+    pub keep: usize,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            every: Duration::from_secs(24 * 3600),
+            keep: 7,
         }
     }
 }
@@ -402,7 +437,7 @@ impl Loaded {
     fn check(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let zero = Duration::ZERO;
-        let rules: [(&str, bool, &str); 19] = [
+        let rules: [(&str, bool, &str); 20] = [
             (
                 "broker.heartbeat_interval",
                 c.broker.heartbeat_interval > zero,
@@ -421,6 +456,11 @@ impl Loaded {
                 "must be at least 1",
             ),
             ("broker.max_services", c.broker.max_services >= 1, "must be at least 1"),
+            (
+                "backup.every",
+                c.backup.every >= Duration::from_millis(10),
+                "must be at least 10ms",
+            ),
             (
                 "broker.max_workerless_services",
                 c.broker.max_workerless_services >= 1,

@@ -11,6 +11,7 @@
 //! [`Hub::join`] names it. Supervised plugins are not parts: the manager
 //! restarts them.
 
+mod backups;
 pub mod config;
 
 use std::path::PathBuf;
@@ -48,6 +49,12 @@ pub enum HubError {
     PartStopped { part: &'static str, why: String },
     #[error("{0}")]
     Config(String),
+    /// The database did not check out; nothing was started.
+    #[error("{0}")]
+    Damaged(String),
+    /// Another process holds the data folder in a way that excludes this one.
+    #[error("{0}")]
+    DataFolder(String),
 }
 
 fn start_error(part: &'static str, why: impl std::fmt::Display) -> HubError {
@@ -55,6 +62,37 @@ fn start_error(part: &'static str, why: impl std::fmt::Display) -> HubError {
         part,
         why: why.to_string(),
     }
+}
+
+/// The message for a database that did not check out: what is wrong, that
+/// nothing was changed, and the way back.
+fn damaged(data: &std::path::Path, database: &std::path::Path, damage: &majordome_store::check::Damage) -> HubError {
+    let folder = majordome_store::backup::folder(data);
+    let way_back = match majordome_store::backup::list(&folder).last() {
+        Some(latest) => format!(
+            "To go back to the latest backup, run `majordome restore {}` (the damaged files are kept beside the \
+             database), then start again.",
+            latest.display()
+        ),
+        None => match damage {
+            majordome_store::check::Damage::Wal { wal, .. } => format!(
+                "There is no backup in {}. Keep a copy of the damaged files; to start from what is still \
+                 readable, move {} aside (what follows the damage is then lost) and start again.",
+                folder.display(),
+                wal.display()
+            ),
+            _ => format!(
+                "There is no backup in {}. Keep a copy of the damaged files; SQLite's `sqlite3 {} .recover` \
+                 salvages what it can into a new database.",
+                folder.display(),
+                database.display()
+            ),
+        },
+    };
+    HubError::Damaged(format!(
+        "the database {} is damaged: {damage}. Nothing was started or changed. {way_back}",
+        database.display()
+    ))
 }
 
 /// Where the hub's parts can be reached (bound ports, not port 0).
@@ -101,6 +139,8 @@ pub struct Hub {
     /// Where this process's parts reach the broker: its `inproc://`
     /// endpoint when it runs here, else `endpoints.broker`.
     local_broker: String,
+    /// Held while parts that use the database run: a restore waits for it.
+    _data_lock: Option<majordome_store::backup::DataLock>,
 }
 
 impl Hub {
@@ -124,6 +164,7 @@ impl Hub {
             plugins: PluginSummary::default(),
             counters: Counters::default(),
             local_broker: config.listen.broker.clone(),
+            _data_lock: None,
         };
         match hub.start_parts(config) {
             Ok(()) => Ok(hub),
@@ -146,6 +187,15 @@ impl Hub {
         let parts = config.parts;
         let database = self.endpoints.database.clone();
         let durability = config.durability;
+        if parts.use_database() {
+            // Before anything opens it: SQLite would quietly drop what
+            // follows a damaged frame of the log, for good.
+            self._data_lock = Some(
+                majordome_store::backup::DataLock::shared(&config.data)
+                    .map_err(|e| HubError::DataFolder(e.to_string()))?,
+            );
+            majordome_store::check::check(&database).map_err(|damage| damaged(&config.data, &database, &damage))?;
+        }
         if parts.broker {
             let mut broker =
                 Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker", e))?;
@@ -227,6 +277,13 @@ impl Hub {
         }
         if parts.devices || parts.history {
             self.start_devices(config, &manifests)?;
+        }
+        if parts.backup && config.backup.keep > 0 {
+            let (data, settings) = (config.data.clone(), config.backup.clone());
+            self.spawn("backup", move |stop| {
+                backups::run(&database, &data, &settings, stop);
+                Ok(())
+            })?;
         }
         if parts.echo {
             let at = self.local_broker.clone();

@@ -161,6 +161,30 @@ pub enum Command {
         #[arg(long, env = "MAJORDOME_STATUS_INTERVAL", default_value_t = 15.0, global = true)]
         status_interval: f64,
     },
+    /// Copy the database now, while majordome runs or not: to FILE, or into
+    /// `backups/` of the data folder (kept in rotation with the scheduled
+    /// ones, `[backup] keep`). The copy is checked before it is kept.
+    Backup {
+        /// Where to write the copy.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The data folder [default: as `up` takes it].
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Put a backup in place of the database: FILE is checked first, and
+    /// the database it replaces is set aside beside it, not deleted.
+    /// Refused while majordome runs on the data folder.
+    Restore {
+        /// The backup, e.g. one from `backups/` in the data folder.
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The data folder [default: as `up` takes it].
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]

@@ -54,6 +54,8 @@ pub fn run(command: Command) -> Result<ExitCode> {
         ),
         Command::Status { broker, json } => status(&broker, json),
         Command::Bench { bench } => bench_command(bench),
+        Command::Backup { file, config, data } => crate::backup_cmd::backup(file.as_deref(), &config, data),
+        Command::Restore { file, config, data } => crate::backup_cmd::restore(&file, &config, data),
         Command::Plugin {
             plugin,
             broker,

@@ -1,6 +1,7 @@
 //! The `majordome` command: parses arguments and hands over to a command.
 //! Errors a user can cause end here as one line on stderr and exit code 1.
 
+mod backup_cmd;
 mod cli;
 mod commands;
 mod state_cmd;

@@ -19,6 +19,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use rusqlite;
+
+pub mod backup;
+pub mod check;
 use rusqlite::Connection;
 
 /// The database file inside a data folder.
