@@ -89,6 +89,9 @@ pub struct Core {
     /// since are skipped (and swept, as the other FIFOs).
     workerless: VecDeque<(Bytes, u64)>,
     services_evicted: u64,
+    /// Bytes of messages waiting for peers that do not read (kept by the
+    /// socket loop, reported here).
+    unsent_bytes: usize,
     messages_in: u64,
     messages_out: u64,
     dropped: BTreeMap<&'static str, u64>,
@@ -263,6 +266,7 @@ impl Core {
             served_services: 0,
             workerless: VecDeque::new(),
             services_evicted: 0,
+            unsent_bytes: 0,
             messages_in: 0,
             messages_out: 0,
             dropped: BTreeMap::new(),
@@ -310,6 +314,15 @@ impl Core {
     pub fn handle_oversized(&mut self, now: Instant) {
         self.messages_in += 1;
         self.drop_message(now, "oversized");
+    }
+
+    /// What the socket loop could not send: `dropped` messages for
+    /// `reason`, and the bytes still waiting for slow peers.
+    pub fn count_unsent(&mut self, now: Instant, dropped: usize, reason: &'static str, waiting_bytes: usize) {
+        for _ in 0..dropped {
+            self.drop_message(now, reason);
+        }
+        self.unsent_bytes = waiting_bytes;
     }
 
     /// Expires requests and workers whose time has come, and heartbeats.
@@ -388,6 +401,7 @@ impl Core {
             workers_expired: self.workers_expired,
             workers_disconnected: self.workers_disconnected,
             services_evicted: self.services_evicted,
+            unsent_bytes: self.unsent_bytes,
             services,
         }
     }

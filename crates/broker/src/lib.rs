@@ -8,6 +8,7 @@
 //! feeds it.
 
 pub mod core;
+mod outbound;
 pub mod server;
 pub mod settings;
 pub mod stats;

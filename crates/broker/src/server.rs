@@ -4,9 +4,10 @@ use std::time::{Duration, Instant};
 
 use majordome_net::{self as net, Received, Shutdown};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::core::Core;
+use crate::outbound::{self, Outbound, Outcome};
 use crate::settings::Settings;
 
 /// How long, in milliseconds, shutdown waits for the last messages to leave.
@@ -49,6 +50,9 @@ impl Broker {
         // before the broker even sees it: the first line of defence against
         // memory exhaustion. Whole messages are bounded in the loop.
         socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
+        // A full pipe says EAGAIN instead of dropping in silence: what a
+        // slow peer cannot take yet waits in `Outbound`, counted in bytes.
+        socket.set_router_mandatory(true)?;
         net::bind(&socket, endpoint, net::bind::PATIENCE)?;
         let endpoint = net::bound_endpoint(&socket)?;
         Ok(Broker {
@@ -85,10 +89,18 @@ impl Broker {
     /// Serves until `shutdown` fires, then tells every worker to disconnect.
     pub fn run(self, shutdown: &Shutdown) -> Result<(), BrokerError> {
         let mut core = Core::new(self.settings.clone(), Instant::now());
+        let mut out = Outbound::new(
+            self.settings.max_unread_bytes_per_client,
+            self.settings.max_unread_bytes,
+        );
+        let mut retry_every = outbound::RETRY.0;
         let mut scratch = zmq::Message::new();
         info!(endpoint = %self.endpoint, "broker serving");
         loop {
-            let wait = core.next_wakeup().saturating_duration_since(Instant::now());
+            let mut wait = core.next_wakeup().saturating_duration_since(Instant::now());
+            if out.is_waiting() {
+                wait = wait.min(retry_every);
+            }
             // Round up so that a wake-up is never early, then spin.
             let timeout_ms = (wait.as_micros().div_ceil(1000)) as i64;
             let mut items = [
@@ -117,14 +129,25 @@ impl Broker {
                     Err(zmq::Error::EINTR) => break,
                     Err(e) => return Err(e.into()),
                 }
-                self.flush(&mut core);
+                self.flush(&mut core, &mut out);
+            }
+            if out.is_waiting() {
+                let (sent, gone) = out.retry(&self.socket);
+                core.count_unsent(Instant::now(), gone, "peer_gone", out.bytes());
+                // Back off while nothing moves, so that a client that never
+                // reads costs a wake-up every 64 ms, not a spin.
+                retry_every = if sent > 0 {
+                    outbound::RETRY.0
+                } else {
+                    (retry_every * 2).min(outbound::RETRY.1)
+                };
             }
             core.tick(Instant::now());
-            self.flush(&mut core);
+            self.flush(&mut core, &mut out);
         }
         info!("broker stopping: telling workers to disconnect");
         core.shutdown();
-        self.flush(&mut core);
+        self.flush(&mut core, &mut out);
         // Give the DISCONNECTs a moment to go out; closing the context waits
         // for them (and no longer than this).
         self.socket.set_linger(SHUTDOWN_LINGER_MS)?;
@@ -137,15 +160,18 @@ impl Broker {
         Ok(())
     }
 
-    fn flush(&self, core: &mut Core) {
+    fn flush(&self, core: &mut Core, out: &mut Outbound) {
+        let (mut not_reading, mut waited) = (0, false);
         for frames in core.drain_outbox() {
-            // A ROUTER drops messages to unknown or saturated peers instead
-            // of blocking; DONTWAIT makes sure the loop can never stall here.
-            if let Err(e) = net::send_frames(&self.socket, &frames, zmq::DONTWAIT) {
-                if e != zmq::Error::EAGAIN && e != zmq::Error::EHOSTUNREACH {
-                    warn!(error = %e, "send failed");
-                }
+            // Never blocks: a full pipe keeps the message in `out`.
+            match out.send(&self.socket, frames) {
+                Outcome::Sent | Outcome::Gone => {}
+                Outcome::Waiting => waited = true,
+                Outcome::NotReading => not_reading += 1,
             }
+        }
+        if waited || not_reading > 0 {
+            core.count_unsent(Instant::now(), not_reading, "client_not_reading", out.bytes());
         }
     }
 }

@@ -53,9 +53,18 @@ pub struct Settings {
     pub max_frames: usize,
     /// Bytes in one message (all frames); larger messages are dropped.
     pub max_message_bytes: usize,
+    /// Bytes of messages that may wait in the broker for one peer whose
+    /// pipe is full (a client that does not read its replies); beyond it
+    /// they are dropped and counted (`client_not_reading`). The peer's
+    /// pipe holds at most `send_high_water_mark` messages besides.
+    pub max_unread_bytes_per_client: usize,
+    /// The same for all peers together.
+    pub max_unread_bytes: usize,
     /// Address frames a client may put before the delimiter.
     pub max_envelope: usize,
     /// ZeroMQ high-water marks (messages) of the broker's socket, each way.
+    /// On the way out it bounds each peer's pipe; what does not fit waits
+    /// in the broker, counted in bytes (`max_unread_bytes_per_client`).
     pub send_high_water_mark: i32,
     /// See `send_high_water_mark`.
     pub receive_high_water_mark: i32,
@@ -87,9 +96,11 @@ impl Default for Settings {
             max_queued_bytes_per_client: 16 * 1024 * 1024,
             max_request_timeout: Duration::from_secs(300),
             max_frames: 64,
-            max_message_bytes: 16 * 1024 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
             max_envelope: 4,
-            send_high_water_mark: 100_000,
+            max_unread_bytes_per_client: 16 * 1024 * 1024,
+            max_unread_bytes: 128 * 1024 * 1024,
+            send_high_water_mark: 256,
             receive_high_water_mark: 100_000,
             idle_service_retention: Duration::from_secs(300),
             worker_prefetch: 1,

@@ -116,6 +116,9 @@ pub struct Snapshot {
     /// Services without a worker forgotten to make room for others.
     #[serde(default)]
     pub services_evicted: u64,
+    /// Bytes waiting for peers whose pipe is full (slow readers).
+    #[serde(default)]
+    pub unsent_bytes: usize,
     /// Per service, by name.
     pub services: BTreeMap<String, ServiceStats>,
 }

@@ -24,19 +24,27 @@ use tracing::{info, warn};
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Messages queued per subscriber (and from publishers) before drops.
+    /// With `max_message_bytes`, it bounds what a subscriber that does not
+    /// read can hold: at most their product (events are shared between
+    /// the subscribers' queues, not copied).
     pub high_water_mark: i32,
     /// Frames in one event; more is dropped and counted.
     pub max_frames: usize,
-    /// Bytes in one event; more is dropped and counted.
+    /// Bytes in one event; more is dropped and counted (a frame over it
+    /// closes the publisher's connection).
     pub max_message_bytes: usize,
+    /// Bytes in one subscription (a category prefix); a longer one closes
+    /// the subscriber's connection before it reaches any publisher.
+    pub max_subscription_bytes: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            high_water_mark: 10_000,
+            high_water_mark: 500,
             max_frames: 16,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 128 * 1024,
+            max_subscription_bytes: 1024,
         }
     }
 }
@@ -112,11 +120,19 @@ impl Forwarder {
         let context = zmq::Context::new();
         let publishers = context.socket(zmq::XSUB)?;
         let subscribers = context.socket(zmq::XPUB)?;
-        for (socket, endpoint) in [(&publishers, publisher_endpoint), (&subscribers, subscriber_endpoint)] {
+        // What subscribers send is only subscriptions: one byte (subscribe
+        // or not) and a prefix. libzmq keeps each in a trie, a node per
+        // byte, before the forwarder sees it; the bound keeps a subscriber
+        // from sending a 256 KiB one (which every publisher would store).
+        let subscription_limit = settings.max_subscription_bytes + 1;
+        for (socket, endpoint, max) in [
+            (&publishers, publisher_endpoint, settings.max_message_bytes),
+            (&subscribers, subscriber_endpoint, subscription_limit),
+        ] {
             socket.set_linger(0)?;
             socket.set_sndhwm(settings.high_water_mark)?;
             socket.set_rcvhwm(settings.high_water_mark)?;
-            socket.set_maxmsgsize(settings.max_message_bytes as i64)?;
+            socket.set_maxmsgsize(max as i64)?;
             net::bind(socket, endpoint, net::bind::PATIENCE)?;
         }
         let publisher_endpoint = net::bound_endpoint(&publishers)?;

@@ -107,9 +107,18 @@ pub enum Received {
     /// A whole message.
     Message(Vec<Bytes>),
     /// A message with more than the allowed number of frames or bytes; it
-    /// was read to its end and thrown away.
-    TooLarge { frames: usize, bytes: usize },
+    /// was read to its end and thrown away, except its first frames
+    /// (at most [`HEAD_FRAMES`], those that came within the bounds), so
+    /// that the caller can tell its sender why (a Clone write's uuid).
+    TooLarge {
+        frames: usize,
+        bytes: usize,
+        head: Vec<Bytes>,
+    },
 }
+
+/// How many leading frames of a message too large to read are kept.
+pub const HEAD_FRAMES: usize = 3;
 
 /// Reads one whole multipart message without blocking. `Ok(None)` when none
 /// is waiting. Frames past `max_frames`, or a message over `max_bytes`, are
@@ -149,9 +158,11 @@ pub fn recv_frames(
         }
     }
     if count > max_frames || total > max_bytes {
+        frames.truncate(HEAD_FRAMES);
         return Ok(Some(Received::TooLarge {
             frames: count,
             bytes: total,
+            head: frames,
         }));
     }
     Ok(Some(Received::Message(frames)))
@@ -314,10 +325,14 @@ mod tests {
         send_frames(&b, &big[..2], 0).unwrap();
         a.poll(zmq::POLLIN, 1000).unwrap();
         let mut scratch = zmq::Message::new();
-        assert!(matches!(
-            recv_frames(&a, &mut scratch, 4, 1000),
-            Ok(Some(Received::TooLarge { frames: 5, bytes: 50 }))
-        ));
+        match recv_frames(&a, &mut scratch, 4, 1000) {
+            Ok(Some(Received::TooLarge {
+                frames: 5,
+                bytes: 50,
+                head,
+            })) => assert_eq!(head, big[..3]),
+            other => panic!("expected the large message, got {other:?}"),
+        }
         match recv_frames(&a, &mut scratch, 4, 1000) {
             Ok(Some(Received::Message(frames))) => assert_eq!(frames.len(), 2),
             other => panic!("expected the small message, got {other:?}"),

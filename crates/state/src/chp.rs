@@ -138,8 +138,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_key_bytes: 1024,
-            max_value_bytes: 1024 * 1024,
-            max_properties_bytes: 64 * 1024,
+            max_value_bytes: 64 * 1024,
+            max_properties_bytes: 4 * 1024,
         }
     }
 }
@@ -361,6 +361,21 @@ pub fn kthxbai(sequence: i64, subtree: &str) -> Frames {
 
 /// Server → updates socket: `"HUGZ" | seq | "" | "" | ""`, seq being the
 /// last sequence number published.
+/// Server → updates socket, majordome's extension to RFC 12: a HUGZ that
+/// also tells the writer of `uuid` that its KVSET was refused, and why:
+/// `"HUGZ" | seq | uuid | "refused=<reason>" | ""`. RFC 12 clients take it
+/// for a HUGZ (which carries nothing they read).
+pub fn refusal(sequence: i64, uuid: Bytes, reason: &str) -> Frames {
+    let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    vec![
+        Bytes::from_static(HUGZ.as_bytes()),
+        encode_sequence(sequence),
+        uuid,
+        encode_properties(&[("refused".to_owned(), reason)]),
+        Bytes::new(),
+    ]
+}
+
 pub fn hugz(sequence: i64) -> Frames {
     vec![
         Bytes::from_static(HUGZ.as_bytes()),
@@ -407,15 +422,23 @@ pub enum Update {
     Publish(KvMsg),
     /// HUGZ, with the server's last sequence number.
     Hugz { sequence: i64 },
+    /// A HUGZ that says the KVSET with this uuid was refused ([`refusal`]).
+    Refused { uuid: Bytes, reason: String },
 }
 
 /// Reads a message from the updates socket.
 pub fn parse_update(frames: &[Bytes]) -> Result<Update, ChpError> {
     let message = KvMsg::from_frames(frames)?;
     match message.key.as_str() {
-        HUGZ => Ok(Update::Hugz {
-            sequence: message.sequence,
-        }),
+        HUGZ => match message.properties.iter().find(|(name, _)| name == "refused") {
+            Some((_, reason)) if !message.uuid.is_empty() => Ok(Update::Refused {
+                uuid: message.uuid,
+                reason: reason.clone(),
+            }),
+            _ => Ok(Update::Hugz {
+                sequence: message.sequence,
+            }),
+        },
         KTHXBAI | ICANHAZ => Err(ChpError::UnknownCommand),
         _ => Ok(Update::Publish(message)),
     }
@@ -681,6 +704,14 @@ mod tests {
         assert_eq!(kthxbai(42, "/lamp/"), f(&[b"KTHXBAI", SEQ_42, b"", b"", b"/lamp/"]));
         assert_eq!(hugz(42), f(&[b"HUGZ", SEQ_42, b"", b"", b""]));
         assert_eq!(parse_update(&hugz(42)), Ok(Update::Hugz { sequence: 42 }));
+        let uuid = Bytes::from_static(&[7; 16]);
+        assert_eq!(
+            parse_update(&refusal(42, uuid.clone(), "too\nbig")),
+            Ok(Update::Refused {
+                uuid,
+                reason: "too big".into()
+            })
+        );
         assert_eq!(
             parse_snapshot_reply(&kthxbai(42, "/lamp/")),
             Ok(SnapshotReply::End {

@@ -49,6 +49,9 @@ pub enum StateError {
     /// An endpoint could not be bound.
     #[error(transparent)]
     Bind(#[from] majordome_net::BindError),
+    /// The server refused a write, and said why.
+    #[error("the state server refused the write: {reason}")]
+    Refused { reason: String },
     /// Port 0 was asked for and no three consecutive free ports were found.
     #[error("found no three free consecutive ports for the state server after {attempts} attempts")]
     NoFreePorts { attempts: u32 },
@@ -150,6 +153,9 @@ pub struct Settings {
     pub max_key_bytes: usize,
     /// Bytes in a value.
     pub max_value_bytes: usize,
+    /// Bytes of the whole state (keys, values and properties); a write
+    /// that would go over is refused, and its writer told why.
+    pub max_total_bytes: usize,
     /// Bytes in a properties frame.
     pub max_properties_bytes: usize,
     /// Frames in one message; more is dropped as oversized (CHP uses 5, so
@@ -169,6 +175,9 @@ pub struct Settings {
     pub max_pending_snapshots: usize,
     /// KVSETs (or expiries) applied in one SQLite transaction at most.
     pub write_batch: usize,
+    /// Bytes of KVSETs read into one batch at most (with `write_batch`):
+    /// what a batch holds in memory while it commits.
+    pub write_batch_bytes: usize,
     /// What a commit survives ([`Durability::Full`]: power loss).
     #[serde(skip)]
     pub durability: Durability,
@@ -181,14 +190,16 @@ impl Default for Settings {
             hugz_interval: Duration::from_secs(1),
             max_key_bytes: limits.max_key_bytes,
             max_value_bytes: limits.max_value_bytes,
+            max_total_bytes: 64 * 1024 * 1024,
             max_properties_bytes: limits.max_properties_bytes,
             max_frames: 8,
-            snapshot_high_water_mark: 10_000,
-            publish_high_water_mark: 100_000,
-            collector_high_water_mark: 100_000,
+            snapshot_high_water_mark: 64,
+            publish_high_water_mark: 1_000,
+            collector_high_water_mark: 100,
             snapshot_chunk: 1_000,
-            max_pending_snapshots: 1_000,
+            max_pending_snapshots: 16,
             write_batch: 1_000,
+            write_batch_bytes: 4 * 1024 * 1024,
             durability: Durability::Full,
         }
     }

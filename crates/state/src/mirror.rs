@@ -450,7 +450,8 @@ impl View {
     ) -> Applied {
         match update {
             // RFC 12 shows HUGZ with a zero sequence: that says nothing.
-            Update::Hugz { sequence: 0 } => Applied::Nothing,
+            // A refusal is for the writer that sent the write.
+            Update::Hugz { sequence: 0 } | Update::Refused { .. } => Applied::Nothing,
             Update::Hugz { sequence: hugz } => {
                 if hugz > *sequence {
                     Applied::Gap {
@@ -828,6 +829,10 @@ pub struct WriterOptions {
     /// Updates queued unread before they are lost (a confirmation among
     /// them would then time out).
     pub receive_high_water_mark: i32,
+    /// The keys it writes start with this: it subscribes to them only
+    /// (and to HUGZ, which carries refusals), so that other updates do not
+    /// pile up unread between its writes. Empty: every key.
+    pub subtree: String,
 }
 
 impl Default for WriterOptions {
@@ -835,7 +840,8 @@ impl Default for WriterOptions {
         WriterOptions {
             connect_timeout: Duration::from_secs(5),
             send_high_water_mark: 100_000,
-            receive_high_water_mark: 100_000,
+            receive_high_water_mark: 10_000,
+            subtree: String::new(),
         }
     }
 }
@@ -860,7 +866,10 @@ impl Writer {
         let updates = net::context().socket(zmq::SUB)?;
         updates.set_linger(0)?;
         updates.set_rcvhwm(options.receive_high_water_mark)?;
-        updates.set_subscribe(b"")?;
+        updates.set_subscribe(options.subtree.as_bytes())?;
+        if !options.subtree.is_empty() {
+            updates.set_subscribe(chp::HUGZ.as_bytes())?;
+        }
         connect(&updates, &endpoints.updates)?;
         let mut collector = Collector::connect(&endpoints.collector, options.send_high_water_mark)?;
         let deadline = Instant::now() + options.connect_timeout;
@@ -938,10 +947,14 @@ impl Writer {
         loop {
             while let Some(received) = net::recv_frames(&self.updates, &mut self.scratch, MAX_FRAMES, usize::MAX)? {
                 if let Received::Message(frames) = received {
-                    if let Ok(Update::Publish(message)) = chp::parse_update(&frames) {
-                        if message.uuid.as_ref() == uuid {
+                    match chp::parse_update(&frames) {
+                        Ok(Update::Publish(message)) if message.uuid.as_ref() == uuid => {
                             return Ok(message.sequence);
                         }
+                        Ok(Update::Refused { uuid: refused, reason }) if refused.as_ref() == uuid => {
+                            return Err(StateError::Refused { reason });
+                        }
+                        _ => {}
                     }
                 }
             }

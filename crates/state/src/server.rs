@@ -63,9 +63,11 @@ pub enum DropReason {
     TooManySnapshots,
     /// A KVSET whose batch could not be committed (full disk, I/O error).
     CommitFailed,
+    /// A KVSET that would make the state hold more than `max_total_bytes`.
+    StateFull,
 }
 
-const DROP_REASONS: usize = ChpError::ALL.len() + 2;
+const DROP_REASONS: usize = ChpError::ALL.len() + 3;
 
 impl DropReason {
     /// A short, stable name for counters and logs.
@@ -74,6 +76,7 @@ impl DropReason {
             DropReason::Malformed(e) => e.name(),
             DropReason::TooManySnapshots => "too_many_snapshots",
             DropReason::CommitFailed => "commit_failed",
+            DropReason::StateFull => "state_full",
         }
     }
 
@@ -82,14 +85,16 @@ impl DropReason {
             DropReason::Malformed(e) => e.index(),
             DropReason::TooManySnapshots => ChpError::ALL.len(),
             DropReason::CommitFailed => ChpError::ALL.len() + 1,
+            DropReason::StateFull => ChpError::ALL.len() + 2,
         }
     }
 
     fn all() -> impl Iterator<Item = DropReason> {
-        ChpError::ALL
-            .into_iter()
-            .map(DropReason::Malformed)
-            .chain([DropReason::TooManySnapshots, DropReason::CommitFailed])
+        ChpError::ALL.into_iter().map(DropReason::Malformed).chain([
+            DropReason::TooManySnapshots,
+            DropReason::CommitFailed,
+            DropReason::StateFull,
+        ])
     }
 }
 
@@ -97,6 +102,7 @@ impl DropReason {
 #[derive(Debug, Default)]
 pub struct Counters {
     keys: AtomicU64,
+    bytes: AtomicU64,
     sequence: AtomicI64,
     updates: AtomicU64,
     expired: AtomicU64,
@@ -113,6 +119,10 @@ pub struct Counters {
 pub struct Stats {
     /// Keys in the map.
     pub keys: u64,
+    /// Their bytes (keys, values, properties), as counted against
+    /// `max_total_bytes`.
+    #[serde(default)]
+    pub bytes: u64,
     /// The last sequence number used.
     pub sequence: i64,
     /// KVPUBs published (sets, deletes, expiries).
@@ -139,6 +149,7 @@ impl Counters {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Stats {
             keys: load(&self.keys),
+            bytes: load(&self.bytes),
             sequence: self.sequence.load(Ordering::Relaxed),
             updates: load(&self.updates),
             expired: load(&self.expired),
@@ -176,6 +187,8 @@ pub struct Server {
     counters: Arc<Counters>,
     db: Db,
     entries: BTreeMap<String, Entry>,
+    /// Bytes of `entries`, as [`entry_bytes`] counts them.
+    bytes: usize,
     /// The last sequence number used (and published).
     sequence: i64,
     /// (expiry in Unix ms, key): wake-up hints, checked against the entry.
@@ -248,8 +261,10 @@ impl Server {
             }
             entries.insert(key, entry);
         }
+        let bytes = entries.iter().map(|(key, entry)| entry_bytes(key, entry)).sum();
         let counters = Arc::new(Counters::default());
         counters.keys.store(entries.len() as u64, Ordering::Relaxed);
+        counters.bytes.store(bytes as u64, Ordering::Relaxed);
         counters.sequence.store(sequence, Ordering::Relaxed);
         Ok(Server {
             snapshot,
@@ -262,6 +277,7 @@ impl Server {
             counters,
             db,
             entries,
+            bytes,
             sequence,
             expiries,
             drop_log: HashMap::new(),
@@ -390,10 +406,14 @@ impl Server {
 
     /// Reads a bounded batch of KVSETs and applies the valid ones.
     fn read_collector(&mut self, scratch: &mut zmq::Message) -> Result<(), StateError> {
-        let mut batch = Vec::new();
+        let mut batch: Vec<chp::KvMsg> = Vec::new();
+        let mut batch_bytes = 0;
         // Bad messages count too, so that a flood of garbage cannot keep
         // the loop here.
         for _ in 0..self.settings.write_batch.max(1) {
+            if batch_bytes >= self.settings.write_batch_bytes {
+                break;
+            }
             let received = net::recv_frames(
                 &self.collector,
                 scratch,
@@ -403,12 +423,44 @@ impl Server {
             match received {
                 Ok(None) | Err(zmq::Error::EINTR) => break,
                 Err(e) => return Err(e.into()),
-                Ok(Some(Received::TooLarge { .. })) => self.drop_message(DropReason::Malformed(ChpError::Oversized)),
+                Ok(Some(Received::TooLarge { head, .. })) => {
+                    self.refuse(head.get(2), DropReason::Malformed(ChpError::Oversized))
+                }
                 Ok(Some(Received::Message(frames))) => match chp::parse_kvset(&frames, &self.limits) {
-                    Ok(message) => batch.push(message),
-                    Err(e) => self.drop_message(DropReason::Malformed(e)),
+                    Ok(message) => {
+                        batch_bytes += frames.iter().map(Bytes::len).sum::<usize>();
+                        batch.push(message);
+                    }
+                    Err(e) => self.refuse(frames.get(2), DropReason::Malformed(e)),
                 },
             }
+        }
+        // The state is bounded in bytes: a write that would take it over
+        // is refused, and its writer told. Deletes always pass.
+        let mut projected = self.bytes;
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        let mut refused = Vec::new();
+        batch.retain(|message| {
+            let old = sizes.get(&message.key).copied().unwrap_or_else(|| {
+                self.entries
+                    .get(&message.key)
+                    .map_or(0, |e| entry_bytes(&message.key, e))
+            });
+            let new = if message.value.is_empty() {
+                0
+            } else {
+                message.key.len() + message.value.len() + chp::encode_properties(&message.properties).len()
+            };
+            if new > old && projected - old + new > self.settings.max_total_bytes {
+                refused.push(message.uuid.clone());
+                return false;
+            }
+            projected = projected - old + new;
+            sizes.insert(message.key.clone(), new);
+            true
+        });
+        for uuid in refused {
+            self.refuse(Some(&uuid), DropReason::StateFull);
         }
         if batch.is_empty() {
             return Ok(());
@@ -638,8 +690,8 @@ impl Server {
                     self.expiries.push(Reverse((retry, change.key)));
                 }
             } else {
-                for _ in 0..changes.len() {
-                    self.drop_message(DropReason::CommitFailed);
+                for change in &changes {
+                    self.refuse(Some(&change.uuid), DropReason::CommitFailed);
                 }
             }
             return;
@@ -660,10 +712,15 @@ impl Server {
                     if let Some(at) = entry.expires_at {
                         self.expiries.push(Reverse((at, change.key.clone())));
                     }
-                    self.entries.insert(change.key, entry);
+                    self.bytes += entry_bytes(&change.key, &entry);
+                    if let Some(old) = self.entries.insert(change.key.clone(), entry) {
+                        self.bytes -= entry_bytes(&change.key, &old);
+                    }
                 }
                 None => {
-                    self.entries.remove(&change.key);
+                    if let Some(old) = self.entries.remove(&change.key) {
+                        self.bytes -= entry_bytes(&change.key, &old);
+                    }
                 }
             }
             self.sequence = sequence;
@@ -678,6 +735,7 @@ impl Server {
         Counters::add(&self.counters.updates, changed as u64);
         self.counters.sequence.store(self.sequence, Ordering::Relaxed);
         self.counters.keys.store(self.entries.len() as u64, Ordering::Relaxed);
+        self.counters.bytes.store(self.bytes as u64, Ordering::Relaxed);
         for frames in &published {
             self.publish(frames);
         }
@@ -702,6 +760,31 @@ impl Server {
 
     /// Counts a dropped message and logs it, at most once per reason every
     /// few seconds so that a flood of garbage cannot flood the log.
+    /// Drops a KVSET, counting it, and tells its writer why when it gave a
+    /// uuid (majordome's writers always do; see [`chp::refusal`]).
+    fn refuse(&mut self, uuid: Option<&Bytes>, reason: DropReason) {
+        self.drop_message(reason);
+        let Some(uuid) = uuid.filter(|uuid| uuid.len() == 16) else {
+            return;
+        };
+        let why = match reason {
+            DropReason::Malformed(ChpError::Oversized) => format!(
+                "the value is over max_value_bytes ({}) or the properties over max_properties_bytes ({})",
+                self.settings.max_value_bytes, self.settings.max_properties_bytes
+            ),
+            DropReason::Malformed(ChpError::KeyTooLong) => {
+                format!("the key is over max_key_bytes ({})", self.settings.max_key_bytes)
+            }
+            DropReason::StateFull => format!(
+                "the state holds {} bytes and would go over max_total_bytes ({}); delete keys first",
+                self.bytes, self.settings.max_total_bytes
+            ),
+            DropReason::CommitFailed => "the database could not commit it (is the disk full?)".to_owned(),
+            other => format!("refused: {}", other.name()),
+        };
+        self.publish(&chp::refusal(self.sequence, uuid.clone(), &why));
+    }
+
     fn drop_message(&mut self, reason: DropReason) {
         Counters::add(&self.counters.dropped[reason.index()], 1);
         let now = Instant::now();
@@ -719,6 +802,11 @@ impl Server {
             *suppressed += 1;
         }
     }
+}
+
+/// What an entry counts against `max_total_bytes`.
+fn entry_bytes(key: &str, entry: &Entry) -> usize {
+    key.len() + entry.value.len() + entry.properties.len()
 }
 
 /// A change to number, store and publish. An empty value deletes.
@@ -776,7 +864,10 @@ fn new_sockets(context: &zmq::Context, settings: &Settings) -> Result<Sockets, S
     let collector = context.socket(zmq::SUB)?;
     collector.set_linger(0)?;
     collector.set_rcvhwm(settings.collector_high_water_mark)?;
-    collector.set_maxmsgsize(settings.max_message_bytes() as i64)?;
+    // Up to four times the largest valid write still reaches the server,
+    // which refuses it and tells the writer why; libzmq closes the
+    // connection of a larger one (and its writer hears nothing).
+    collector.set_maxmsgsize(4 * settings.max_message_bytes() as i64)?;
     collector.set_subscribe(b"")?;
     Ok((snapshot, updates, collector))
 }

@@ -168,7 +168,15 @@ impl DeviceService {
         }
         let publisher = Publisher::connect(&endpoints.publish)?;
         let writer = match &endpoints.state {
-            Some(state) => Some(Mutex::new(Writer::connect(state.as_str(), WriterOptions::default())?)),
+            Some(state) => {
+                // It writes device values only; other keys' updates would
+                // pile up unread between its writes.
+                let options = WriterOptions {
+                    subtree: "/device/".into(),
+                    ..WriterOptions::default()
+                };
+                Some(Mutex::new(Writer::connect(state.as_str(), options)?))
+            }
             None => None,
         };
         let shared = Shared {
