@@ -141,6 +141,8 @@ pub struct Hub {
     local_broker: String,
     /// Held while parts that use the database run: a restore waits for it.
     _data_lock: Option<majordome_store::backup::DataLock>,
+    /// The `backup` part (database, data folder, settings), run by `join`.
+    backups: Option<(PathBuf, PathBuf, config::Backup)>,
 }
 
 impl Hub {
@@ -165,6 +167,7 @@ impl Hub {
             counters: Counters::default(),
             local_broker: config.listen.broker.clone(),
             _data_lock: None,
+            backups: None,
         };
         match hub.start_parts(config) {
             Ok(()) => Ok(hub),
@@ -279,11 +282,8 @@ impl Hub {
             self.start_devices(config, &manifests)?;
         }
         if parts.backup && config.backup.keep > 0 {
-            let (data, settings) = (config.data.clone(), config.backup.clone());
-            self.spawn("backup", move |stop| {
-                backups::run(&database, &data, &settings, stop);
-                Ok(())
-            })?;
+            // No thread of its own: the one that waits in `join` makes them.
+            self.backups = Some((database.clone(), config.data.clone(), config.backup.clone()));
         }
         if parts.echo {
             let at = self.local_broker.clone();
@@ -468,8 +468,14 @@ impl Hub {
 
     /// Waits until the hub is told to stop (or a part fails), then for
     /// every part to end. Names the first part that stopped on its own.
+    /// Meanwhile it runs the `backup` part, if the hub has it: a hub that
+    /// is only ever `stop`ped makes no scheduled backups.
     pub fn join(self) -> Result<(), HubError> {
-        self.shutdown.wait();
+        match &self.backups {
+            // The `backup` part runs here, on the thread that waits anyway.
+            Some((database, data, settings)) => backups::run(database, data, settings, &self.shutdown),
+            None => self.shutdown.wait(),
+        }
         self.join_parts()
     }
 
