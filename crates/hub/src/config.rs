@@ -80,6 +80,7 @@ impl HubConfig {
                 publish: any.clone(),
                 subscribe: any.clone(),
                 state: any,
+                ..Listen::default()
             },
             ..HubConfig::default()
         }
@@ -100,6 +101,11 @@ pub struct Listen {
     /// The Clone server's snapshot socket; updates on the next port, the
     /// collector on the one after.
     pub state: String,
+    /// Listen on addresses other than loopback although network clients
+    /// cannot be authenticated yet and nothing is encrypted: anyone who
+    /// reaches a port can do anything. Off by default: such a bind is
+    /// refused.
+    pub allow_network_without_credentials: bool,
 }
 
 impl Default for Listen {
@@ -109,8 +115,42 @@ impl Default for Listen {
             publish: majordome_net::ports::PUBLISH.into(),
             subscribe: majordome_net::ports::SUBSCRIBE.into(),
             state: majordome_net::ports::STATE.into(),
+            allow_network_without_credentials: false,
         }
     }
+}
+
+impl Listen {
+    /// The endpoints this process would listen on that reach beyond this
+    /// machine: TCP on any address but loopback's (`*`, `0.0.0.0`, a LAN
+    /// address, an interface name).
+    pub fn network_endpoints(&self, parts: &Parts) -> Vec<&str> {
+        let mut mine = Vec::new();
+        if parts.broker {
+            mine.push(self.broker.as_str());
+        }
+        if parts.events {
+            mine.extend([self.publish.as_str(), self.subscribe.as_str()]);
+        }
+        if parts.state {
+            mine.push(self.state.as_str());
+        }
+        mine.into_iter().filter(|endpoint| !is_local(endpoint)).collect()
+    }
+}
+
+/// Whether only this machine can reach `endpoint`.
+pub fn is_local(endpoint: &str) -> bool {
+    let Some(rest) = endpoint.strip_prefix("tcp://") else {
+        // inproc:// and ipc:// do not leave the machine.
+        return true;
+    };
+    let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
 }
 
 /// Which parts run in this process. A part that does not run here is
@@ -575,6 +615,40 @@ fn leaves(table: &toml::Table) -> Vec<String> {
         }
     }
     keys
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_inproc_and_ipc_are_local() {
+        for local in [
+            "tcp://127.0.0.1:40410",
+            "tcp://127.0.0.2:1",
+            "tcp://localhost:1",
+            "tcp://[::1]:1",
+            "inproc://x",
+            "ipc:///tmp/x",
+        ] {
+            assert!(is_local(local), "{local}");
+        }
+        for network in [
+            "tcp://0.0.0.0:1",
+            "tcp://*:1",
+            "tcp://192.168.1.2:1",
+            "tcp://eth0:1",
+            "tcp://[::]:1",
+        ] {
+            assert!(!is_local(network), "{network}");
+        }
+        let listen = Listen {
+            subscribe: "tcp://*:40412".into(),
+            ..Listen::default()
+        };
+        assert_eq!(listen.network_endpoints(&Parts::all()), ["tcp://*:40412"]);
+        assert!(listen.network_endpoints(&Parts::none()).is_empty());
+    }
 }
 
 #[cfg(test)]

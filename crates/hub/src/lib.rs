@@ -190,6 +190,22 @@ impl Hub {
         let parts = config.parts;
         let database = self.endpoints.database.clone();
         let durability = config.durability;
+        let network = config.listen.network_endpoints(&parts);
+        if let Some(first) = network.first() {
+            if !config.listen.allow_network_without_credentials {
+                return Err(HubError::Config(format!(
+                    "refusing to listen on {first}: it reaches beyond this machine, and majordome cannot \
+                     authenticate network clients yet, nor encrypt their traffic, so anyone who reaches the \
+                     port could do anything. Listen on 127.0.0.1 (the default), or, on a network you trust \
+                     entirely, set allow_network_without_credentials = true under [listen] in majordome.toml"
+                )));
+            }
+            tracing::warn!(
+                endpoints = ?network,
+                "listening on the network WITHOUT authentication or encryption \
+                 (allow_network_without_credentials): anyone who reaches these ports can do anything"
+            );
+        }
         if parts.use_database() {
             // Before anything opens it: SQLite would quietly drop what
             // follows a damaged frame of the log, for good.

@@ -121,3 +121,33 @@ fn a_bad_configuration_file_is_refused_with_its_line_and_key() {
         "{said}"
     );
 }
+
+/// Anyone who reaches a port can do anything, and nothing authenticates
+/// network clients yet: a bind beyond loopback is refused unless the
+/// configuration says, in so many words, that this is wanted.
+#[test]
+fn listening_beyond_loopback_is_refused_unless_allowed() {
+    let out = run(&["broker", "--bind", "tcp://0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error.contains("refusing to listen on tcp://0.0.0.0:0")
+            && error.contains("allow_network_without_credentials = true under [listen]"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("open.toml");
+    std::fs::write(&file, "[listen]\nallow_network_without_credentials = true\n").unwrap();
+    let broker = Process::start_listening(&[
+        "broker",
+        "--bind",
+        "tcp://0.0.0.0:0",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let port = broker.endpoint.rsplit(':').next().unwrap().to_owned();
+    assert_eq!(
+        mdp_request(&format!("tcp://127.0.0.1:{port}"), "mmi.service", &["echo"]),
+        strings(&["404"])
+    );
+}
