@@ -300,12 +300,19 @@ impl Core {
         next
     }
 
-    /// A message as read from the ROUTER socket (identity first).
+    /// A message as read from the ROUTER socket (identity first), from a
+    /// peer in another process.
     pub fn handle_message(&mut self, now: Instant, frames: Frames) {
+        self.handle_message_from(now, frames, false);
+    }
+
+    /// The same, saying whether the peer is in this process (`inproc://`):
+    /// only such a worker may serve a name of `in_process_only`.
+    pub fn handle_message_from(&mut self, now: Instant, frames: Frames, in_process: bool) {
         self.messages_in += 1;
         match mdp::parse_inbound(frames, self.settings.max_envelope) {
             Ok(Inbound::Client { address, service, body }) => self.on_client(now, address, service, body),
-            Ok(Inbound::Worker { identity, message }) => self.on_worker(now, identity, message),
+            Ok(Inbound::Worker { identity, message }) => self.on_worker(now, identity, message, in_process),
             Err(malformed) => self.drop_message(now, malformed.reason()),
         }
     }
@@ -518,9 +525,9 @@ impl Core {
         self.dispatch(now, &service);
     }
 
-    fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker) {
+    fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker, in_process: bool) {
         if let FromWorker::Ready { service, capacity } = message {
-            self.on_ready(now, identity, service, capacity);
+            self.on_ready(now, identity, service, capacity, in_process);
             return;
         }
         let Some(worker) = self.workers.get_mut(&identity) else {
@@ -552,7 +559,7 @@ impl Core {
         }
     }
 
-    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes, capacity: Option<u32>) {
+    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes, capacity: Option<u32>, in_process: bool) {
         if self.workers.contains_key(&identity) {
             // RFC 7: a second READY is a protocol error.
             self.drop_message(now, "duplicate_ready");
@@ -565,7 +572,15 @@ impl Core {
             self.outbox.push(mdp::worker_disconnect(&identity));
             return;
         }
-        if mmi::is_internal(&service) {
+        let hub_only = || {
+            !in_process
+                && self
+                    .settings
+                    .in_process_only
+                    .iter()
+                    .any(|name| name.as_bytes() == service.as_ref())
+        };
+        if mmi::is_internal(&service) || hub_only() {
             self.drop_message(now, "reserved_service");
             self.workers_disconnected += 1;
             self.outbox.push(mdp::worker_disconnect(&identity));

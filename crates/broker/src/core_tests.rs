@@ -1162,3 +1162,22 @@ fn a_bad_capacity_frame_is_a_bad_ready() {
     assert!(out.is_empty(), "dropped, as any malformed message");
     assert_eq!(h.core.stats(h.now).dropped["bad_ready"], 1);
 }
+
+/// A peer that registered `config` got every `config.set`: in a hub whose
+/// own part serves a name, only a worker of that process may serve it.
+#[test]
+fn a_name_reserved_for_this_process_is_refused_to_other_peers() {
+    let mut h = Harness::with(Settings {
+        in_process_only: vec!["config".into()],
+        ..Settings::default()
+    });
+    assert!(is_disconnect(&h.ready("stranger", "config")[0], "stranger"));
+    h.core
+        .handle_message_from(h.now, f(&["own", "", "MDPW01", "\x01", "config"]), true);
+    assert!(h.out().is_empty(), "the hub's own worker is registered");
+    // Other names are free to anyone.
+    assert!(h.ready("plugin", "plugin-fake.box").is_empty());
+    let stats = h.core.stats(h.now);
+    assert_eq!(stats.dropped["reserved_service"], 1);
+    assert_eq!(stats.services["config"].workers, 1);
+}

@@ -123,7 +123,14 @@ impl Broker {
                     self.settings.max_frames,
                     self.settings.max_message_bytes,
                 ) {
-                    Ok(Some(Received::Message(frames))) => core.handle_message(Instant::now(), frames),
+                    Ok(Some(Received::Message(frames))) => {
+                        // Only a READY needs to know where it came from; a
+                        // connection over TCP or IPC has a peer address,
+                        // an inproc one (this process) has none.
+                        let ready = frames.len() > 4 && frames[2] == "MDPW01" && frames[3] == "\x01";
+                        let in_process = ready && scratch.gets("Peer-Address").is_none();
+                        core.handle_message_from(Instant::now(), frames, in_process)
+                    }
                     Ok(Some(Received::TooLarge { .. })) => core.handle_oversized(Instant::now()),
                     Ok(None) => break,
                     Err(zmq::Error::EINTR) => break,

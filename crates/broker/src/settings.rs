@@ -81,6 +81,12 @@ pub struct Settings {
     pub worker_prefetch: usize,
     /// Recognise Domogik's timeout frame at the head of request bodies.
     pub domogik_timeout_frame: bool,
+    /// Service names that only workers of this process may serve: the
+    /// hub's own parts (set by the hub, not by the configuration file). A
+    /// READY for one from a connection (TCP, IPC) gets DISCONNECT and is
+    /// counted (`reserved_service`).
+    #[serde(skip)]
+    pub in_process_only: Vec<String>,
 }
 
 impl Default for Settings {
@@ -105,6 +111,7 @@ impl Default for Settings {
             idle_service_retention: Duration::from_secs(300),
             worker_prefetch: 1,
             domogik_timeout_frame: true,
+            in_process_only: Vec::new(),
         }
     }
 }

@@ -64,6 +64,35 @@ fn start_error(part: &'static str, why: impl std::fmt::Display) -> HubError {
     }
 }
 
+/// The service names of the parts in `parts` that serve on the broker:
+/// in a hub that runs them, nobody else may serve them (a peer that
+/// registered `config` would get every `config.set`).
+fn own_services(parts: &Parts) -> Vec<String> {
+    let mut names: Vec<&str> = Vec::new();
+    if parts.config {
+        names.extend(majordome_services::SERVICE_NAMES);
+    }
+    if parts.manager {
+        names.push("manager");
+    }
+    if parts.devices {
+        names.push("devices");
+    }
+    if parts.history {
+        names.push("history");
+    }
+    if parts.titanic {
+        names.extend(["titanic.request", "titanic.reply", "titanic.close", "titanic.list"]);
+    }
+    if parts.stats && parts.events {
+        names.push("events");
+    }
+    if parts.stats && parts.state {
+        names.push("state");
+    }
+    names.into_iter().map(str::to_owned).collect()
+}
+
 /// The message for a database that did not check out: what is wrong, that
 /// nothing was changed, and the way back.
 fn damaged(data: &std::path::Path, database: &std::path::Path, damage: &majordome_store::check::Damage) -> HubError {
@@ -216,8 +245,11 @@ impl Hub {
             majordome_store::check::check(&database).map_err(|damage| damaged(&config.data, &database, &damage))?;
         }
         if parts.broker {
-            let mut broker =
-                Broker::bind(&config.listen.broker, config.broker.clone()).map_err(|e| start_error("broker", e))?;
+            let settings = majordome_broker::Settings {
+                in_process_only: own_services(&parts),
+                ..config.broker.clone()
+            };
+            let mut broker = Broker::bind(&config.listen.broker, settings).map_err(|e| start_error("broker", e))?;
             self.endpoints.broker = broker.endpoint().to_owned();
             // The parts of this process reach it in-process.
             self.local_broker = broker.bind_inproc().map_err(|e| start_error("broker", e))?;

@@ -151,3 +151,29 @@ fn listening_beyond_loopback_is_refused_unless_allowed() {
         strings(&["404"])
     );
 }
+
+/// A DEALER that sent READY `config` to `up` used to receive every
+/// `config.set`, answer "stored" and feed plugins its values. The names of
+/// the hub's own services are now served by its own workers only.
+#[test]
+fn a_stranger_cannot_serve_the_hub_s_own_services() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, lines) = Process::up(data.path(), &["--no-autostart"], 1);
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "config", "200");
+    for name in ["config", "dbmgr", "manager", "titanic.request", "state"] {
+        let stranger = socket(zmq::DEALER, &broker);
+        send(&stranger, &frames(&[b"", b"MDPW01", b"\x01", name.as_bytes()]));
+        let answer = recv(&stranger, Duration::from_secs(20));
+        assert_eq!(answer, frames(&[b"", b"MDPW01", b"\x05"]), "{name}");
+    }
+    assert_eq!(stats(&broker)["dropped"]["reserved_service"], 5);
+    // The real config service still answers, and a plugin's name is free.
+    let reply = mdp_request(
+        &broker,
+        "config",
+        &["config.get", r#"{"name": "fake", "host": "box", "key": "configured"}"#],
+    );
+    assert_eq!(reply[0], "config.result");
+    let _plugin = raw_worker(&broker, "plugin-mine.box");
+}
