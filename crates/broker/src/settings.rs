@@ -99,7 +99,7 @@ impl Default for Settings {
             max_queued_bytes: 256 * 1024 * 1024,
             max_services: 10_000,
             max_workerless_services: 1_000,
-            max_queued_bytes_per_client: 16 * 1024 * 1024,
+            max_queued_bytes_per_client: 64 * 1024 * 1024,
             max_request_timeout: Duration::from_secs(300),
             max_frames: 64,
             max_message_bytes: 4 * 1024 * 1024,

@@ -293,7 +293,7 @@ fn a_client_that_never_reads_its_replies_is_cut_off_at_its_bound() {
 /// deadline is clipped, which the failure says.
 #[test]
 fn a_client_cannot_park_requests_for_a_year() {
-    let up = up("[broker]\nmax_request_timeout = \"2s\"\n");
+    let up = up("[broker]\nmax_request_timeout = \"2s\"\nmax_queued_bytes_per_client = 16777216\n");
     let client = socket(zmq::DEALER, &up.broker);
     client.set_sndhwm(0).unwrap();
     // Domogik's dialect (an action, then JSON): failures are told.
