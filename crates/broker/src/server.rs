@@ -143,7 +143,7 @@ impl Broker {
                 core.count_unsent(Instant::now(), gone, "peer_gone", out.bytes());
                 // Back off while nothing moves, so that a client that never
                 // reads costs a wake-up every 64 ms, not a spin.
-                retry_every = if sent > 0 {
+                retry_every = if sent > 0 || !out.is_waiting() {
                     outbound::RETRY.0
                 } else {
                     (retry_every * 2).min(outbound::RETRY.1)
