@@ -253,7 +253,13 @@ fn snapshots_that_are_never_read_cost_a_small_pipe_each() {
 /// and the rest is dropped and counted.
 #[test]
 fn a_client_that_never_reads_its_replies_is_cut_off_at_its_bound() {
-    let up = up("[broker]\nmax_unread_bytes_per_client = 4194304\nsend_high_water_mark = 64\n");
+    // Its waiting requests are bounded too (16 MiB here): what is measured
+    // is the reply side, whatever the order in which the echo worker and
+    // the client run.
+    let up = up(
+        "[broker]\nmax_unread_bytes_per_client = 4194304\nsend_high_water_mark = 64\n\
+         max_queued_bytes_per_client = 16777216\n",
+    );
     let client = deaf(zmq::DEALER);
     client.set_sndhwm(0).unwrap();
     client.connect(&up.broker).unwrap();
@@ -282,7 +288,8 @@ fn a_client_that_never_reads_its_replies_is_cut_off_at_its_bound() {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    // 2,000 replies of 64 KiB (125 MiB); the pipe holds 64, the broker 4 MiB.
+    // 2,000 replies of 64 KiB (125 MiB); the pipe holds 64 (4 MiB), the
+    // broker 4 MiB of replies and 16 MiB of requests.
     assert_grew_less_than("2,000 replies never read", growth, 60 * MIB);
     up.echo_still_served();
 }
