@@ -44,7 +44,7 @@ impl Default for Settings {
             high_water_mark: 500,
             max_frames: 16,
             max_message_bytes: 128 * 1024,
-            max_subscription_bytes: 1024,
+            max_subscription_bytes: 256,
         }
     }
 }

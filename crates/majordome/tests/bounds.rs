@@ -394,7 +394,7 @@ fn an_event_subscriber_that_never_reads_costs_its_queue_only() {
 }
 
 /// Was: 8 subscriptions of 256 KiB cost `up` 112 MB and the plugin 71 MB
-/// (they reach every publisher). Now a subscription over 1 KiB closes the
+/// (they reach every publisher). Now a subscription over 256 bytes closes the
 /// subscriber's connection before libzmq stores it.
 #[test]
 fn huge_subscriptions_are_refused() {
