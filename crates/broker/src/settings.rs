@@ -83,8 +83,10 @@ pub struct Settings {
     pub domogik_timeout_frame: bool,
     /// Service names that only workers of this process may serve: the
     /// hub's own parts (set by the hub, not by the configuration file). A
-    /// READY for one from a connection (TCP, IPC) gets DISCONNECT and is
-    /// counted (`reserved_service`).
+    /// READY for one from a TCP connection gets DISCONNECT and is counted
+    /// (`reserved_service`). "In this process" is read as "libzmq gives no
+    /// peer address": an IPC peer, if the broker listened on `ipc://`,
+    /// would pass too.
     #[serde(skip)]
     pub in_process_only: Vec<String>,
 }
