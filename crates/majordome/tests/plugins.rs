@@ -238,3 +238,32 @@ fn the_fake_plugin_end_to_end() {
     up.signal(libc::SIGTERM);
     assert!(up.wait_exit(LIMIT).is_some_and(|s| s.success()));
 }
+
+/// The table of services once filled up for five minutes after a client
+/// named 100,000 of them: a plugin the manager then started said `alive`
+/// while the broker had refused its READY. Now the READY evicts a service
+/// that only requests named, and when the manager says `alive`, the
+/// plugin's service is on the broker.
+#[test]
+fn a_plugin_said_alive_is_on_the_broker_even_after_a_flood_of_names() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, lines) = Process::up(data.path(), &["--no-autostart"], 1);
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "manager", "200");
+    let flooder = socket(zmq::DEALER, &broker);
+    flooder.set_sndhwm(0).unwrap();
+    for n in 0..20_000 {
+        send(&flooder, &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]));
+    }
+    // Handled in order: once this is answered, the table is full.
+    send(&flooder, &strings(&["", "MDPC01", "mmi.service", "nobody-0"]));
+    recv(&flooder, LIMIT);
+    let started = ask(&broker, "manager", "plugin.start.do", json!({"name": "fake"}));
+    assert_ne!(started.status(), Some(false), "{:?}", started.data);
+    let (id, _) = fake_client(&broker, "alive");
+    assert_eq!(
+        mdp_request(&broker, "mmi.service", &[&id]),
+        strings(&["200"]),
+        "{id} is alive but not on the broker"
+    );
+}

@@ -476,6 +476,11 @@ impl Plugin {
                         ..ClientOptions::default()
                     },
                 );
+                // Whoever hears `alive` may call the plugin at once (the
+                // manager says so to everyone): say it only once the broker
+                // has the plugin's worker, which registers on its own
+                // connection and may still be on its way.
+                wait_until_registered(&mut client, &settings, &stop);
                 publish_status(&values, &settings, ClientStatus::Alive, "");
                 let mut next = Instant::now() + settings.status_interval;
                 while !stop.is_triggered() {
@@ -530,6 +535,29 @@ impl Plugin {
             config_rx,
             threads,
         })
+    }
+}
+
+/// Asks `mmi.service` until the broker has this plugin's service, for at
+/// most `request_timeout` (then goes on, with a warning: a broker without
+/// MMI would never say yes).
+fn wait_until_registered(client: &mut Client, settings: &PluginSettings, stop: &Shutdown) {
+    let id = settings.client_id();
+    let deadline = Instant::now() + settings.request_timeout;
+    loop {
+        let frames = vec![majordome_client::Bytes::from(id.clone())];
+        if let Ok(reply) = client.request("mmi.service", frames) {
+            if reply.first().is_some_and(|answer| answer.as_ref() == b"200") {
+                return;
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(service = %id, "the broker does not list this plugin's service yet; saying alive anyway");
+            return;
+        }
+        if stop.wait_timeout(Duration::from_millis(20)) {
+            return;
+        }
     }
 }
 
