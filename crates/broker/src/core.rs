@@ -1133,8 +1133,12 @@ impl Core {
         self.services_evicted += 1;
         debug!(service = %String::from_utf8_lossy(&name), queued = service.queued, "evicted a service without a worker");
         for id in service.queue {
-            let Some(request) = self.requests.remove_if_queued(id) else {
-                continue;
+            // The queue may still name requests that expired (gone).
+            let request = match self.requests.entry(id) {
+                std::collections::hash_map::Entry::Occupied(entry) if entry.get().state == RequestState::Queued => {
+                    entry.remove()
+                }
+                _ => continue,
             };
             self.queued_bytes -= request.cost;
             release(&mut self.client_bytes, &request.address[0], request.cost);
@@ -1190,20 +1194,6 @@ fn release(client_bytes: &mut HashMap<Bytes, usize>, client: &Bytes, cost: usize
         *bytes -= cost;
         if *bytes == 0 {
             client_bytes.remove(client);
-        }
-    }
-}
-
-/// Removing a request only while it waits in a queue.
-trait RemoveIfQueued {
-    fn remove_if_queued(&mut self, id: RequestId) -> Option<Request>;
-}
-
-impl RemoveIfQueued for HashMap<RequestId, Request> {
-    fn remove_if_queued(&mut self, id: RequestId) -> Option<Request> {
-        match self.get(&id) {
-            Some(request) if request.state == RequestState::Queued => self.remove(&id),
-            _ => None,
         }
     }
 }

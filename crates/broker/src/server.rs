@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use majordome_mdp::mdp;
 use majordome_net::{self as net, Received, Shutdown};
 use thiserror::Error;
 use tracing::info;
@@ -127,8 +128,7 @@ impl Broker {
                         // Only a READY needs to know where it came from; a
                         // connection over TCP or IPC has a peer address,
                         // an inproc one (this process) has none.
-                        let ready = frames.len() > 4 && frames[2] == "MDPW01" && frames[3] == "\x01";
-                        let in_process = ready && scratch.gets("Peer-Address").is_none();
+                        let in_process = mdp::looks_like_ready(&frames) && scratch.gets("Peer-Address").is_none();
                         core.handle_message_from(Instant::now(), frames, in_process)
                     }
                     Ok(Some(Received::TooLarge { .. })) => core.handle_oversized(Instant::now()),

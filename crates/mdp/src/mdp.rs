@@ -109,6 +109,14 @@ pub enum Inbound {
     Worker { identity: Bytes, message: FromWorker },
 }
 
+/// Whether a message as received on a broker's ROUTER socket (identity
+/// first) looks like a worker's READY, without parsing it: for a socket
+/// loop that must learn something about the connection (libzmq's message
+/// metadata) for READY only. [`parse_inbound`] still decides.
+pub fn looks_like_ready(frames: &[Bytes]) -> bool {
+    frames.len() > 4 && frames[1].is_empty() && frames[2] == WORKER_HEADER && frames[3] == [command::READY][..]
+}
+
 /// Reads one message as received on a broker's ROUTER socket (the first
 /// frame is the peer identity that ROUTER prepends). `max_envelope` bounds
 /// the number of address frames.
@@ -386,6 +394,27 @@ mod tests {
 
     fn f(parts: &[&[u8]]) -> Frames {
         parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+    }
+
+    #[test]
+    fn looks_like_ready_agrees_with_the_parser_on_ready_only() {
+        let ready = f(&[b"w", b"", b"MDPW01", b"\x01", b"echo"]);
+        assert!(looks_like_ready(&ready));
+        assert!(matches!(
+            parse_inbound(ready, 4),
+            Ok(Inbound::Worker {
+                message: FromWorker::Ready { .. },
+                ..
+            })
+        ));
+        for other in [
+            f(&[b"w", b"", b"MDPW01", b"\x04"]),
+            f(&[b"w", b"", b"MDPC01", b"\x01", b"echo"]),
+            f(&[b"w", b"x", b"MDPW01", b"\x01", b"echo"]),
+            f(&[b"w", b"", b"MDPW01", b"\x01"]),
+        ] {
+            assert!(!looks_like_ready(&other), "{other:?}");
+        }
     }
 
     #[test]
