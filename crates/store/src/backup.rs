@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::check;
+use crate::{check, with_suffix};
 
 /// The folder, inside the data folder, where backups are kept.
 pub const FOLDER: &str = "backups";
@@ -229,13 +229,6 @@ pub fn restore(data: &Path, file: &Path) -> Result<RestoreReport, BackupError> {
     std::fs::rename(&partial, &database).map_err(io(&database))?;
     sync_folder(&database)?;
     Ok(RestoreReport { database, set_aside })
-}
-
-/// `path` with `suffix` appended to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// Makes a rename in `path`'s folder durable.

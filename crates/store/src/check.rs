@@ -25,6 +25,7 @@
 //! The byte layout is SQLite's documented WAL format
 //! (<https://www.sqlite.org/fileformat.html#the_write_ahead_log>).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Length of the log's header.
@@ -63,20 +64,16 @@ pub enum Damage {
 /// Reads the write-ahead log beside `database` (if there is one) and
 /// checks every frame; see the module documentation.
 pub fn read_wal(database: &Path) -> std::io::Result<WalReport> {
-    let wal = wal_path(database);
-    let bytes = match std::fs::read(&wal) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(WalReport::default()),
-        Err(e) => return Err(e),
-    };
-    Ok(inspect(&bytes))
+    match std::fs::File::open(wal_path(database)) {
+        Ok(file) => inspect(std::io::BufReader::new(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WalReport::default()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The log of `database`: its path with `-wal` appended.
 pub fn wal_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
+    crate::with_suffix(database, "-wal")
 }
 
 fn word(bytes: &[u8], at: usize) -> u32 {
@@ -102,66 +99,72 @@ fn checksum(seed: (u32, u32), data: &[u8], big_endian: bool) -> (u32, u32) {
     (s0, s1)
 }
 
-fn inspect(bytes: &[u8]) -> WalReport {
+/// Reads a log frame by frame: memory for one page, whatever the log's
+/// size (a log that a long reader kept from checkpointing may be large).
+fn inspect(mut log: impl Read) -> std::io::Result<WalReport> {
     let mut report = WalReport::default();
-    if bytes.len() < HEADER {
-        return report;
+    let mut header = [0u8; HEADER];
+    if !read_whole(&mut log, &mut header)? {
+        return Ok(report);
     }
-    let magic = word(bytes, 0);
+    let magic = word(&header, 0);
     if magic & !1 != 0x377f_0682 {
         // Not a log SQLite would replay either.
-        return report;
+        return Ok(report);
     }
     let big_endian = magic & 1 == 1;
-    let page_size = word(bytes, 8) as usize;
-    let salts = (word(bytes, 16), word(bytes, 20));
-    let header_sum = (word(bytes, 24), word(bytes, 28));
+    let page_size = word(&header, 8) as usize;
+    let salts = (word(&header, 16), word(&header, 20));
+    let header_sum = (word(&header, 24), word(&header, 28));
     if !(512..=65536).contains(&page_size)
         || !page_size.is_power_of_two()
-        || checksum((0, 0), &bytes[..24], big_endian) != header_sum
+        || checksum((0, 0), &header[..24], big_endian) != header_sum
     {
-        return report;
+        return Ok(report);
     }
-    let frame_size = FRAME_HEADER + page_size;
-    let frames = (bytes.len() - HEADER) / frame_size;
-    let frame = |index: usize| &bytes[HEADER + index * frame_size..HEADER + (index + 1) * frame_size];
     let stored = |f: &[u8]| (word(f, 16), word(f, 20));
-    // Whether frame `index` checks out when its chain starts from `seed`.
-    let valid = |index: usize, seed: (u32, u32)| {
-        let f = frame(index);
+    // Whether a frame checks out when its chain starts from `seed`.
+    let valid = |f: &[u8], seed: (u32, u32)| {
         (word(f, 8), word(f, 12)) == salts && {
             let sum = checksum(seed, &f[..8], big_endian);
             checksum(sum, &f[FRAME_HEADER..], big_endian) == stored(f)
         }
     };
-    let is_commit = |index: usize| word(frame(index), 4) != 0;
+    let is_commit = |f: &[u8]| word(f, 4) != 0;
+    let mut frame = vec![0u8; FRAME_HEADER + page_size];
+    // The chain of valid frames; once a frame fails, each later frame is
+    // checked against the checksum its predecessor stored instead: an
+    // intact frame checks out whatever came before.
     let mut seed = header_sum;
     let mut first_bad = None;
-    for index in 0..frames {
-        if valid(index, seed) {
-            seed = stored(frame(index));
-            if is_commit(index) {
-                report.replayed_commits += 1;
+    let mut previous = header_sum;
+    let mut index = 0u64;
+    while read_whole(&mut log, &mut frame)? {
+        match first_bad {
+            None if valid(&frame, seed) => {
+                seed = stored(&frame);
+                report.replayed_commits += usize::from(is_commit(&frame));
             }
-        } else {
-            first_bad = Some(index);
-            break;
+            None => first_bad = Some(index),
+            Some(_) => report.commits_after_damage += usize::from(valid(&frame, previous) && is_commit(&frame)),
         }
+        previous = stored(&frame);
+        index += 1;
     }
-    let Some(bad) = first_bad else {
-        return report;
-    };
-    // Past the damage each frame is checked against the checksum its
-    // predecessor stored: an intact frame checks out whatever came before.
-    for index in bad + 1..frames {
-        if valid(index, stored(frame(index - 1))) && is_commit(index) {
-            report.commits_after_damage += 1;
-        }
+    if let Some(bad) = first_bad.filter(|_| report.commits_after_damage > 0) {
+        report.damaged_at = Some(HEADER as u64 + bad * frame.len() as u64);
     }
-    if report.commits_after_damage > 0 {
-        report.damaged_at = Some((HEADER + bad * frame_size) as u64);
+    Ok(report)
+}
+
+/// Fills `buffer` from `log`; `false` at the end (a partial last frame
+/// counts as the end, as for SQLite).
+fn read_whole(log: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<bool> {
+    match log.read_exact(buffer) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
-    report
 }
 
 /// Checks the database at `database` before it is opened for writing: its
@@ -335,7 +338,7 @@ mod tests {
     fn a_missing_database_or_log_is_fine_and_junk_is_no_log() {
         let dir = tempfile::tempdir().unwrap();
         check(&dir.path().join("none.db")).unwrap();
-        assert_eq!(inspect(b"short"), WalReport::default());
-        assert_eq!(inspect(&[7u8; 5000]), WalReport::default());
+        assert_eq!(inspect(&b"short"[..]).unwrap(), WalReport::default());
+        assert_eq!(inspect(&[7u8; 5000][..]).unwrap(), WalReport::default());
     }
 }

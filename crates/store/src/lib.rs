@@ -27,6 +27,13 @@ use rusqlite::Connection;
 /// The database file inside a data folder.
 pub const FILE_NAME: &str = "majordome.db";
 
+/// `path` with `suffix` appended to its file name (`majordome.db-wal`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// The database file of the data folder `data_dir`.
 pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
