@@ -141,16 +141,16 @@ impl Listen {
 
 /// Whether only this machine can reach `endpoint`.
 pub fn is_local(endpoint: &str) -> bool {
-    let Some(rest) = endpoint.strip_prefix("tcp://") else {
+    if !endpoint.starts_with("tcp://") {
         // inproc:// and ipc:// do not leave the machine.
         return true;
-    };
-    let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|address| address.is_loopback())
+    }
+    majordome_net::bind::tcp_host_port(endpoint).is_some_and(|(host, _)| {
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|address| address.is_loopback())
+    })
 }
 
 /// Which parts run in this process. A part that does not run here is

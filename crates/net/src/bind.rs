@@ -44,7 +44,7 @@ pub struct BindError {
 }
 
 fn explain(holder: Holder, source: zmq::Error, endpoint: &str) -> String {
-    let port = tcp_port(endpoint).map(|(_, port)| port).unwrap_or_default();
+    let port = tcp_host_port(endpoint).map(|(_, port)| port).unwrap_or_default();
     match holder {
         Holder::Listener => format!(
             "another program listens on port {port} (another majordome?); stop it, or choose other \
@@ -78,7 +78,7 @@ pub fn bind(socket: &zmq::Socket, endpoint: &str, patience: Duration) -> Result<
         if source != zmq::Error::EADDRINUSE {
             return Err(fail(Holder::Unknown));
         }
-        let Some(address) = tcp_port(endpoint).and_then(|(host, port)| probe_address(&host, port)) else {
+        let Some(address) = tcp_host_port(endpoint).and_then(|(host, port)| probe_address(&host, port)) else {
             return Err(fail(Holder::Unknown));
         };
         if listening(address) {
@@ -102,8 +102,9 @@ pub fn bind(socket: &zmq::Socket, endpoint: &str, patience: Duration) -> Result<
     }
 }
 
-/// `tcp://HOST:PORT` split; `None` for other transports.
-fn tcp_port(endpoint: &str) -> Option<(String, u16)> {
+/// `tcp://HOST:PORT` split (brackets of an IPv6 host removed); `None` for
+/// other transports or a port that is not a number.
+pub fn tcp_host_port(endpoint: &str) -> Option<(String, u16)> {
     let rest = endpoint.strip_prefix("tcp://")?;
     let (host, port) = rest.rsplit_once(':')?;
     Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
@@ -138,11 +139,14 @@ mod tests {
 
     #[test]
     fn splits_tcp_endpoints_only() {
-        assert_eq!(tcp_port("tcp://127.0.0.1:40410"), Some(("127.0.0.1".into(), 40410)));
-        assert_eq!(tcp_port("tcp://*:5555"), Some(("*".into(), 5555)));
-        assert_eq!(tcp_port("tcp://[::1]:5555"), Some(("::1".into(), 5555)));
-        assert_eq!(tcp_port("inproc://x"), None);
-        assert_eq!(tcp_port("tcp://host:port"), None);
+        assert_eq!(
+            tcp_host_port("tcp://127.0.0.1:40410"),
+            Some(("127.0.0.1".into(), 40410))
+        );
+        assert_eq!(tcp_host_port("tcp://*:5555"), Some(("*".into(), 5555)));
+        assert_eq!(tcp_host_port("tcp://[::1]:5555"), Some(("::1".into(), 5555)));
+        assert_eq!(tcp_host_port("inproc://x"), None);
+        assert_eq!(tcp_host_port("tcp://host:port"), None);
     }
 
     #[test]
