@@ -80,20 +80,7 @@ fn a_damaged_log_stops_up_with_the_way_back_and_a_backup_brings_the_data_back() 
     }
     std::fs::write(&wal, &bytes).unwrap();
 
-    let out = run(&[
-        "up",
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--pub-bind",
-        "tcp://127.0.0.1:0",
-        "--sub-bind",
-        "tcp://127.0.0.1:0",
-        "--state-bind",
-        "tcp://127.0.0.1:0",
-        "--data",
-        data_arg,
-        "--no-autostart",
-    ]);
+    let out = run(&[&up_args(data.path())[..], &["--no-autostart"]].concat());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let message = text(&out);
     assert!(

@@ -250,14 +250,7 @@ fn a_plugin_said_alive_is_on_the_broker_even_after_a_flood_of_names() {
     let (_up, lines) = Process::up(data.path(), &["--no-autostart"], 1);
     let broker = last_word(&lines[0]);
     wait_for_service(&broker, "manager", "200");
-    let flooder = socket(zmq::DEALER, &broker);
-    flooder.set_sndhwm(0).unwrap();
-    for n in 0..20_000 {
-        send(&flooder, &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]));
-    }
-    // Handled in order: once this is answered, the table is full.
-    send(&flooder, &strings(&["", "MDPC01", "mmi.service", "nobody-0"]));
-    recv(&flooder, LIMIT);
+    flood_service_names(&broker, 20_000);
     let started = ask(&broker, "manager", "plugin.start.do", json!({"name": "fake"}));
     assert_ne!(started.status(), Some(false), "{:?}", started.data);
     let (id, _) = fake_client(&broker, "alive");

@@ -65,20 +65,7 @@ impl Process {
     /// (what listens where: broker 0, publishers 2, subscribers 3, state
     /// snapshot 4, updates 5, collector 6, database 7).
     pub fn up(data: &std::path::Path, extra: &[&str], count: usize) -> (Process, Vec<String>) {
-        let base = [
-            "up",
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--pub-bind",
-            "tcp://127.0.0.1:0",
-            "--sub-bind",
-            "tcp://127.0.0.1:0",
-            "--state-bind",
-            "tcp://127.0.0.1:0",
-            "--data",
-            data.to_str().expect("a UTF-8 path"),
-        ];
-        Self::start_reading(&[&base[..], extra].concat(), count)
+        Self::start_reading(&[&up_args(data)[..], extra].concat(), count)
     }
 
     /// Starts a command that needs no handshake (a worker).
@@ -141,6 +128,38 @@ fn spawn_reading(args: &[&str]) -> (Child, Lines) {
 /// full pipe.
 fn drain(lines: Lines) {
     std::thread::spawn(move || for _ in lines {});
+}
+
+/// `up` with every port free (0) and its data in `data`.
+pub fn up_args(data: &std::path::Path) -> [&str; 11] {
+    [
+        "up",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--pub-bind",
+        "tcp://127.0.0.1:0",
+        "--sub-bind",
+        "tcp://127.0.0.1:0",
+        "--state-bind",
+        "tcp://127.0.0.1:0",
+        "--data",
+        data.to_str().expect("a UTF-8 path"),
+    ]
+}
+
+/// Sends `count` plain MDP requests, each to a service nobody serves
+/// (`nobody-N`), from one DEALER, and returns once the broker has handled
+/// them all (messages of one connection are handled in order, so the
+/// answer to a last `mmi.service` says so).
+pub fn flood_service_names(broker: &str, count: usize) {
+    let flooder = socket(zmq::DEALER, broker);
+    flooder.set_sndhwm(0).unwrap();
+    for n in 0..count {
+        send(&flooder, &strings(&["", "MDPC01", &format!("nobody-{n}"), "x"]));
+    }
+    send(&flooder, &strings(&["", "MDPC01", "mmi.service", "nobody-0"]));
+    let answer = recv(&flooder, Duration::from_secs(60));
+    assert_eq!(answer[3], "404", "nobody-0 was evicted long ago");
 }
 
 /// Runs `majordome ARGS…` to completion.
