@@ -40,6 +40,7 @@ use bytes::Bytes;
 // Quicker than SipHash on these short keys, and seeded per process, so a
 // client cannot pick identities or names that collide on purpose.
 use foldhash::{HashMap, HashMapExt};
+use majordome_access::{Policy, Who};
 use majordome_mdp::domogik::{self, Message, TimeoutFrame};
 use majordome_mdp::mdp::{self, FromWorker, Inbound};
 use majordome_mdp::{mmi, Frames};
@@ -99,6 +100,8 @@ pub struct Core {
     drop_log: HashMap<&'static str, (Option<Instant>, u64)>,
     workers_expired: u64,
     workers_disconnected: u64,
+    /// What named identities may do.
+    policy: std::sync::Arc<Policy>,
 }
 
 struct Service {
@@ -273,6 +276,7 @@ impl Core {
             drop_log: HashMap::new(),
             workers_expired: 0,
             workers_disconnected: 0,
+            policy: Default::default(),
         }
     }
 
@@ -300,19 +304,26 @@ impl Core {
         next
     }
 
-    /// A message as read from the ROUTER socket (identity first), from a
-    /// peer in another process.
-    pub fn handle_message(&mut self, now: Instant, frames: Frames) {
-        self.handle_message_from(now, frames, false);
+    /// The permissions that requests and READYs from named identities are
+    /// checked against (none: everything is allowed).
+    pub fn set_policy(&mut self, policy: std::sync::Arc<Policy>) {
+        self.policy = policy;
     }
 
-    /// The same, saying whether the peer is in this process (`inproc://`):
-    /// only such a worker may serve a name of `in_process_only`.
-    pub fn handle_message_from(&mut self, now: Instant, frames: Frames, in_process: bool) {
+    /// A message as read from the ROUTER socket (identity first), from an
+    /// anonymous peer in another process.
+    pub fn handle_message(&mut self, now: Instant, frames: Frames) {
+        self.handle_message_from(now, frames, Who::Local);
+    }
+
+    /// The same, saying who sent it: only the hub itself (a peer in this
+    /// process) may serve a name of `in_process_only`, and a named
+    /// identity's requests and READYs are checked against the policy.
+    pub fn handle_message_from(&mut self, now: Instant, frames: Frames, who: Who<'_>) {
         self.messages_in += 1;
         match mdp::parse_inbound(frames, self.settings.max_envelope) {
-            Ok(Inbound::Client { address, service, body }) => self.on_client(now, address, service, body),
-            Ok(Inbound::Worker { identity, message }) => self.on_worker(now, identity, message, in_process),
+            Ok(Inbound::Client { address, service, body }) => self.on_client(now, address, service, body, who),
+            Ok(Inbound::Worker { identity, message }) => self.on_worker(now, identity, message, who),
             Err(malformed) => self.drop_message(now, malformed.reason()),
         }
     }
@@ -408,12 +419,13 @@ impl Core {
             workers_expired: self.workers_expired,
             workers_disconnected: self.workers_disconnected,
             services_evicted: self.services_evicted,
+            logins_refused: majordome_net::zap::refused(),
             unsent_bytes: self.unsent_bytes,
             services,
         }
     }
 
-    fn on_client(&mut self, now: Instant, address: Frames, service: Bytes, mut body: Frames) {
+    fn on_client(&mut self, now: Instant, address: Frames, service: Bytes, mut body: Frames, who: Who<'_>) {
         let frame = self
             .settings
             .domogik_timeout_frame
@@ -441,6 +453,27 @@ impl Core {
             return;
         }
         let dialect_action = domogik::dialect_action(&body).map(|_| body[0].clone());
+        if let Who::Named(_) = who {
+            let action = dialect_action.as_ref().map(|a| String::from_utf8_lossy(a));
+            if let Err(denied) = self
+                .policy
+                .may_call(who, &String::from_utf8_lossy(&service), action.as_deref())
+            {
+                self.drop_message(now, "forbidden");
+                self.refuse(&address, &service, dialect_action.as_ref(), denied.to_string());
+                return;
+            }
+        }
+        if self
+            .settings
+            .caller_frame_for
+            .iter()
+            .any(|s| s.as_bytes() == service.as_ref())
+        {
+            // The hub's own service (Titanic) learns who asks: one frame,
+            // always there, before the body.
+            body.insert(0, Bytes::copy_from_slice(who.name().as_bytes()));
+        }
         if service.is_empty() || service.len() > MAX_SERVICE_NAME {
             self.drop_message(now, "bad_service_name");
             self.fail(
@@ -525,9 +558,9 @@ impl Core {
         self.dispatch(now, &service);
     }
 
-    fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker, in_process: bool) {
+    fn on_worker(&mut self, now: Instant, identity: Bytes, message: FromWorker, who: Who<'_>) {
         if let FromWorker::Ready { service, capacity } = message {
-            self.on_ready(now, identity, service, capacity, in_process);
+            self.on_ready(now, identity, service, capacity, who);
             return;
         }
         let Some(worker) = self.workers.get_mut(&identity) else {
@@ -559,7 +592,7 @@ impl Core {
         }
     }
 
-    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes, capacity: Option<u32>, in_process: bool) {
+    fn on_ready(&mut self, now: Instant, identity: Bytes, service: Bytes, capacity: Option<u32>, who: Who<'_>) {
         if self.workers.contains_key(&identity) {
             // RFC 7: a second READY is a protocol error.
             self.drop_message(now, "duplicate_ready");
@@ -573,7 +606,7 @@ impl Core {
             return;
         }
         let hub_only = || {
-            !in_process
+            who != Who::Hub
                 && self
                     .settings
                     .in_process_only
@@ -582,6 +615,13 @@ impl Core {
         };
         if mmi::is_internal(&service) || hub_only() {
             self.drop_message(now, "reserved_service");
+            self.workers_disconnected += 1;
+            self.outbox.push(mdp::worker_disconnect(&identity));
+            return;
+        }
+        if let Err(denied) = self.policy.may_serve(who, &String::from_utf8_lossy(&service)) {
+            debug!("{denied}");
+            self.drop_message(now, "forbidden_service");
             self.workers_disconnected += 1;
             self.outbox.push(mdp::worker_disconnect(&identity));
             return;
@@ -980,6 +1020,17 @@ impl Core {
         }
         self.compact(&worker.service);
         self.compact_deadlines();
+    }
+
+    /// Tells a Domogik-dialect client that it may not make this request
+    /// (`error: forbidden`); a plain MDP client gets nothing, as in
+    /// [`Core::fail`].
+    fn refuse(&mut self, address: &[Bytes], service: &Bytes, action: Option<&Bytes>, reason: String) {
+        let Some(action) = action else { return };
+        let mut message = Message::failure(&String::from_utf8_lossy(action), reason);
+        message.data["error"] = "forbidden".into();
+        self.outbox
+            .push(mdp::client_reply(address, service, message.to_frames()));
     }
 
     /// Tells a Domogik-dialect client that its request failed, `waited`

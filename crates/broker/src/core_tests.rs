@@ -1172,12 +1172,71 @@ fn a_name_reserved_for_this_process_is_refused_to_other_peers() {
         ..Settings::default()
     });
     assert!(is_disconnect(&h.ready("stranger", "config")[0], "stranger"));
-    h.core
-        .handle_message_from(h.now, f(&["own", "", "MDPW01", "\x01", "config"]), true);
+    h.core.handle_message_from(
+        h.now,
+        f(&["own", "", "MDPW01", "\x01", "config"]),
+        majordome_access::Who::Hub,
+    );
     assert!(h.out().is_empty(), "the hub's own worker is registered");
     // Other names are free to anyone.
     assert!(h.ready("plugin", "plugin-fake.box").is_empty());
     let stats = h.core.stats(h.now);
     assert_eq!(stats.dropped["reserved_service"], 1);
     assert_eq!(stats.services["config"].workers, 1);
+}
+
+/// A named identity does what its table lists: a request it may not make
+/// is answered `forbidden` (Domogik dialect) or dropped (plain MDP), and a
+/// READY for a service it may not serve gets DISCONNECT.
+#[test]
+fn a_named_identity_is_held_to_its_permissions() {
+    use majordome_access::{Policy, Who};
+    let mut h = Harness::new();
+    let policy: Policy = toml::from_str("[panel]\ncall = [\"svc/ping.get\"]\n").unwrap();
+    h.core.set_policy(std::sync::Arc::new(policy));
+    assert!(h.ready("w", "svc").is_empty());
+    let panel = Who::Named("panel");
+    let send = |h: &mut Harness, parts: &[&str], who: Who<'_>| {
+        h.core.handle_message_from(h.now, f(parts), who);
+        h.out()
+    };
+    let refused = send(&mut h, &["c1", "", "MDPC01", "svc", "stop.do", "{}"], panel);
+    let (_, _, body) = as_reply(&refused[0]);
+    let reply: serde_json::Value = serde_json::from_slice(&body[1]).unwrap();
+    assert_eq!(body[0], Bytes::from("stop.result"));
+    assert_eq!(
+        (reply["status"].as_bool(), reply["error"].as_str()),
+        (Some(false), Some("forbidden"))
+    );
+    assert!(send(&mut h, &["c1", "", "MDPC01", "svc", "raw"], panel).is_empty());
+    let allowed = send(&mut h, &["c1", "", "MDPC01", "svc", "ping.get", "{}"], panel);
+    assert_eq!(as_request(&allowed[0]).0, Bytes::from("w"));
+    // Anonymous local clients and the hub are never checked.
+    assert_eq!(
+        send(&mut h, &["c2", "", "MDPC01", "svc", "stop.do", "{}"], Who::Local).len(),
+        0
+    );
+    let ready = send(&mut h, &["w2", "", "MDPW01", "\x01", "other"], panel);
+    assert!(is_disconnect(&ready[0], "w2"));
+    let stats = h.core.stats(h.now);
+    assert_eq!((stats.dropped["forbidden"], stats.dropped["forbidden_service"]), (2, 1));
+}
+
+/// The hub's Titanic learns who asks: one frame, first, always there.
+#[test]
+fn services_that_want_the_caller_get_its_identity_first() {
+    use majordome_access::Who;
+    let mut h = Harness::with(Settings {
+        caller_frame_for: vec!["titanic.request".into()],
+        ..Settings::default()
+    });
+    assert!(h.ready("t", "titanic.request").is_empty());
+    for (who, name) in [(Who::Named("alice"), "alice"), (Who::Local, ""), (Who::Hub, "")] {
+        h.core
+            .handle_message_from(h.now, f(&["c", "", "MDPC01", "titanic.request", "echo", "hi"]), who);
+        let out = h.out();
+        let (_, _, body) = as_request(&out[0]);
+        assert_eq!(body, f(&[name, "echo", "hi"]));
+        h.reply("t", "c", &["200"]);
+    }
 }

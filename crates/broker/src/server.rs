@@ -2,8 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use majordome_access::{Policy, Who};
 use majordome_mdp::mdp;
-use majordome_net::{self as net, Received, Shutdown};
+use majordome_net::{self as net, zap, Received, Shutdown};
 use thiserror::Error;
 use tracing::info;
 
@@ -36,13 +39,27 @@ pub struct Broker {
     /// The `inproc://` endpoint it also listens on, if any.
     inproc: Option<String>,
     settings: Settings,
+    /// Whether its listeners ask for a login: then every message's
+    /// `User-Id` is read.
+    logins: bool,
+    policy: Arc<Policy>,
 }
 
 impl Broker {
     /// Binds the broker's ROUTER socket. `tcp://127.0.0.1:0` picks a free
     /// port; [`Broker::endpoint`] tells which.
     pub fn bind(endpoint: &str, settings: Settings) -> Result<Self, BrokerError> {
+        Broker::bind_with(endpoint, settings, None)
+    }
+
+    /// [`Broker::bind`], with a listener that asks for a PLAIN login
+    /// checked by `zap` when it is given.
+    pub fn bind_with(endpoint: &str, settings: Settings, zap: Option<&mut zap::Handler>) -> Result<Self, BrokerError> {
         let context = zmq::Context::new();
+        let logins = zap.is_some();
+        if let Some(handler) = zap {
+            handler.attach(&context)?;
+        }
         let socket = context.socket(zmq::ROUTER)?;
         socket.set_linger(0)?;
         socket.set_sndhwm(settings.send_high_water_mark)?;
@@ -54,6 +71,7 @@ impl Broker {
         // A full pipe says EAGAIN instead of dropping in silence: what a
         // slow peer cannot take yet waits in `Outbound`, counted in bytes.
         socket.set_router_mandatory(true)?;
+        zap::listener(&socket, logins)?;
         net::bind(&socket, endpoint, net::bind::PATIENCE)?;
         let endpoint = net::bound_endpoint(&socket)?;
         Ok(Broker {
@@ -62,7 +80,14 @@ impl Broker {
             endpoint,
             inproc: None,
             settings,
+            logins,
+            policy: Arc::default(),
         })
+    }
+
+    /// What named identities may do (with logins).
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
     }
 
     /// The endpoint it listens on, with the real port.
@@ -90,6 +115,7 @@ impl Broker {
     /// Serves until `shutdown` fires, then tells every worker to disconnect.
     pub fn run(self, shutdown: &Shutdown) -> Result<(), BrokerError> {
         let mut core = Core::new(self.settings.clone(), Instant::now());
+        core.set_policy(self.policy.clone());
         let mut out = Outbound::new(
             self.settings.max_unread_bytes_per_client,
             self.settings.max_unread_bytes,
@@ -125,11 +151,17 @@ impl Broker {
                     self.settings.max_message_bytes,
                 ) {
                     Ok(Some(Received::Message(frames))) => {
-                        // Only a READY needs to know where it came from; a
-                        // connection over TCP or IPC has a peer address,
-                        // an inproc one (this process) has none.
-                        let in_process = mdp::looks_like_ready(&frames) && scratch.gets("Peer-Address").is_none();
-                        core.handle_message_from(Instant::now(), frames, in_process)
+                        // A connection over TCP or IPC has a peer address,
+                        // an inproc one (this process) has none. Without
+                        // logins, only a READY needs to know.
+                        let who = if self.logins {
+                            Who::of(scratch.gets("Peer-Address").is_none(), scratch.gets("User-Id"))
+                        } else if mdp::looks_like_ready(&frames) && scratch.gets("Peer-Address").is_none() {
+                            Who::Hub
+                        } else {
+                            Who::Local
+                        };
+                        core.handle_message_from(Instant::now(), frames, who)
                     }
                     Ok(Some(Received::TooLarge { .. })) => core.handle_oversized(Instant::now()),
                     Ok(None) => break,

@@ -89,6 +89,13 @@ pub struct Settings {
     /// would pass too.
     #[serde(skip)]
     pub in_process_only: Vec<String>,
+    /// Services whose requests get one more frame before their body: the
+    /// caller's identity (empty for the hub and anonymous local clients).
+    /// Set by the hub for its own Titanic, which keeps each request for
+    /// its owner; only names of `in_process_only` belong here, so that no
+    /// other peer ever sees the frame.
+    #[serde(skip)]
+    pub caller_frame_for: Vec<String>,
 }
 
 impl Default for Settings {
@@ -114,6 +121,7 @@ impl Default for Settings {
             worker_prefetch: 1,
             domogik_timeout_frame: true,
             in_process_only: Vec::new(),
+            caller_frame_for: Vec::new(),
         }
     }
 }

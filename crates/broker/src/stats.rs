@@ -119,6 +119,10 @@ pub struct Snapshot {
     /// Bytes waiting for peers whose pipe is full (slow readers).
     #[serde(default)]
     pub unsent_bytes: usize,
+    /// Logins (PLAIN, through ZAP) refused in this process: a wrong user
+    /// name or password.
+    #[serde(default)]
+    pub logins_refused: u64,
     /// Per service, by name.
     pub services: BTreeMap<String, ServiceStats>,
 }

@@ -91,6 +91,7 @@ impl AsyncClient {
         let context = net::context();
         let dealer = net::context_for(endpoint).socket(zmq::DEALER)?;
         dealer.set_linger(0)?;
+        net::zap::login(&dealer, endpoint)?;
         dealer.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,

@@ -8,7 +8,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// No connection could be made.
-    #[error("cannot reach the broker at {endpoint} within {after:?}: nothing is listening there (is `majordome up` running?)")]
+    #[error(
+        "cannot reach the broker at {endpoint} within {after:?}: nothing is listening there (is `majordome up` \
+         running?), or it asks for a login and none or a wrong one was given (MAJORDOME_USER, MAJORDOME_PASSWORD)"
+    )]
     NotConnected { endpoint: String, after: Duration },
     /// The broker took the request but no reply came in time.
     #[error("no reply from service '{service}' within {after:?}")]

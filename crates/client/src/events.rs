@@ -61,6 +61,7 @@ impl Publisher {
         // reports all its devices at once) waits here instead of being
         // dropped while the forwarder's thread is not running.
         socket.set_sndhwm(10_000)?;
+        net::zap::login(&socket, endpoint)?;
         socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,
@@ -143,6 +144,7 @@ impl Subscriber {
         let socket = net::context().socket(zmq::SUB)?;
         socket.set_linger(0)?;
         socket.set_rcvhwm(high_water_mark)?;
+        net::zap::login(&socket, endpoint)?;
         socket.connect(endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,

@@ -153,6 +153,7 @@ impl Client {
             // is up: that is how "nothing listening" is told apart from
             // "no reply".
             socket.set_immediate(true)?;
+            net::zap::login(&socket, &self.endpoint)?;
             socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
                 endpoint: self.endpoint.clone(),
                 source,

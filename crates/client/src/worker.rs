@@ -267,6 +267,7 @@ impl Worker {
         // reached through `inproc://`.
         let socket = net::context_for(&self.endpoint).socket(zmq::DEALER)?;
         socket.set_linger(0)?;
+        net::zap::login(&socket, &self.endpoint)?;
         socket.connect(&self.endpoint).map_err(|source| ClientError::Endpoint {
             endpoint: self.endpoint.clone(),
             source,

@@ -14,10 +14,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use majordome_net::{self as net, Received, Shutdown};
+use majordome_access::{is_plugin_identity, Owners, Policy, Who};
+use majordome_mdp::domogik::Event;
+use majordome_net::{self as net, zap, Received, Shutdown};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The forwarder's bounds.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -57,6 +59,7 @@ pub struct Counters {
     not_domogik: AtomicU64,
     oversized: AtomicU64,
     subscriptions: AtomicU64,
+    forbidden: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -73,6 +76,11 @@ pub struct Stats {
     pub oversized: u64,
     /// Distinct subscription prefixes with at least one subscriber.
     pub subscriptions: u64,
+    /// Events dropped because their publisher may not publish them (a
+    /// category its permissions do not list; a plugin speaking for
+    /// another).
+    #[serde(default)]
+    pub forbidden: u64,
 }
 
 impl Counters {
@@ -84,6 +92,7 @@ impl Counters {
             not_domogik: self.not_domogik.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
             subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            forbidden: self.forbidden.load(Ordering::Relaxed),
         }
     }
 }
@@ -108,6 +117,11 @@ pub struct Forwarder {
     subscriber_endpoint: String,
     settings: Settings,
     counters: Arc<Counters>,
+    /// Whether its listeners ask for a login: then each event's publisher
+    /// is checked.
+    logins: bool,
+    policy: Arc<Policy>,
+    owners: Arc<Owners>,
 }
 
 impl Forwarder {
@@ -117,7 +131,22 @@ impl Forwarder {
         subscriber_endpoint: &str,
         settings: Settings,
     ) -> Result<Self, ForwarderError> {
+        Forwarder::bind_with(publisher_endpoint, subscriber_endpoint, settings, None)
+    }
+
+    /// [`Forwarder::bind`], with listeners that ask for a PLAIN login
+    /// checked by `zap` when it is given.
+    pub fn bind_with(
+        publisher_endpoint: &str,
+        subscriber_endpoint: &str,
+        settings: Settings,
+        zap: Option<&mut zap::Handler>,
+    ) -> Result<Self, ForwarderError> {
         let context = zmq::Context::new();
+        let logins = zap.is_some();
+        if let Some(handler) = zap {
+            handler.attach(&context)?;
+        }
         let publishers = context.socket(zmq::XSUB)?;
         let subscribers = context.socket(zmq::XPUB)?;
         // What subscribers send is only subscriptions: one byte (subscribe
@@ -133,6 +162,7 @@ impl Forwarder {
             socket.set_sndhwm(settings.high_water_mark)?;
             socket.set_rcvhwm(settings.high_water_mark)?;
             socket.set_maxmsgsize(max as i64)?;
+            zap::listener(socket, logins)?;
             net::bind(socket, endpoint, net::bind::PATIENCE)?;
         }
         let publisher_endpoint = net::bound_endpoint(&publishers)?;
@@ -145,7 +175,38 @@ impl Forwarder {
             subscriber_endpoint,
             settings,
             counters: Arc::default(),
+            logins,
+            policy: Arc::default(),
+            owners: Arc::default(),
         })
+    }
+
+    /// What named publishers may publish, and which plugin owns which
+    /// device (checked with logins only).
+    pub fn set_access(&mut self, policy: Arc<Policy>, owners: Arc<Owners>) {
+        self.policy = policy;
+        self.owners = owners;
+    }
+
+    /// Why a named publisher may not publish `frames`, if it may not.
+    fn refusal(&self, who: Who<'_>, frames: &[bytes::Bytes]) -> Option<String> {
+        let Who::Named(name) = who else { return None };
+        let event = Event::from_frames(frames);
+        let category = match &event {
+            Ok(event) => event.category.clone(),
+            Err(_) => String::from_utf8_lossy(frames.first().map_or(&[][..], |f| f.as_ref())).into_owned(),
+        };
+        if let Err(denied) = self.policy.may_publish(who, &category) {
+            return Some(denied.to_string());
+        }
+        if is_plugin_identity(name) {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => return Some(format!("'{name}' published something that is not an event: {e}")),
+            };
+            return self.owners.speaks_for_itself(name, &category, &event.data).err();
+        }
+        None
     }
 
     /// Where publishers connect, with the real port.
@@ -192,6 +253,14 @@ impl Forwarder {
                         warn!("dropped an oversized event");
                     }
                     Some(Received::Message(frames)) => {
+                        if self.logins {
+                            let who = Who::of(scratch.gets("Peer-Address").is_none(), scratch.gets("User-Id"));
+                            if let Some(why) = self.refusal(who, &frames) {
+                                self.counters.forbidden.fetch_add(1, Ordering::Relaxed);
+                                debug!("dropped an event: {why}");
+                                continue;
+                            }
+                        }
                         let bytes: usize = frames.iter().map(|f| f.len()).sum();
                         self.counters.messages.fetch_add(1, Ordering::Relaxed);
                         self.counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);

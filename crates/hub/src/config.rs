@@ -45,6 +45,21 @@ pub struct HubConfig {
     pub devices: DeviceSettings,
     pub history: HistorySettings,
     pub backup: Backup,
+    /// Who must log in.
+    pub security: Security,
+    /// What each identity may do, by name (`[permissions.NAME]`, and
+    /// `[permissions."*"]` for those without a table of their own).
+    pub permissions: majordome_access::Policy,
+}
+
+/// Who must log in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Security {
+    /// `trusted` (the default): anonymous peers on loopback are local
+    /// clients with every permission. `authenticated`: every peer logs in,
+    /// loopback or not (supervised plugins get their own logins).
+    pub loopback: majordome_access::Loopback,
 }
 
 impl Default for HubConfig {
@@ -63,6 +78,8 @@ impl Default for HubConfig {
             devices: Default::default(),
             history: Default::default(),
             backup: Backup::default(),
+            security: Security::default(),
+            permissions: Default::default(),
         }
     }
 }
@@ -101,10 +118,11 @@ pub struct Listen {
     /// The Clone server's snapshot socket; updates on the next port, the
     /// collector on the one after.
     pub state: String,
-    /// Listen on addresses other than loopback although network clients
-    /// cannot be authenticated yet and nothing is encrypted: anyone who
-    /// reaches a port can do anything. Off by default: such a bind is
-    /// refused.
+    /// Listen on addresses other than loopback without asking anybody to
+    /// log in: anyone who reaches a port can do anything (for old peers
+    /// that cannot log in, on a network you trust entirely). Off by
+    /// default: such a listener asks for a login, and the hub refuses to
+    /// start while no user can log in.
     pub allow_network_without_credentials: bool,
 }
 

@@ -19,16 +19,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use majordome_access::{Credentials, Loopback, Owners, HUB_IDENTITY};
 use majordome_broker::Broker;
 use majordome_client::{domogik_handler, Bytes, Message, Worker, WorkerOptions};
 use majordome_events::Forwarder;
 use majordome_mdp::domogik;
-use majordome_net::Shutdown;
+use majordome_net::{zap, Shutdown};
 use majordome_services::history::HistoryCounters;
 use majordome_services::manager::{ManagerEndpoints, Registry};
 use majordome_services::{ConfigService, DeviceEndpoints, DeviceService, HistoryService, Manifest, Schema};
 
-pub use config::{ConfigError, HubConfig, Loaded, Override, Parts, Source};
+pub use config::{ConfigError, HubConfig, Loaded, Override, Parts, Security, Source};
 
 /// Set to a part's name, that part fails as it starts: how the tests check
 /// that one failing part stops the whole hub.
@@ -82,7 +83,7 @@ fn own_services(parts: &Parts) -> Vec<String> {
         names.push("history");
     }
     if parts.titanic {
-        names.extend(["titanic.request", "titanic.reply", "titanic.close", "titanic.list"]);
+        names.extend(majordome_titanic::SERVICES);
     }
     if parts.stats && parts.events {
         names.push("events");
@@ -172,6 +173,9 @@ pub struct Hub {
     _data_lock: Option<majordome_store::backup::DataLock>,
     /// The `backup` part (database, data folder, settings), run by `join`.
     backups: Option<(PathBuf, PathBuf, config::Backup)>,
+    /// The endpoints this process's own clients log in to (forgotten at
+    /// the end).
+    logins: Vec<String>,
 }
 
 impl Hub {
@@ -197,11 +201,15 @@ impl Hub {
             local_broker: config.listen.broker.clone(),
             _data_lock: None,
             backups: None,
+            logins: Vec::new(),
         };
         match hub.start_parts(config) {
             Ok(()) => Ok(hub),
             Err(e) => {
                 hub.shutdown.trigger();
+                for endpoint in &hub.logins {
+                    zap::unshare_login(endpoint);
+                }
                 for (_, thread) in hub.threads.drain(..) {
                     let _ = thread.join();
                 }
@@ -220,21 +228,45 @@ impl Hub {
         let database = self.endpoints.database.clone();
         let durability = config.durability;
         let network = config.listen.network_endpoints(&parts);
+        let open_network = !network.is_empty() && config.listen.allow_network_without_credentials;
+        let authenticated = config.security.loopback == Loopback::Authenticated;
+        // Every listener asks for a login, or none does: a client cannot
+        // tell which kind it reaches, and the hub's plugins are given one
+        // set of endpoints.
+        let logins = authenticated || (!network.is_empty() && !open_network);
+        let credentials = Arc::new(Credentials::new(&config.data));
         if let Some(first) = network.first() {
-            if !config.listen.allow_network_without_credentials {
+            if open_network {
+                tracing::warn!(
+                    endpoints = ?network,
+                    "listening on the network WITHOUT logins or encryption \
+                     (allow_network_without_credentials): anyone who reaches these ports can do anything"
+                );
+            } else if !credentials.has_users() {
                 return Err(HubError::Config(format!(
-                    "refusing to listen on {first}: it reaches beyond this machine, and majordome cannot \
-                     authenticate network clients yet, nor encrypt their traffic, so anyone who reaches the \
-                     port could do anything. Listen on 127.0.0.1 (the default), or, on a network you trust \
-                     entirely, set allow_network_without_credentials = true under [listen] in majordome.toml"
+                    "refusing to listen on {first}: it reaches beyond this machine, and nobody could log in: \
+                     there is no user in {}. Make one with `majordome user add NAME` (its clients then log in \
+                     with MAJORDOME_USER and MAJORDOME_PASSWORD), or listen on 127.0.0.1 (the default). For old \
+                     peers that cannot log in, on a network you trust entirely, \
+                     allow_network_without_credentials = true under [listen] lets anyone in",
+                    majordome_access::Users::path(&config.data).display()
                 )));
+            } else {
+                tracing::warn!(
+                    endpoints = ?network,
+                    "listening on the network: clients log in with a user name and password (PLAIN), which, \
+                     like all the traffic, travel NOT encrypted (this libzmq has no CURVE)"
+                );
             }
-            tracing::warn!(
-                endpoints = ?network,
-                "listening on the network WITHOUT authentication or encryption \
-                 (allow_network_without_credentials): anyone who reaches these ports can do anything"
-            );
         }
+        let mut zap = logins.then(|| {
+            let credentials = credentials.clone();
+            zap::Handler::new(Arc::new(move |user: &str, password: &[u8]| {
+                credentials.verify(user, password)
+            }))
+        });
+        let policy = Arc::new(config.permissions.clone());
+        let owners = Arc::new(Owners::default());
         if parts.use_database() {
             // Before anything opens it: SQLite would quietly drop what
             // follows a damaged frame of the log, for good.
@@ -247,9 +279,16 @@ impl Hub {
         if parts.broker {
             let settings = majordome_broker::Settings {
                 in_process_only: own_services(&parts),
+                caller_frame_for: if parts.titanic {
+                    majordome_titanic::SERVICES.iter().map(|s| s.to_string()).collect()
+                } else {
+                    Vec::new()
+                },
                 ..config.broker.clone()
             };
-            let mut broker = Broker::bind(&config.listen.broker, settings).map_err(|e| start_error("broker", e))?;
+            let mut broker = Broker::bind_with(&config.listen.broker, settings, zap.as_mut())
+                .map_err(|e| start_error("broker", e))?;
+            broker.set_policy(policy.clone());
             self.endpoints.broker = broker.endpoint().to_owned();
             // The parts of this process reach it in-process.
             self.local_broker = broker.bind_inproc().map_err(|e| start_error("broker", e))?;
@@ -262,8 +301,14 @@ impl Hub {
             )?;
         }
         if parts.events {
-            let forwarder = Forwarder::bind(&config.listen.publish, &config.listen.subscribe, config.events.clone())
-                .map_err(|e| start_error("forwarder", e))?;
+            let mut forwarder = Forwarder::bind_with(
+                &config.listen.publish,
+                &config.listen.subscribe,
+                config.events.clone(),
+                zap.as_mut(),
+            )
+            .map_err(|e| start_error("forwarder", e))?;
+            forwarder.set_access(policy.clone(), owners.clone());
             self.endpoints.publish = forwarder.publisher_endpoint().to_owned();
             self.endpoints.subscribe = forwarder.subscriber_endpoint().to_owned();
             let counters = forwarder.counters();
@@ -280,15 +325,17 @@ impl Hub {
             self.needs_port("events", &config.listen.subscribe, needed)?;
         }
         if parts.state {
-            let state = majordome_state::Server::bind(
+            let mut state = majordome_state::Server::bind_with(
                 &config.listen.state,
                 &database,
                 majordome_state::Settings {
                     durability,
                     ..config.state.clone()
                 },
+                zap.as_mut(),
             )
             .map_err(|e| start_error("state", e))?;
+            state.set_policy(policy.clone());
             self.endpoints.state = state.endpoints().clone();
             let counters = state.counters();
             self.spawn("state", move |stop| Ok(state.run(stop)?))?;
@@ -299,12 +346,39 @@ impl Hub {
                 })?;
             }
         }
+        if let Some(handler) = zap.take().filter(zap::Handler::is_attached) {
+            // The listeners are bound; logins wait in the handler's
+            // sockets until this thread answers them.
+            self.spawn("zap", move |stop| Ok(handler.run(stop)?))?;
+        }
+        if logins {
+            // This process's own clients (the Clone mirror of the devices,
+            // the manager's and config's publishers) log in as the hub.
+            let secret = credentials.issue(HUB_IDENTITY);
+            let state = &self.endpoints.state;
+            for endpoint in [
+                &self.endpoints.broker,
+                &self.endpoints.publish,
+                &self.endpoints.subscribe,
+                &state.snapshot,
+                &state.updates,
+                &state.collector,
+            ] {
+                if !endpoint.is_empty() {
+                    zap::share_login(endpoint, HUB_IDENTITY, &secret);
+                    self.logins.push(endpoint.clone());
+                }
+            }
+        }
         if parts.titanic {
             let titanic = majordome_titanic::Titanic::start(
                 &self.local_broker,
                 &database,
                 majordome_titanic::Settings {
                     durability,
+                    // The broker of this hub says who calls.
+                    callers: parts.broker,
+                    policy: policy.clone(),
                     ..config.titanic.clone()
                 },
             )
@@ -324,10 +398,14 @@ impl Hub {
             self.spawn("config", move |stop| Ok(service.run(&at, Some(&publish), stop)?))?;
         }
         if parts.manager {
-            self.start_manager(config, manifests.clone())?;
+            let issuer: Option<majordome_services::manager::Issuer> = logins.then(|| {
+                let credentials = credentials.clone();
+                Arc::new(move |identity: &str| credentials.issue(identity)) as majordome_services::manager::Issuer
+            });
+            self.start_manager(config, manifests.clone(), issuer)?;
         }
         if parts.devices || parts.history {
-            self.start_devices(config, &manifests)?;
+            self.start_devices(config, &manifests, owners)?;
         }
         if parts.backup && config.backup.keep > 0 {
             // No thread of its own: the one that waits in `join` makes them.
@@ -395,7 +473,12 @@ impl Hub {
         Ok(loaded.manifests)
     }
 
-    fn start_manager(&mut self, config: &HubConfig, manifests: Vec<Manifest>) -> Result<(), HubError> {
+    fn start_manager(
+        &mut self,
+        config: &HubConfig,
+        manifests: Vec<Manifest>,
+        logins: Option<majordome_services::manager::Issuer>,
+    ) -> Result<(), HubError> {
         let dead_after = config.manager.dead_after;
         let mut settings = config.manager.clone();
         // Plugins we start speak often enough never to look dead.
@@ -416,6 +499,7 @@ impl Hub {
             publish: self.endpoints.publish.clone(),
             subscribe: self.endpoints.subscribe.clone(),
             local_broker: Some(self.local_broker.clone()),
+            logins,
         };
         self.spawn("manager", move |stop| {
             Ok(majordome_services::manager::run(registry, &endpoints, &log_dir, stop)?)
@@ -424,7 +508,12 @@ impl Hub {
 
     /// The device service and the history it feeds, in the same database.
     /// Started once the Clone server runs: the service writes values there.
-    fn start_devices(&mut self, config: &HubConfig, manifests: &[Manifest]) -> Result<(), HubError> {
+    fn start_devices(
+        &mut self,
+        config: &HubConfig,
+        manifests: &[Manifest],
+        owners: Arc<Owners>,
+    ) -> Result<(), HubError> {
         let database = self.endpoints.database.clone();
         let mut history_counters = Arc::new(HistoryCounters::default());
         if config.parts.devices {
@@ -448,6 +537,7 @@ impl Hub {
                 },
             )
             .map_err(|e| start_error("devices", e))?;
+            devices.share_owners(owners);
             history_counters = devices.history_counters();
             self.counters.history = Some(history_counters.clone());
             self.counters.history_commits = Some(devices.history_commit_stats());
@@ -534,6 +624,9 @@ impl Hub {
     }
 
     fn join_parts(self) -> Result<(), HubError> {
+        for endpoint in &self.logins {
+            zap::unshare_login(endpoint);
+        }
         for (name, thread) in self.threads {
             // A part's own failure is in `failures`; a panic has no other
             // trace.

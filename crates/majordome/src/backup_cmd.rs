@@ -1,4 +1,5 @@
-//! `majordome backup` and `majordome restore`.
+//! `majordome backup`, `majordome restore` and `majordome user`: the
+//! commands that work on the data folder itself.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,6 +47,73 @@ pub fn restore(file: &Path, config: &ConfigArgs, data: Option<PathBuf>) -> Resul
     println!("restored {} from {}", report.database.display(), file.display());
     for path in &report.set_aside {
         println!("the files it replaced are kept as {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn user(command: crate::cli::UserCommand, config: &ConfigArgs, data: Option<PathBuf>) -> Result<ExitCode> {
+    use crate::cli::UserCommand;
+    use majordome_access::Users;
+    let config = settings(config, data)?;
+    let mut users = Users::load(&config.data)?;
+    let path = Users::path(&config.data);
+    let shown = |name: &str, secret: &str| {
+        println!("{secret}");
+        eprintln!(
+            "This is {name}'s secret; it is shown this once and kept only as a hash in {}. A client logs in with \
+             MAJORDOME_USER={name} MAJORDOME_PASSWORD=<the secret> (PLAIN: sent NOT encrypted).",
+            path.display()
+        );
+    };
+    match command {
+        UserCommand::Add { name } => {
+            let secret = users.add(&name)?;
+            users.save()?;
+            shown(&name, &secret);
+            if !config.permissions.tables().any(|t| t == name) {
+                let anyone = config
+                    .permissions
+                    .tables()
+                    .any(|t| t == majordome_access::policy::ANYONE);
+                eprintln!(
+                    "{name} has no [permissions.{name}] in the configuration file, so {}.",
+                    if anyone {
+                        "the permissions of [permissions.\"*\"] apply"
+                    } else {
+                        "it may do everything a local client may"
+                    }
+                );
+            }
+        }
+        UserCommand::Reset { name } => {
+            let secret = users.reset(&name)?;
+            users.save()?;
+            shown(&name, &secret);
+        }
+        UserCommand::Remove { name } => {
+            users.remove(&name)?;
+            users.save()?;
+            println!("removed {name}");
+        }
+        UserCommand::List => {
+            if users.is_empty() {
+                println!("no user in {} (`majordome user add NAME` makes one)", path.display());
+            }
+            for (name, entry) in users.entries() {
+                let table = if config.permissions.tables().any(|t| t == name) {
+                    format!("[permissions.{name}]")
+                } else if config
+                    .permissions
+                    .tables()
+                    .any(|t| t == majordome_access::policy::ANYONE)
+                {
+                    "[permissions.\"*\"]".to_owned()
+                } else {
+                    "every permission".to_owned()
+                };
+                println!("{name}\tsince {}\t{table}", entry.created);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

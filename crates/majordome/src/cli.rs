@@ -185,11 +185,38 @@ pub enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Identities that log in to the hub (the users file of the data
+    /// folder): needed to listen beyond loopback, and for every client with
+    /// `[security] loopback = "authenticated"`.
+    User {
+        #[command(subcommand)]
+        user: UserCommand,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The data folder [default: as `up` takes it].
+        #[arg(long, global = true)]
+        data: Option<PathBuf>,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]
         bench: Bench,
     },
+}
+
+/// What `majordome user` does.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Make a user and print its secret, once: clients log in with
+    /// MAJORDOME_USER=NAME and MAJORDOME_PASSWORD=<secret>.
+    Add { name: String },
+    /// Give a user a new secret (printed once); the old one stops working
+    /// for new connections.
+    Reset { name: String },
+    /// Remove a user; its open connections stay until they close.
+    Remove { name: String },
+    /// The users, and what `[permissions]` gives each.
+    List,
 }
 
 impl Command {
@@ -415,7 +442,7 @@ pub const DEFAULT_SUBSCRIBE: &str = majordome_net::ports::SUBSCRIBE;
 pub struct ConfigArgs {
     /// The configuration file (default: `majordome.toml` in the data
     /// folder, when there is one). Flags override what it says.
-    #[arg(long, env = "MAJORDOME_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "MAJORDOME_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 }
 

@@ -56,6 +56,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Bench { bench } => bench_command(bench),
         Command::Backup { file, config, data } => crate::backup_cmd::backup(file.as_deref(), &config, data),
         Command::Restore { file, config, data } => crate::backup_cmd::restore(&file, &config, data),
+        Command::User { user, config, data } => crate::backup_cmd::user(user, &config, data),
         Command::Plugin {
             plugin,
             broker,
@@ -469,14 +470,15 @@ fn render_status(endpoint: &str, stats: &Snapshot) -> String {
         .map(|(reason, n)| format!("{reason}={n}"))
         .collect();
     out += &format!(
-        "dropped messages: {}\nworkers expired: {}, disconnected for protocol errors: {}\n",
+        "dropped messages: {}\nworkers expired: {}, disconnected for protocol errors: {}; logins refused: {}\n",
         if dropped.is_empty() {
             "none".to_owned()
         } else {
             dropped.join(", ")
         },
         stats.workers_expired,
-        stats.workers_disconnected
+        stats.workers_disconnected,
+        stats.logins_refused
     );
     out
 }

@@ -122,9 +122,9 @@ fn a_bad_configuration_file_is_refused_with_its_line_and_key() {
     );
 }
 
-/// Anyone who reaches a port can do anything, and nothing authenticates
-/// network clients yet: a bind beyond loopback is refused unless the
-/// configuration says, in so many words, that this is wanted.
+/// A bind beyond loopback with nobody who could log in is refused, unless
+/// the configuration says, in so many words, that anyone may come in (for
+/// old peers that cannot log in). With a user, see `security.rs`.
 #[test]
 fn listening_beyond_loopback_is_refused_unless_allowed() {
     let out = run(&["broker", "--bind", "tcp://0.0.0.0:0"]);

@@ -13,6 +13,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 pub use zmq;
 
 pub mod bind;
+pub mod zap;
 pub use bind::{bind, BindError};
 
 /// The default endpoints of the hub: the one place that names its ports.

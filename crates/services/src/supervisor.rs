@@ -418,6 +418,8 @@ pub(crate) struct Wiring {
     /// Every plugin's environment: the bus's endpoints, the host, extras.
     pub environment: Vec<(String, String)>,
     pub log_dir: PathBuf,
+    /// Makes each plugin's login, when the hub asks for logins.
+    pub logins: Option<crate::manager::Issuer>,
 }
 
 /// Starts the supervisor thread for the manifests with a command; it
@@ -602,7 +604,14 @@ impl Supervisor {
             // count towards the restart limit.
             plugin.restarts.clear();
         }
-        match spawn(&plugin.manifest, &self.wiring.environment, &self.wiring.log_dir) {
+        let mut environment = self.wiring.environment.clone();
+        if let Some(issue) = &self.wiring.logins {
+            // A new secret at every start: the last process's stops
+            // working for new connections.
+            environment.push((majordome_net::zap::USER_VARIABLE.to_owned(), id.to_owned()));
+            environment.push((majordome_net::zap::PASSWORD_VARIABLE.to_owned(), issue(id)));
+        }
+        match spawn(&plugin.manifest, &environment, &self.wiring.log_dir) {
             Ok(child) => {
                 let pid = child.id();
                 plugin.process = Some(child);

@@ -30,6 +30,7 @@ fn manager_endpoints(bus: &Bus) -> ManagerEndpoints {
         publish: bus.publish_at.clone(),
         subscribe: bus.subscribe_at.clone(),
         local_broker: None,
+        logins: None,
     }
 }
 

@@ -730,6 +730,11 @@ impl Sync {
 }
 
 fn connect(socket: &zmq::Socket, endpoint: &str) -> Result<(), StateError> {
+    let failed = |e: zmq::Error| StateError::Endpoint {
+        endpoint: endpoint.to_owned(),
+        reason: e.to_string(),
+    };
+    net::zap::login(socket, endpoint).map_err(failed)?;
     socket.connect(endpoint).map_err(|e| StateError::Endpoint {
         endpoint: endpoint.to_owned(),
         reason: e.to_string(),

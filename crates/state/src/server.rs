@@ -34,7 +34,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use majordome_net::{self as net, Received, Shutdown};
+use majordome_access::{Policy, Who};
+use majordome_net::{self as net, zap, Received, Shutdown};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -65,9 +66,12 @@ pub enum DropReason {
     CommitFailed,
     /// A KVSET that would make the state hold more than `max_total_bytes`.
     StateFull,
+    /// A KVSET, or an ICANHAZ?, from an identity that may not write that
+    /// key, or read that subtree.
+    Forbidden,
 }
 
-const DROP_REASONS: usize = ChpError::ALL.len() + 3;
+const DROP_REASONS: usize = ChpError::ALL.len() + 4;
 
 impl DropReason {
     /// A short, stable name for counters and logs.
@@ -77,6 +81,7 @@ impl DropReason {
             DropReason::TooManySnapshots => "too_many_snapshots",
             DropReason::CommitFailed => "commit_failed",
             DropReason::StateFull => "state_full",
+            DropReason::Forbidden => "forbidden",
         }
     }
 
@@ -86,6 +91,7 @@ impl DropReason {
             DropReason::TooManySnapshots => ChpError::ALL.len(),
             DropReason::CommitFailed => ChpError::ALL.len() + 1,
             DropReason::StateFull => ChpError::ALL.len() + 2,
+            DropReason::Forbidden => ChpError::ALL.len() + 3,
         }
     }
 
@@ -94,6 +100,7 @@ impl DropReason {
             DropReason::TooManySnapshots,
             DropReason::CommitFailed,
             DropReason::StateFull,
+            DropReason::Forbidden,
         ])
     }
 }
@@ -194,6 +201,10 @@ pub struct Server {
     /// (expiry in Unix ms, key): wake-up hints, checked against the entry.
     expiries: BinaryHeap<Reverse<(i64, String)>>,
     drop_log: HashMap<&'static str, (Option<Instant>, u64)>,
+    /// Whether its listeners ask for a login: then writes and snapshot
+    /// requests of named identities are checked against `policy`.
+    logins: bool,
+    policy: Arc<Policy>,
 }
 
 /// One snapshot being streamed to one client.
@@ -234,15 +245,30 @@ impl Server {
     /// and the updates and collector sockets on P+1 and P+2. Port 0 picks
     /// three free consecutive ports; [`Server::endpoints`] tells which.
     pub fn bind(base_endpoint: &str, database: &Path, settings: Settings) -> Result<Server, StateError> {
+        Server::bind_with(base_endpoint, database, settings, None)
+    }
+
+    /// [`Server::bind`], with listeners that ask for a PLAIN login checked
+    /// by `zap` when it is given.
+    pub fn bind_with(
+        base_endpoint: &str,
+        database: &Path,
+        settings: Settings,
+        zap: Option<&mut zap::Handler>,
+    ) -> Result<Server, StateError> {
         let db = Db::open(database, settings.durability)?;
         let (rows, sequence) = db.load()?;
         let (host, port) = split_endpoint(base_endpoint)?;
         let context = zmq::Context::new();
+        let logins = zap.is_some();
+        if let Some(handler) = zap {
+            handler.attach(&context)?;
+        }
         let (snapshot, updates, collector) = if port == 0 {
-            bind_free_ports(&context, host, &settings)?
+            bind_free_ports(&context, host, &settings, logins)?
         } else {
             let endpoints = Endpoints::at(host, port);
-            let sockets = new_sockets(&context, &settings)?;
+            let sockets = new_sockets(&context, &settings, logins)?;
             bind_one(&sockets.0, &endpoints.snapshot)?;
             bind_one(&sockets.1, &endpoints.updates)?;
             bind_one(&sockets.2, &endpoints.collector)?;
@@ -281,7 +307,23 @@ impl Server {
             sequence,
             expiries,
             drop_log: HashMap::new(),
+            logins,
+            policy: Arc::default(),
         })
+    }
+
+    /// What named identities may read and write (with logins).
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
+    /// Who sent the message last read into `scratch`.
+    fn who<'m>(&self, scratch: &'m mut zmq::Message) -> Who<'m> {
+        if self.logins {
+            Who::of(scratch.gets("Peer-Address").is_none(), scratch.gets("User-Id"))
+        } else {
+            Who::Local
+        }
     }
 
     /// The three endpoints, with the real ports.
@@ -427,6 +469,9 @@ impl Server {
                     self.refuse(head.get(2), DropReason::Malformed(ChpError::Oversized))
                 }
                 Ok(Some(Received::Message(frames))) => match chp::parse_kvset(&frames, &self.limits) {
+                    Ok(message) if self.policy.may_write(self.who(scratch), &message.key).is_err() => {
+                        self.refuse(Some(&message.uuid), DropReason::Forbidden)
+                    }
                     Ok(message) => {
                         batch_bytes += frames.iter().map(Bytes::len).sum::<usize>();
                         batch.push(message);
@@ -507,6 +552,11 @@ impl Server {
             };
             match chp::parse_icanhaz(request, &self.limits) {
                 Err(e) => self.drop_message(DropReason::Malformed(e)),
+                // CHP has no refusal: the client hears nothing, as when
+                // the server is away.
+                Ok(subtree) if self.policy.may_read(self.who(scratch), &subtree).is_err() => {
+                    self.drop_message(DropReason::Forbidden)
+                }
                 Ok(_) if jobs.len() >= self.settings.max_pending_snapshots => {
                     self.drop_message(DropReason::TooManySnapshots)
                 }
@@ -524,10 +574,39 @@ impl Server {
     }
 
     /// Drains subscription messages; true if a new subscription came.
+    /// With logins the socket applies none by itself (`XPUB_MANUAL`): each
+    /// is applied here, narrowed to what its sender may read.
     fn read_subscriptions(&mut self) -> bool {
         let mut subscribed = false;
-        while let Ok(message) = self.updates.recv_bytes(zmq::DONTWAIT) {
-            subscribed |= message.first() == Some(&1);
+        let mut message = zmq::Message::new();
+        while self.updates.recv(&mut message, zmq::DONTWAIT).is_ok() {
+            let Some((&kind, topic)) = message.split_first() else {
+                continue;
+            };
+            subscribed |= kind == 1;
+            if !self.logins {
+                continue;
+            }
+            let topic = topic.to_vec();
+            let who = Who::of(message.gets("Peer-Address").is_none(), message.gets("User-Id"));
+            let topics = match self.policy.readable_within(who, &topic) {
+                None => vec![topic],
+                Some(narrowed) => {
+                    self.drop_message(DropReason::Forbidden);
+                    narrowed
+                }
+            };
+            // Applies to the pipe the subscription came from.
+            for topic in topics {
+                let applied = if kind == 1 {
+                    self.updates.set_subscribe(&topic)
+                } else {
+                    self.updates.set_unsubscribe(&topic)
+                };
+                if let Err(e) = applied {
+                    warn!(error = %e, "could not apply a subscription");
+                }
+            }
         }
         subscribed
     }
@@ -849,7 +928,7 @@ fn send_parts(socket: &zmq::Socket, frames: &[&[u8]]) -> zmq::Result<()> {
 
 type Sockets = (zmq::Socket, zmq::Socket, zmq::Socket);
 
-fn new_sockets(context: &zmq::Context, settings: &Settings) -> Result<Sockets, StateError> {
+fn new_sockets(context: &zmq::Context, settings: &Settings, logins: bool) -> Result<Sockets, StateError> {
     let snapshot = context.socket(zmq::ROUTER)?;
     snapshot.set_linger(0)?;
     snapshot.set_router_mandatory(true)?;
@@ -857,10 +936,13 @@ fn new_sockets(context: &zmq::Context, settings: &Settings) -> Result<Sockets, S
     snapshot.set_rcvhwm(settings.snapshot_high_water_mark)?;
     // libzmq closes a connection that sends a frame over this size.
     snapshot.set_maxmsgsize(settings.max_message_bytes() as i64)?;
-    let updates = context.socket(zmq::XPUB)?;
+    let mut updates = context.socket(zmq::XPUB)?;
     updates.set_linger(0)?;
     updates.set_sndhwm(settings.publish_high_water_mark)?;
     updates.set_xpub_verbose(true)?;
+    if logins {
+        set_xpub_manual(&mut updates)?;
+    }
     let collector = context.socket(zmq::SUB)?;
     collector.set_linger(0)?;
     collector.set_rcvhwm(settings.collector_high_water_mark)?;
@@ -869,7 +951,32 @@ fn new_sockets(context: &zmq::Context, settings: &Settings) -> Result<Sockets, S
     // connection of a larger one (and its writer hears nothing).
     collector.set_maxmsgsize(4 * settings.max_message_bytes() as i64)?;
     collector.set_subscribe(b"")?;
+    for socket in [&snapshot, &updates, &collector] {
+        zap::listener(socket, logins)?;
+    }
     Ok((snapshot, updates, collector))
+}
+
+/// `ZMQ_XPUB_MANUAL`: the socket passes subscriptions up and applies only
+/// those the server sets back. The `zmq` crate (0.10) has no setter for it.
+fn set_xpub_manual(socket: &mut zmq::Socket) -> zmq::Result<()> {
+    let on: std::ffi::c_int = 1;
+    // SAFETY: a valid open socket, an option libzmq 4.3 knows, and a
+    // pointer to an int of the size given, read during the call only.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            socket.as_mut_ptr(),
+            zmq_sys::ZMQ_XPUB_MANUAL as std::ffi::c_int,
+            (&on as *const std::ffi::c_int).cast(),
+            std::mem::size_of::<std::ffi::c_int>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: zmq_errno only reads the calling thread's errno.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
 }
 
 fn bind_one(socket: &zmq::Socket, endpoint: &str) -> Result<(), StateError> {
@@ -878,9 +985,14 @@ fn bind_one(socket: &zmq::Socket, endpoint: &str) -> Result<(), StateError> {
 
 /// Port 0: bind the snapshot socket on a free port P, then try P+1 and P+2;
 /// on failure start again with fresh sockets.
-fn bind_free_ports(context: &zmq::Context, host: &str, settings: &Settings) -> Result<Sockets, StateError> {
+fn bind_free_ports(
+    context: &zmq::Context,
+    host: &str,
+    settings: &Settings,
+    logins: bool,
+) -> Result<Sockets, StateError> {
     for _ in 0..PORT_ATTEMPTS {
-        let sockets = new_sockets(context, settings)?;
+        let sockets = new_sockets(context, settings, logins)?;
         bind_one(&sockets.0, &format!("tcp://{host}:0"))?;
         let bound = net::bound_endpoint(&sockets.0)?;
         let Ok((_, port)) = split_endpoint(&bound) else {

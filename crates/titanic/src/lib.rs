@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 pub use client::ReplyStatus;
 pub use store::ListEntry;
 
+/// The services Titanic serves.
+pub const SERVICES: [&str; 4] = ["titanic.request", "titanic.reply", "titanic.close", "titanic.list"];
+
 /// Titanic's settings, each with its default.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -73,6 +76,16 @@ pub struct Settings {
     pub list_limit: usize,
     #[serde(skip)]
     pub durability: Durability,
+    /// Whether each request's body starts with the caller's identity (the
+    /// broker of the same hub adds it: `caller_frame_for`). Then each
+    /// request belongs to whoever made it: only they see its reply, close
+    /// it, or list it.
+    #[serde(skip)]
+    pub callers: bool,
+    /// What named callers may ask Titanic to call for them (checked when
+    /// the request is made, not when it is sent: Titanic sends as the hub).
+    #[serde(skip)]
+    pub policy: std::sync::Arc<majordome_access::Policy>,
 }
 
 impl Default for Settings {
@@ -90,6 +103,8 @@ impl Default for Settings {
             max_request_bytes: 1024 * 1024,
             list_limit: 1000,
             durability: Durability::Full,
+            callers: false,
+            policy: Default::default(),
         }
     }
 }
@@ -213,6 +228,7 @@ impl Titanic {
             events.clone(),
         )?;
         let reply_reader = majordome_store::open(&self.database, self.settings.durability)?;
+        let callers = self.settings.callers;
         let list_reader = majordome_store::open(&self.database, self.settings.durability)?;
         let stop = shutdown.clone();
         let mut threads: Vec<thread::JoinHandle<Result<(), TitanicError>>> = vec![thread::Builder::new()
@@ -225,7 +241,7 @@ impl Titanic {
         threads.push(
             thread::Builder::new()
                 .name("titanic-reply".into())
-                .spawn(move || Ok(worker.run_inline(reply_handler(reply_reader), &stop)?))?,
+                .spawn(move || Ok(worker.run_inline(reply_handler(reply_reader, callers), &stop)?))?,
         );
         let request = request_handler(
             self.committer.clone(),
@@ -240,7 +256,7 @@ impl Titanic {
             request,
             shutdown,
         )?);
-        let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone());
+        let close = close_handler(self.committer.clone(), self.counters.clone(), events.clone(), callers);
         threads.push(self.spawn_deferred(
             "titanic-close",
             "titanic.close",
@@ -250,7 +266,7 @@ impl Titanic {
         )?);
         drop(events);
         // `titanic.list` on this thread, until shutdown.
-        let list = list_handler(list_reader, self.settings.list_limit);
+        let list = list_handler(list_reader, self.settings.list_limit, callers);
         let mut result = self
             .worker("titanic.list", 1)
             .run_inline(list, shutdown)
@@ -336,6 +352,17 @@ fn parse_uuid(body: &[Bytes]) -> Result<String, &'static str> {
     Ok(text.to_ascii_lowercase())
 }
 
+/// The caller's identity and the rest of the body: the broker puts the
+/// identity first when `callers` is on ("" for the hub and anonymous local
+/// clients).
+fn split_caller(mut body: Frames, callers: bool) -> (String, Frames) {
+    if !callers || body.is_empty() {
+        return (String::new(), body);
+    }
+    let caller = body.remove(0);
+    (String::from_utf8_lossy(&caller).into_owned(), body)
+}
+
 /// Longest service name the broker accepts.
 const MAX_SERVICE_NAME: usize = 255;
 
@@ -346,6 +373,7 @@ fn request_handler(
     settings: &Settings,
 ) -> impl FnMut(Frames, Responder) + Send + 'static {
     let max_bytes = settings.max_request_bytes;
+    let (callers, policy) = (settings.callers, settings.policy.clone());
     let first_attempt = settings.attempt_timeout + dispatcher::DEADLINE_MARGIN + dispatcher::FIRST_ATTEMPT_WINDOW;
     // The service name, once the request is found well formed.
     let checked = move |body: &Frames| -> Result<String, String> {
@@ -368,11 +396,19 @@ fn request_handler(
         Ok(service.to_owned())
     };
     move |body: Frames, responder: Responder| {
+        let (owner, body) = split_caller(body, callers);
         let service = match checked(&body) {
             Ok(service) => service,
             Err(why) => return responder.send(malformed(&counters, &why)),
         };
         let request = body[1..].to_vec();
+        // Titanic will send it as the hub: the caller must be allowed to
+        // make it now.
+        let who = majordome_access::Who::of(false, Some(&owner));
+        let action = majordome_mdp::domogik::dialect_action(&request);
+        if let Err(denied) = policy.may_call(who, &service, action) {
+            return responder.send(malformed(&counters, &denied.to_string()));
+        }
         let uuid = uuid::Uuid::new_v4().simple().to_string();
         let (row_uuid, row_service, row_body) = (uuid.clone(), service.clone(), request.clone());
         // The row already covers a first attempt sent within the window, so
@@ -382,7 +418,7 @@ fn request_handler(
         let (counters, dispatcher) = (counters.clone(), dispatcher.clone());
         // Answered from the commit's completion: 200 only once durable.
         committer.enqueue_then(
-            move |c| store::insert(c, &row_uuid, &row_service, &row_body, deadline),
+            move |c| store::insert(c, &row_uuid, &owner, &row_service, &row_body, deadline),
             move |outcome| match outcome {
                 Ok(()) => {
                     counters.stored.fetch_add(1, Ordering::Relaxed);
@@ -403,13 +439,18 @@ fn request_handler(
     }
 }
 
-fn reply_handler(reader: majordome_store::rusqlite::Connection) -> impl FnMut(Frames) -> Frames + Send + 'static {
+fn reply_handler(
+    reader: majordome_store::rusqlite::Connection,
+    callers: bool,
+) -> impl FnMut(Frames) -> Frames + Send + 'static {
     move |body: Frames| {
+        let (owner, body) = split_caller(body, callers);
         let uuid = match parse_uuid(&body) {
             Ok(uuid) => uuid,
             Err(why) => return status(&format!("400 {why}")),
         };
-        match store::lookup(&reader, &uuid) {
+        // Another's request is unknown to this caller.
+        match store::lookup(&reader, &uuid, &owner) {
             Ok(store::Lookup::Done(reply)) => {
                 let mut frames = vec![Bytes::from_static(b"200")];
                 frames.extend(reply);
@@ -426,8 +467,10 @@ fn close_handler(
     committer: Arc<Committer>,
     counters: Arc<Counters>,
     dispatcher: mpsc::Sender<dispatcher::Event>,
+    callers: bool,
 ) -> impl FnMut(Frames, Responder) + Send + 'static {
     move |body: Frames, responder: Responder| {
+        let (owner, body) = split_caller(body, callers);
         let uuid = match parse_uuid(&body) {
             Ok(uuid) => uuid,
             Err(why) => return responder.send(malformed(&counters, why)),
@@ -435,10 +478,14 @@ fn close_handler(
         let row = uuid.clone();
         let (counters, dispatcher) = (counters.clone(), dispatcher.clone());
         committer.enqueue_then(
-            move |c| store::delete(c, &row),
+            move |c| store::delete(c, &row, &owner),
             move |outcome| match outcome {
-                Ok(_) => {
-                    let _ = dispatcher.send(dispatcher::Event::Closed(uuid));
+                // 200 whether there was such a request or not (RFC 9), and
+                // another's stays as it was.
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        let _ = dispatcher.send(dispatcher::Event::Closed(uuid));
+                    }
                     counters.closed.fetch_add(1, Ordering::Relaxed);
                     responder.send(status("200"));
                 }
@@ -451,8 +498,9 @@ fn close_handler(
 fn list_handler(
     reader: majordome_store::rusqlite::Connection,
     limit: usize,
+    callers: bool,
 ) -> impl FnMut(Frames) -> Frames + Send + 'static {
-    move |_body: Frames| match store::list(&reader, limit) {
+    move |body: Frames| match store::list(&reader, limit, &split_caller(body, callers).0) {
         Ok(entries) => vec![
             Bytes::from_static(b"200"),
             Bytes::from(serde_json::to_vec(&entries).unwrap_or_default()),

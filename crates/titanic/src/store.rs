@@ -22,13 +22,18 @@ CREATE TABLE IF NOT EXISTS titanic_requests (
     attempts         INTEGER NOT NULL DEFAULT 0,
     last_error       TEXT,
     attempt_deadline REAL,
-    next_attempt     REAL
+    next_attempt     REAL,
+    owner            TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS titanic_pending ON titanic_requests (created) WHERE reply IS NULL;
 ";
 
 /// Columns added after the table's first version, for databases made then.
-const ADDED_COLUMNS: &[(&str, &str)] = &[("attempt_deadline", "REAL"), ("next_attempt", "REAL")];
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("attempt_deadline", "REAL"),
+    ("next_attempt", "REAL"),
+    ("owner", "TEXT NOT NULL DEFAULT ''"),
+];
 
 /// Creates the table, or brings an older one up to date.
 pub fn prepare(connection: &Connection) -> rusqlite::Result<()> {
@@ -74,18 +79,20 @@ pub fn decode(blob: &[u8]) -> Option<Frames> {
     Some(frames)
 }
 
-/// A new request; `attempt_deadline` covers a first attempt sent soon.
+/// A new request of `owner` (the caller's identity, "" for local
+/// clients); `attempt_deadline` covers a first attempt sent soon.
 pub fn insert(
     connection: &Connection,
     uuid: &str,
+    owner: &str,
     service: &str,
     body: &[Bytes],
     attempt_deadline: f64,
 ) -> rusqlite::Result<()> {
     connection.execute(
-        "INSERT INTO titanic_requests (uuid, service, request, created, attempt_deadline)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![uuid, service, encode(body), unix_now(), attempt_deadline],
+        "INSERT INTO titanic_requests (uuid, service, request, created, attempt_deadline, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![uuid, service, encode(body), unix_now(), attempt_deadline, owner],
     )?;
     Ok(())
 }
@@ -116,8 +123,12 @@ pub fn record_failure(connection: &Connection, uuid: &str, error: &str, next_att
     )
 }
 
-pub fn delete(connection: &Connection, uuid: &str) -> rusqlite::Result<usize> {
-    connection.execute("DELETE FROM titanic_requests WHERE uuid = ?1", [uuid])
+/// Deletes `owner`'s request `uuid`; how many rows went (0 or 1).
+pub fn delete(connection: &Connection, uuid: &str, owner: &str) -> rusqlite::Result<usize> {
+    connection.execute(
+        "DELETE FROM titanic_requests WHERE uuid = ?1 AND owner = ?2",
+        [uuid, owner],
+    )
 }
 
 /// What `titanic.reply` finds.
@@ -127,10 +138,11 @@ pub enum Lookup {
     Done(Frames),
 }
 
-pub fn lookup(connection: &Connection, uuid: &str) -> rusqlite::Result<Lookup> {
+/// `owner`'s request `uuid`: another's is [`Lookup::Unknown`].
+pub fn lookup(connection: &Connection, uuid: &str, owner: &str) -> rusqlite::Result<Lookup> {
     let row: Option<Option<Vec<u8>>> = connection
-        .prepare_cached("SELECT reply FROM titanic_requests WHERE uuid = ?1")?
-        .query_row([uuid], |row| row.get(0))
+        .prepare_cached("SELECT reply FROM titanic_requests WHERE uuid = ?1 AND owner = ?2")?
+        .query_row([uuid, owner], |row| row.get(0))
         .optional()?;
     Ok(match row {
         None => Lookup::Unknown,
@@ -202,22 +214,23 @@ pub struct ListEntry {
 
 /// Pending requests first (oldest first), then the latest done ones; at
 /// most `limit` of each.
-pub fn list(connection: &Connection, limit: usize) -> rusqlite::Result<Vec<ListEntry>> {
+/// Only `owner`'s requests.
+pub fn list(connection: &Connection, limit: usize, owner: &str) -> rusqlite::Result<Vec<ListEntry>> {
     let mut entries = Vec::new();
     for (sql, state) in [
         (
             "SELECT uuid, service, created, completed, attempts, last_error, next_attempt FROM titanic_requests
-             WHERE reply IS NULL ORDER BY rowid LIMIT ?1",
+             WHERE reply IS NULL AND owner = ?2 ORDER BY rowid LIMIT ?1",
             "pending",
         ),
         (
             "SELECT uuid, service, created, completed, attempts, last_error, next_attempt FROM titanic_requests
-             WHERE reply IS NOT NULL ORDER BY completed DESC LIMIT ?1",
+             WHERE reply IS NOT NULL AND owner = ?2 ORDER BY completed DESC LIMIT ?1",
             "done",
         ),
     ] {
         let mut statement = connection.prepare_cached(sql)?;
-        let rows = statement.query_map([limit as i64], |row| {
+        let rows = statement.query_map(params![limit as i64, owner], |row| {
             Ok(ListEntry {
                 uuid: row.get(0)?,
                 service: row.get(1)?,
@@ -276,8 +289,13 @@ mod tests {
         assert_eq!((pending[0].attempts, pending[0].attempt_deadline), (1, Some(12.5)));
         assert_eq!(pending[0].body, vec![Bytes::from_static(b"x")]);
         record_failure(&connection, "u", "no_answer: late", 20.0).unwrap();
-        let listed = list(&connection, 10).unwrap();
+        // A request made before owners were recorded is the local one's.
+        let listed = list(&connection, 10, "").unwrap();
         assert_eq!(listed[0].next_attempt, Some(20.0));
         assert_eq!(listed[0].last_error.as_deref(), Some("no_answer: late"));
+        assert!(list(&connection, 10, "alice").unwrap().is_empty());
+        assert!(matches!(lookup(&connection, "u", "alice").unwrap(), Lookup::Unknown));
+        assert_eq!(delete(&connection, "u", "alice").unwrap(), 0);
+        assert!(matches!(lookup(&connection, "u", "").unwrap(), Lookup::Pending));
     }
 }

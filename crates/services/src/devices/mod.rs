@@ -197,6 +197,16 @@ impl DeviceService {
     }
 
     /// The history's counters, for the `history` service.
+    /// Keeps `owners` (device and sensor → plugin) up to date, for the
+    /// forwarder of the same hub.
+    pub fn share_owners(&self, owners: Arc<majordome_access::Owners>) {
+        self.shared
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .share_owners(owners);
+    }
+
     pub fn history_counters(&self) -> Arc<HistoryCounters> {
         self.history.counters()
     }

@@ -155,10 +155,28 @@ pub(crate) struct Registry {
     pub(crate) by_raspy: HashMap<String, String>,
     /// Sensor id → (uuid, quantity), for Domogik's `client.sensor`.
     pub(crate) sensors: HashMap<i64, (String, String)>,
+    /// Which plugin owns which device and sensor, shared with the
+    /// forwarder (which checks that a plugin speaks for itself only).
+    pub(crate) owners: std::sync::Arc<majordome_access::Owners>,
 }
 
 impl Registry {
+    /// Shares `owners` and fills it with the devices known now.
+    pub(crate) fn share_owners(&mut self, owners: std::sync::Arc<majordome_access::Owners>) {
+        for device in self.devices.values() {
+            owners.set_device(&device.uuid, &device.client);
+            for id in device.sensors.values() {
+                owners.set_sensor(*id, &device.client);
+            }
+        }
+        self.owners = owners;
+    }
+
     pub(crate) fn insert(&mut self, device: Device) {
+        self.owners.set_device(&device.uuid, &device.client);
+        for id in device.sensors.values() {
+            self.owners.set_sensor(*id, &device.client);
+        }
         self.by_key
             .insert((device.client.clone(), device.id.clone()), device.uuid.clone());
         self.by_raspy.insert(device.raspy_name(), device.uuid.clone());
@@ -170,6 +188,7 @@ impl Registry {
 
     pub(crate) fn remove(&mut self, uuid: &str) -> Option<Device> {
         let device = self.devices.remove(uuid)?;
+        self.owners.remove_device(uuid, device.sensors.values().copied());
         self.by_key.remove(&(device.client.clone(), device.id.clone()));
         self.by_raspy.remove(&device.raspy_name());
         for id in device.sensors.values() {
@@ -189,6 +208,7 @@ impl Registry {
             return None;
         }
         let id = sensor_id(uuid, quantity);
+        self.owners.set_sensor(id, &device.client);
         device.sensors.insert(quantity.to_owned(), id);
         self.sensors.insert(id, (uuid.to_owned(), quantity.to_owned()));
         Some(id)

@@ -173,7 +173,7 @@ pub enum ManagerError {
 }
 
 /// Where the manager finds the bus; plugins it starts are given the same.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ManagerEndpoints {
     /// The broker (`MAJORDOME_BROKER`).
     pub broker: String,
@@ -185,7 +185,14 @@ pub struct ManagerEndpoints {
     /// (the hub's `inproc://` endpoint: plugins are other processes and
     /// are told `broker`).
     pub local_broker: Option<String>,
+    /// When the hub's listeners ask for logins: makes a secret for a
+    /// plugin's identity (its client id), given to it with the endpoints
+    /// as `MAJORDOME_USER` and `MAJORDOME_PASSWORD`.
+    pub logins: Option<Issuer>,
 }
+
+/// Makes a new secret for an identity (and forgets its previous one).
+pub type Issuer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 impl ManagerEndpoints {
     /// The broker, as the manager itself reaches it.
@@ -275,6 +282,7 @@ pub fn run(
         broker: endpoints.own_broker().to_owned(),
         environment,
         log_dir: PathBuf::from(log_dir),
+        logins: endpoints.logins.clone(),
     };
     let (reports, reported) = mpsc::channel();
     take(&registry).follow(reported);
