@@ -17,7 +17,7 @@ mod test_broker;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 
 use idle::IdleFleet;
@@ -59,6 +59,10 @@ pub struct ReqRepOptions {
     /// Extra arguments for the broker the bench starts (when `broker` is
     /// `None`), e.g. `--worker-prefetch 4`.
     pub broker_args: Vec<String>,
+    /// Have the broker the bench starts ask for logins (`loopback =
+    /// "authenticated"`), and log every client and worker in: the cost of
+    /// ZAP and of reading each message's identity.
+    pub logins: bool,
 }
 
 /// Throughput and latency of one target.
@@ -123,18 +127,48 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
     // Each idle service costs two descriptors (its TCP connection and its
     // socket's mailbox), and the default soft limit is often 1024.
     spawn::raise_fd_limit();
+    ensure!(
+        !(options.logins && options.broker.is_some()),
+        "--logins needs a broker the bench starts (no --broker)"
+    );
+    // With logins: a data folder with one user, and a configuration that
+    // makes the broker ask every client to log in.
+    let logins = if options.logins {
+        let folder = tempfile::tempdir().context("cannot make a data folder for the broker")?;
+        let mut users = majordome_access::Users::load(folder.path())?;
+        let secret = users.add("bench")?;
+        users.save()?;
+        let file = folder.path().join("majordome.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "data = {:?}\n[security]\nloopback = \"authenticated\"\n",
+                folder.path().display().to_string()
+            ),
+        )?;
+        Some((folder, file, secret))
+    } else {
+        None
+    };
+    let mut broker_args = options.broker_args.clone();
+    if let Some((_, file, _)) = &logins {
+        broker_args.extend(["--config".to_owned(), file.display().to_string()]);
+    }
     let spawned = match &options.broker {
         Some(_) => None,
-        None => Some(SpawnedBroker::start(&options.majordome_exe, &options.broker_args)?),
+        None => Some(SpawnedBroker::start(&options.majordome_exe, &broker_args)?),
     };
     let endpoint = match (&options.broker, &spawned) {
         (Some(endpoint), _) => endpoint.clone(),
         (None, Some(spawned)) => spawned.endpoint.clone(),
         (None, None) => unreachable!("a broker is spawned when none is given"),
     };
+    if let Some((_, _, secret)) = &logins {
+        majordome_net::zap::share_login(&endpoint, "bench", secret);
+    }
     say!(
         out,
-        "bench reqrep: {} clients x {} workers, {} requests of {} B, window {}, {} runs, broker {}{}",
+        "bench reqrep: {} clients x {} workers, {} requests of {} B, window {}, {} runs, broker {}{}{}",
         options.clients,
         options.workers,
         options.requests,
@@ -144,6 +178,11 @@ pub fn run(options: &ReqRepOptions, out: &mut dyn Write) -> Result<ReqRepReport>
         endpoint,
         if spawned.is_some() {
             " (started by the bench)"
+        } else {
+            ""
+        },
+        if options.logins {
+            ", every client and worker logged in (PLAIN, ZAP)"
         } else {
             ""
         }
@@ -372,6 +411,7 @@ mod tests {
             runs: 1,
             idle_heartbeat: Duration::from_secs(1),
             broker_args: vec![],
+            logins: false,
         }
     }
 

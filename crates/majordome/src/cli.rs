@@ -385,6 +385,11 @@ pub enum Bench {
         /// the idle workers heartbeat.
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
+        /// Have the broker ask every client and worker to log in (PLAIN,
+        /// checked by ZAP), as `loopback = "authenticated"` does: what
+        /// logins cost.
+        #[arg(long)]
+        logins: bool,
     },
 }
 

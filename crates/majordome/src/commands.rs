@@ -520,6 +520,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             worker_prefetch,
             worker_capacity,
             heartbeat_ms,
+            logins,
         } => {
             let options = majordome_bench::reqrep::ReqRepOptions {
                 broker,
@@ -541,6 +542,7 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
                     "--heartbeat-ms".into(),
                     heartbeat_ms.max(1).to_string(),
                 ],
+                logins,
             };
             majordome_bench::reqrep::run(&options, &mut std::io::stdout())?;
         }

@@ -491,3 +491,24 @@ fn clone_reads_and_writes_follow_the_permissions() {
     assert!(stats["dropped"]["forbidden"].as_u64() >= Some(3), "{stats}");
     let _ = &hub.publish;
 }
+
+/// `bench reqrep --logins` measures a broker that asks every client and
+/// worker to log in: its requests get through only logged in.
+#[test]
+fn the_bench_measures_a_broker_with_logins() {
+    let out = run(&[
+        "bench",
+        "reqrep",
+        "--requests",
+        "400",
+        "--runs",
+        "1",
+        "--window",
+        "4",
+        "--logins",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(said.contains("every client and worker logged in"), "{said}");
+    assert!(said.contains("median of 1 runs"), "{said}");
+}

@@ -198,6 +198,7 @@ fn open(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket> {
     // LINGER 0 so that dropping the contexts never waits for a broker that
     // is gone.
     socket.set_linger(0)?;
+    net::zap::login(&socket, endpoint)?;
     socket.connect(endpoint)?;
     Ok(socket)
 }

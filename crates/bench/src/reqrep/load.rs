@@ -243,6 +243,7 @@ pub(super) fn bench_socket(endpoint: &str, immediate: bool) -> Result<zmq::Socke
     socket.set_rcvhwm(100_000)?;
     socket.set_sndtimeo(STALL.as_millis() as i32)?;
     socket.set_immediate(immediate)?;
+    net::zap::login(&socket, endpoint)?;
     socket
         .connect(endpoint)
         .with_context(|| format!("cannot connect to {endpoint}"))?;
