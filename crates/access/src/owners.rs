@@ -51,17 +51,19 @@ impl Owners {
     /// status, and values of its own devices (or of devices nobody owns
     /// yet). `Err` says what it tried.
     pub fn speaks_for_itself(&self, identity: &str, category: &str, data: &Value) -> Result<(), String> {
-        if category == PLUGIN_STATUS {
-            // As the manager reads it: `type` (plugin when absent), the
-            // name under `id` (Domogik) or `name`, and `host`. Each name
-            // given must be the plugin's own.
+        if category.starts_with("plugin.") {
+            // `plugin.status`, `plugin.configuration` and whatever a reader
+            // takes by prefix, as the manager and the plugins read them:
+            // `type` (plugin when absent), the name under `id` (Domogik),
+            // `name` or `plugin`, and `host`. Each name given must be the
+            // plugin's own.
             let field = |name| data.get(name).and_then(Value::as_str);
             let kind = field("type").unwrap_or("plugin");
             let host = field("host").unwrap_or("");
-            for name in [field("id"), field("name")].into_iter().flatten() {
+            for name in [field("id"), field("name"), field("plugin")].into_iter().flatten() {
                 let about = format!("{kind}-{name}.{host}");
                 if about != identity {
-                    return Err(format!("'{identity}' may not publish the status of '{about}'"));
+                    return Err(format!("'{identity}' may not publish {category} of '{about}'"));
                 }
             }
             return Ok(());
@@ -116,8 +118,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             other,
-            "'plugin-fake.box' may not publish the status of 'plugin-zwave.box'"
+            "'plugin-fake.box' may not publish plugin.status of 'plugin-zwave.box'"
         );
+        // A longer category that a prefix subscriber takes for a status, or
+        // a configuration notice, is held to the same.
+        assert!(owners
+            .speaks_for_itself(me, "plugin.status.x", &status("zwave"))
+            .is_err());
+        assert!(owners
+            .speaks_for_itself(me, "plugin.configuration", &json!({"plugin": "zwave", "host": "box"}))
+            .is_err());
         // Domogik's `id` is what the manager reads first.
         let sly = json!({"name": "fake", "id": "zwave", "host": "box", "event": "dead"});
         assert!(owners.speaks_for_itself(me, PLUGIN_STATUS, &sly).is_err());

@@ -76,8 +76,14 @@ impl Policy {
         self.tables.keys().map(String::as_str)
     }
 
+    /// The table of `name`, else `*`'s; a plugin without a table of its
+    /// own keeps the plugins' rules (`*` is for users).
     fn rules(&self, name: &str) -> Option<&Rules> {
-        self.tables.get(name).or_else(|| self.tables.get(ANYONE))
+        match self.tables.get(name) {
+            Some(rules) => Some(rules),
+            None if is_plugin_identity(name) => None,
+            None => self.tables.get(ANYONE),
+        }
     }
 
     /// May `who` call `service` (with the Domogik `action`, if any)?
@@ -130,30 +136,27 @@ impl Policy {
         self.verdict(allowed, name, format!("read {shown}"), "read")
     }
 
-    /// What a subscription to Clone updates starting with `topic` becomes
-    /// for `who`: `None` when it may read all of it; else the prefixes it
-    /// may read within it (its `read` entries without `*` that `topic`
-    /// covers), which may be none. `HUGZ` (the server's heartbeat, never a
-    /// key) is anybody's.
-    pub fn readable_within(&self, who: Who<'_>, topic: &[u8]) -> Option<Vec<Vec<u8>>> {
-        const HUGZ: &[u8] = b"HUGZ";
-        let Who::Named(name) = who else { return None };
-        let rules = self.rules(name)?;
-        let whole = std::str::from_utf8(topic).is_ok_and(|t| self.may_read(who, t).is_ok());
-        if whole || topic.starts_with(HUGZ) {
-            return None;
-        }
-        let mut within: Vec<Vec<u8>> = rules
+    /// May `who` read every key that starts with `prefix` (an ICANHAZ?
+    /// subtree, "" for all)? Only entries that stand for a prefix grant
+    /// it: one ending in `/` (a subtree), or in a single trailing `*`.
+    pub fn may_read_prefix(&self, who: Who<'_>, prefix: &str) -> Result<(), Denied> {
+        let Who::Named(name) = who else { return Ok(()) };
+        let Some(rules) = self.rules(name) else { return Ok(()) };
+        let allowed = rules
             .read
             .iter()
             .chain(&rules.write)
-            .filter(|p| !p.contains('*') && p.as_bytes().starts_with(topic))
-            .map(|p| p.as_bytes().to_vec())
-            .collect();
-        if HUGZ.starts_with(topic) {
-            within.push(HUGZ.to_vec());
-        }
-        Some(within)
+            .filter_map(|entry| prefix_of(entry))
+            .any(|covered| prefix.starts_with(covered));
+        let shown = if prefix.is_empty() { "everything" } else { prefix };
+        self.verdict(allowed, name, format!("read {shown}"), "read")
+    }
+
+    /// May `who` follow the Clone updates? Only an identity that may read
+    /// every key: libzmq 4.3 cannot filter what one subscriber gets safely
+    /// (its `XPUB_MANUAL` loses track of which connection subscribed).
+    pub fn may_follow_all(&self, who: Who<'_>) -> Result<(), Denied> {
+        self.may_read_prefix(who, "")
     }
 
     /// May `who` write the Clone key `key`?
@@ -195,6 +198,16 @@ fn quoted(table: &str) -> String {
     } else {
         format!("\"{table}\"")
     }
+}
+
+/// The prefix an entry stands for, if it stands for one: `/device/`, or
+/// `/device/lamp*`; `*` alone is everything.
+fn prefix_of(entry: &str) -> Option<&str> {
+    let (head, star) = match entry.strip_suffix('*') {
+        Some(head) => (head, true),
+        None => (entry, false),
+    };
+    (!head.contains('*') && (star || head.ends_with('/'))).then_some(head)
 }
 
 /// Whether the Clone `pattern` covers `key`: a pattern ending in `/` covers
@@ -287,15 +300,23 @@ mod tests {
         assert!(p.may_read(panel, "/plugin/").is_err());
         assert!(p.may_write(panel, "/device/a").is_err());
         assert!(p.may_serve(panel, "panel-ui").is_err());
-        // Subscriptions to updates: narrowed to what it may read.
-        assert_eq!(p.readable_within(panel, b"/device/x"), None);
-        assert_eq!(
-            p.readable_within(panel, b""),
-            Some(vec![b"/device/".to_vec(), b"HUGZ".to_vec()])
+        // Prefixes (snapshots): only entries that stand for a prefix.
+        assert!(p.may_read_prefix(panel, "/device/").is_ok());
+        assert!(p.may_read_prefix(panel, "/device/lamp").is_ok());
+        assert!(p.may_read_prefix(panel, "/dev").is_err());
+        assert!(p.may_read_prefix(panel, "").is_err());
+        assert!(p.may_follow_all(panel).is_err());
+        let exact = policy("[panel]\nread = [\"/device/lamp\", \"/a/*/b\", \"/plugin/x*\"]\n");
+        assert!(
+            exact.may_read_prefix(panel, "/device/lamp").is_err(),
+            "would cover /device/lamp2"
         );
-        assert_eq!(p.readable_within(panel, b"/plugin/"), Some(vec![]));
-        assert_eq!(p.readable_within(panel, b"HUGZ"), None);
-        assert_eq!(p.readable_within(Who::Local, b""), None);
+        assert!(exact.may_read_prefix(panel, "/a/").is_err());
+        assert!(exact.may_read_prefix(panel, "/plugin/xy").is_ok());
+        assert!(exact.may_read(panel, "/device/lamp").is_ok());
+        let everything = policy("[panel]\nread = [\"*\"]\n");
+        assert!(everything.may_follow_all(panel).is_ok());
+        assert!(p.may_follow_all(Who::Local).is_ok());
     }
 
     #[test]
@@ -312,7 +333,8 @@ mod tests {
 
     #[test]
     fn a_plugin_serves_its_own_service_only_and_writes_its_own_subtree() {
-        let p = policy("");
+        // `*` is for users: a plugin keeps its own rules.
+        let p = policy("[\"*\"]\ncall = []\npublish = []\nwrite = [\"*\"]\nserve = [\"*\"]\n");
         let fake = Who::Named("plugin-fake.box");
         assert!(p.may_serve(fake, "plugin-fake.box").is_ok());
         assert!(p.may_serve(fake, "plugin-other.box").is_err());

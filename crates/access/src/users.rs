@@ -165,6 +165,10 @@ impl Users {
             .mode(0o600)
             .open(&temporary)
             .map_err(write_error)?;
+        // `mode` applies only to a file it creates: a temporary file left
+        // by a crash keeps its own.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(write_error)?;
         file.write_all(text.as_bytes()).map_err(write_error)?;
         file.sync_all().map_err(write_error)?;
         std::fs::rename(&temporary, &self.path).map_err(write_error)?;
@@ -275,6 +279,13 @@ impl Credentials {
         cached.digests.get(user).is_some_and(|expected| same(expected, &given))
     }
 
+    /// Whether the users file names `user`.
+    pub fn knows(&self, user: &str) -> bool {
+        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh(&mut cached);
+        cached.digests.contains_key(user)
+    }
+
     /// Whether the users file names anybody.
     pub fn has_users(&self) -> bool {
         let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
@@ -297,8 +308,11 @@ impl Credentials {
         let data = self.path.parent().unwrap_or(Path::new("."));
         match Users::load(data) {
             Ok(users) => {
+                // A name `user add` would refuse (the hub's, a plugin's) is
+                // nobody's, even written in by hand.
                 cached.digests = users
                     .entries()
+                    .filter(|(name, _)| check_name(name).is_ok())
                     .filter_map(|(name, entry)| Some((name.to_owned(), unhex(&entry.sha256)?)))
                     .collect();
                 cached.stamp = stamp;

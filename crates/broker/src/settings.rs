@@ -66,7 +66,11 @@ pub struct Settings {
     /// On the way out it bounds each peer's pipe; what does not fit waits
     /// in the broker, counted in bytes (`max_unread_bytes_per_client`).
     pub send_high_water_mark: i32,
-    /// See `send_high_water_mark`.
+    /// On the way in it bounds what libzmq reads off each connection
+    /// before the broker takes it: beyond it, that peer is held back (TCP
+    /// back-pressure, nothing lost). Each connection can so hold at most
+    /// this many messages (of at most `max_message_bytes`) that the loop
+    /// has not read yet, when the broker is slower than a client.
     pub receive_high_water_mark: i32,
     /// How long a service with no worker and no queue is kept (with its
     /// statistics) after its last activity.
@@ -116,7 +120,7 @@ impl Default for Settings {
             max_unread_bytes_per_client: 16 * 1024 * 1024,
             max_unread_bytes: 128 * 1024 * 1024,
             send_high_water_mark: 256,
-            receive_high_water_mark: 100_000,
+            receive_high_water_mark: 1_000,
             idle_service_retention: Duration::from_secs(300),
             worker_prefetch: 1,
             domogik_timeout_frame: true,

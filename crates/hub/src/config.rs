@@ -436,7 +436,17 @@ impl Loaded {
     }
 
     fn source_text(&self, key: &str) -> String {
-        match self.sources.get(key) {
+        // A table shown inline (`[permissions]`'s `panel = {…}`) came from
+        // where its keys came from.
+        let within = format!("{key}.");
+        let source = self.sources.get(key).or_else(|| {
+            self.sources
+                .iter()
+                .filter(|(k, _)| k.starts_with(&within))
+                .map(|(_, source)| source)
+                .find(|source| !matches!(source, Source::Default))
+        });
+        match source {
             Some(Source::Flag(flag)) => flag.to_string(),
             Some(Source::File) => match &self.file {
                 Some(path) => path.display().to_string(),

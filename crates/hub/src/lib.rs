@@ -259,13 +259,48 @@ impl Hub {
                 );
             }
         }
+        if parts.broker && !logins && config.listen.broker.starts_with("ipc://") {
+            return Err(HubError::Config(format!(
+                "the broker cannot listen on {} without logins: libzmq gives an ipc:// peer no address, so it \
+                 could not tell the hub's own workers from anyone's. Listen on tcp://127.0.0.1:PORT, or set \
+                 loopback = \"authenticated\" under [security]",
+                config.listen.broker
+            )));
+        }
+        let policy = Arc::new(config.permissions.clone());
+        // The secret of this process's own clients, made before any login
+        // can be checked.
+        let hub_secret = logins.then(|| credentials.issue(HUB_IDENTITY));
         let mut zap = logins.then(|| {
-            let credentials = credentials.clone();
-            zap::Handler::new(Arc::new(move |user: &str, password: &[u8]| {
-                credentials.verify(user, password)
+            let (credentials, policy) = (credentials.clone(), policy.clone());
+            zap::Handler::new(Arc::new(move |domain: &str, user: &str, password: &[u8]| {
+                if !credentials.verify(user, password) {
+                    return Err("wrong user name or password".to_owned());
+                }
+                if domain == zap::UPDATES_DOMAIN {
+                    // Updates reach every subscriber alike.
+                    let who = majordome_access::Who::of(false, Some(user));
+                    return policy.may_follow_all(who).map_err(|denied| {
+                        format!("{denied}: the Clone updates are for identities that may read every key")
+                    });
+                }
+                Ok(())
             }))
         });
-        let policy = Arc::new(config.permissions.clone());
+        if logins {
+            // A misspelt table restricts nobody: say so.
+            for name in policy.tables() {
+                let known = name == majordome_access::policy::ANYONE
+                    || majordome_access::is_plugin_identity(name)
+                    || credentials.knows(name);
+                if !known {
+                    tracing::warn!(
+                        "[permissions.{name}] in the configuration names nobody: there is no user '{name}' in {}",
+                        majordome_access::Users::path(&config.data).display()
+                    );
+                }
+            }
+        }
         let owners = Arc::new(Owners::default());
         if parts.use_database() {
             // Before anything opens it: SQLite would quietly drop what
@@ -351,23 +386,27 @@ impl Hub {
             // sockets until this thread answers them.
             self.spawn("zap", move |stop| Ok(handler.run(stop)?))?;
         }
-        if logins {
-            // This process's own clients (the Clone mirror of the devices,
-            // the manager's and config's publishers) log in as the hub.
-            let secret = credentials.issue(HUB_IDENTITY);
-            let state = &self.endpoints.state;
-            for endpoint in [
-                &self.endpoints.broker,
-                &self.endpoints.publish,
-                &self.endpoints.subscribe,
-                &state.snapshot,
-                &state.updates,
-                &state.collector,
-            ] {
-                if !endpoint.is_empty() {
-                    zap::share_login(endpoint, HUB_IDENTITY, &secret);
-                    self.logins.push(endpoint.clone());
+        // This process's own clients (the Clone mirror of the devices, the
+        // manager's and config's publishers) log in as the hub to the
+        // listeners of this process that ask for it, and to none otherwise
+        // (whatever MAJORDOME_USER says); a part elsewhere is not told the
+        // hub's secret.
+        let state = &self.endpoints.state;
+        let mine = [
+            (parts.broker, &self.endpoints.broker),
+            (parts.events, &self.endpoints.publish),
+            (parts.events, &self.endpoints.subscribe),
+            (parts.state, &state.snapshot),
+            (parts.state, &state.updates),
+            (parts.state, &state.collector),
+        ];
+        for (here, endpoint) in mine {
+            if here && !endpoint.is_empty() {
+                match &hub_secret {
+                    Some(secret) => zap::share_login(endpoint, HUB_IDENTITY, secret),
+                    None => zap::share_no_login(endpoint),
                 }
+                self.logins.push(endpoint.clone());
             }
         }
         if parts.titanic {

@@ -28,6 +28,10 @@ pub const ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// The ZAP domain of majordome's listeners.
 pub const DOMAIN: &str = "majordome";
 
+/// The ZAP domain of the Clone server's updates listener, which only an
+/// identity that may read every key may join (see `Policy::may_follow_all`).
+pub const UPDATES_DOMAIN: &str = "majordome-updates";
+
 /// How a peer logged in.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Mechanism<'a> {
@@ -86,31 +90,41 @@ pub fn reply(request_id: &Bytes, status: u16, text: &str, user_id: &str) -> Vec<
     ]
 }
 
-/// What decides a PLAIN login: user name, password → accepted.
-pub type Verify = Arc<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+/// What decides a PLAIN login: domain, user name, password → accepted,
+/// or why not.
+pub type Verify = Arc<dyn Fn(&str, &str, &[u8]) -> Result<(), String> + Send + Sync>;
 
 /// The answer to one request: status, text, user id.
-pub fn decide(request: &Request<'_>, verify: &Verify) -> (u16, &'static str, String) {
+pub fn decide(request: &Request<'_>, verify: &Verify) -> (u16, String, String) {
+    let domain = String::from_utf8_lossy(request.domain);
     match request.mechanism {
         Mechanism::Plain { user, password } => match std::str::from_utf8(user) {
-            Ok(user) if !user.is_empty() && verify(user, password) => (200, "OK", user.to_owned()),
-            _ => (400, "wrong user name or password", String::new()),
+            Ok(user) if !user.is_empty() => match verify(&domain, user, password) {
+                Ok(()) => (200, "OK".into(), user.to_owned()),
+                Err(why) => (400, why, String::new()),
+            },
+            _ => (400, "wrong user name or password".into(), String::new()),
         },
         // Only a listener with a ZAP domain asks about NULL: let it
         // through as anonymous.
-        Mechanism::Null => (200, "OK", String::new()),
-        Mechanism::Other(_) => (400, "majordome accepts PLAIN logins only", String::new()),
+        Mechanism::Null => (200, "OK".into(), String::new()),
+        Mechanism::Other(_) => (400, "majordome accepts PLAIN logins only".into(), String::new()),
     }
 }
 
 /// Sets `socket` up so that the listeners it binds next ask for a PLAIN
 /// login (`login`) or none.
 pub fn listener(socket: &zmq::Socket, login: bool) -> zmq::Result<()> {
+    listener_in(socket, login, DOMAIN)
+}
+
+/// [`listener`], in the ZAP domain `domain`.
+pub fn listener_in(socket: &zmq::Socket, login: bool, domain: &str) -> zmq::Result<()> {
     socket.set_plain_server(login)?;
     // libzmq refuses an empty domain given as a string (EINVAL): an open
     // listener keeps the default, none, and so asks ZAP nothing.
     if login {
-        socket.set_zap_domain(DOMAIN)?;
+        socket.set_zap_domain(domain)?;
     }
     Ok(())
 }
@@ -194,7 +208,7 @@ impl Handler {
                         }
                     }
                     let mut out = vec![routing.clone(), delimiter.clone()];
-                    out.extend(reply(request.request_id, status, text, &user_id));
+                    out.extend(reply(request.request_id, status, &text, &user_id));
                     crate::send_frames(socket, &out, zmq::DONTWAIT).ok();
                 }
             }
@@ -205,8 +219,10 @@ impl Handler {
 /// Logins for connecting sockets, by endpoint: what the hub's own clients
 /// use to reach its listeners (set with [`share_login`]), else the
 /// process's own (`MAJORDOME_USER` and `MAJORDOME_PASSWORD`).
-fn shared_logins() -> &'static RwLock<HashMap<String, (String, String)>> {
-    static SHARED: OnceLock<RwLock<HashMap<String, (String, String)>>> = OnceLock::new();
+type Logins = HashMap<String, Option<(String, String)>>;
+
+fn shared_logins() -> &'static RwLock<Logins> {
+    static SHARED: OnceLock<RwLock<Logins>> = OnceLock::new();
     SHARED.get_or_init(Default::default)
 }
 
@@ -215,10 +231,19 @@ pub fn share_login(endpoint: &str, user: &str, password: &str) {
     shared_logins()
         .write()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(endpoint.to_owned(), (user.to_owned(), password.to_owned()));
+        .insert(endpoint.to_owned(), Some((user.to_owned(), password.to_owned())));
 }
 
-/// Forgets what [`share_login`] said of `endpoint`.
+/// Sockets of this process connecting to `endpoint` (an open listener of
+/// this process) do not log in, whatever the environment says.
+pub fn share_no_login(endpoint: &str) {
+    shared_logins()
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(endpoint.to_owned(), None);
+}
+
+/// Forgets what [`share_login`] or [`share_no_login`] said of `endpoint`.
 pub fn unshare_login(endpoint: &str) {
     shared_logins()
         .write()
@@ -241,10 +266,13 @@ pub fn login(socket: &zmq::Socket, endpoint: &str) -> zmq::Result<()> {
         .unwrap_or_else(PoisonError::into_inner)
         .get(endpoint)
         .cloned();
-    let login = shared.or_else(|| {
-        let user = std::env::var(USER_VARIABLE).ok().filter(|u| !u.is_empty())?;
-        Some((user, std::env::var(PASSWORD_VARIABLE).unwrap_or_default()))
-    });
+    let login = match shared {
+        Some(shared) => shared,
+        None => std::env::var(USER_VARIABLE)
+            .ok()
+            .filter(|u| !u.is_empty())
+            .map(|user| (user, std::env::var(PASSWORD_VARIABLE).unwrap_or_default())),
+    };
     if let Some((user, password)) = login {
         socket.set_plain_username(Some(&user))?;
         socket.set_plain_password(Some(&password))?;
@@ -262,7 +290,16 @@ mod tests {
 
     #[test]
     fn requests_are_read_and_answered_as_rfc_27_says() {
-        let verify: Verify = Arc::new(|user, password| user == "alice" && password == b"s3cret");
+        let verify: Verify = Arc::new(|domain, user, password| {
+            if user == "alice" && password == b"s3cret" {
+                if domain == UPDATES_DOMAIN {
+                    return Err("alice may not follow the updates".into());
+                }
+                Ok(())
+            } else {
+                Err("wrong user name or password".into())
+            }
+        });
         let good = frames(&[
             b"1.0",
             b"7",
@@ -275,7 +312,21 @@ mod tests {
         ]);
         let request = parse(&good).unwrap();
         assert_eq!(request.address, b"127.0.0.1");
-        assert_eq!(decide(&request, &verify), (200, "OK", "alice".to_owned()));
+        assert_eq!(decide(&request, &verify), (200, "OK".to_owned(), "alice".to_owned()));
+        let updates = frames(&[
+            b"1.0",
+            b"8",
+            b"majordome-updates",
+            b"127.0.0.1",
+            b"",
+            b"PLAIN",
+            b"alice",
+            b"s3cret",
+        ]);
+        assert_eq!(
+            decide(&parse(&updates).unwrap(), &verify),
+            (400, "alice may not follow the updates".to_owned(), String::new())
+        );
         assert_eq!(
             reply(request.request_id, 200, "OK", "alice"),
             frames(&[b"1.0", b"7", b"200", b"OK", b"alice", b""])
@@ -305,7 +356,11 @@ mod tests {
     #[test]
     fn libzmq_asks_the_handler_and_sets_the_user_id() {
         let context = zmq::Context::new();
-        let verify: Verify = Arc::new(|user, password| user == "alice" && password == b"s3cret");
+        let verify: Verify = Arc::new(|_, user, password| {
+            (user == "alice" && password == b"s3cret")
+                .then_some(())
+                .ok_or_else(|| "wrong user name or password".to_owned())
+        });
         let mut handler = Handler::new(verify);
         handler.attach(&context).unwrap();
         let shutdown = Shutdown::new().unwrap();

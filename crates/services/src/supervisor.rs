@@ -249,6 +249,10 @@ fn spawn(manifest: &Manifest, environment: &[(String, String)], log_dir: &Path) 
     let mut command = Command::new(&program);
     command
         .args(args)
+        // A login of the hub's own environment is not the plugin's: it gets
+        // its own, when the hub asks for logins, in `environment`.
+        .env_remove(majordome_net::zap::USER_VARIABLE)
+        .env_remove(majordome_net::zap::PASSWORD_VARIABLE)
         .envs(environment.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log)

@@ -554,7 +554,7 @@ impl Server {
                 Err(e) => self.drop_message(DropReason::Malformed(e)),
                 // CHP has no refusal: the client hears nothing, as when
                 // the server is away.
-                Ok(subtree) if self.policy.may_read(self.who(scratch), &subtree).is_err() => {
+                Ok(subtree) if self.policy.may_read_prefix(self.who(scratch), &subtree).is_err() => {
                     self.drop_message(DropReason::Forbidden)
                 }
                 Ok(_) if jobs.len() >= self.settings.max_pending_snapshots => {
@@ -574,39 +574,10 @@ impl Server {
     }
 
     /// Drains subscription messages; true if a new subscription came.
-    /// With logins the socket applies none by itself (`XPUB_MANUAL`): each
-    /// is applied here, narrowed to what its sender may read.
     fn read_subscriptions(&mut self) -> bool {
         let mut subscribed = false;
-        let mut message = zmq::Message::new();
-        while self.updates.recv(&mut message, zmq::DONTWAIT).is_ok() {
-            let Some((&kind, topic)) = message.split_first() else {
-                continue;
-            };
-            subscribed |= kind == 1;
-            if !self.logins {
-                continue;
-            }
-            let topic = topic.to_vec();
-            let who = Who::of(message.gets("Peer-Address").is_none(), message.gets("User-Id"));
-            let topics = match self.policy.readable_within(who, &topic) {
-                None => vec![topic],
-                Some(narrowed) => {
-                    self.drop_message(DropReason::Forbidden);
-                    narrowed
-                }
-            };
-            // Applies to the pipe the subscription came from.
-            for topic in topics {
-                let applied = if kind == 1 {
-                    self.updates.set_subscribe(&topic)
-                } else {
-                    self.updates.set_unsubscribe(&topic)
-                };
-                if let Err(e) = applied {
-                    warn!(error = %e, "could not apply a subscription");
-                }
-            }
+        while let Ok(message) = self.updates.recv_bytes(zmq::DONTWAIT) {
+            subscribed |= message.first() == Some(&1);
         }
         subscribed
     }
@@ -936,13 +907,10 @@ fn new_sockets(context: &zmq::Context, settings: &Settings, logins: bool) -> Res
     snapshot.set_rcvhwm(settings.snapshot_high_water_mark)?;
     // libzmq closes a connection that sends a frame over this size.
     snapshot.set_maxmsgsize(settings.max_message_bytes() as i64)?;
-    let mut updates = context.socket(zmq::XPUB)?;
+    let updates = context.socket(zmq::XPUB)?;
     updates.set_linger(0)?;
     updates.set_sndhwm(settings.publish_high_water_mark)?;
     updates.set_xpub_verbose(true)?;
-    if logins {
-        set_xpub_manual(&mut updates)?;
-    }
     let collector = context.socket(zmq::SUB)?;
     collector.set_linger(0)?;
     collector.set_rcvhwm(settings.collector_high_water_mark)?;
@@ -951,32 +919,12 @@ fn new_sockets(context: &zmq::Context, settings: &Settings, logins: bool) -> Res
     // connection of a larger one (and its writer hears nothing).
     collector.set_maxmsgsize(4 * settings.max_message_bytes() as i64)?;
     collector.set_subscribe(b"")?;
-    for socket in [&snapshot, &updates, &collector] {
-        zap::listener(socket, logins)?;
-    }
+    zap::listener(&snapshot, logins)?;
+    zap::listener(&collector, logins)?;
+    // Updates go to every subscriber alike (libzmq cannot filter them per
+    // subscriber safely): only those who may read every key may join.
+    zap::listener_in(&updates, logins, zap::UPDATES_DOMAIN)?;
     Ok((snapshot, updates, collector))
-}
-
-/// `ZMQ_XPUB_MANUAL`: the socket passes subscriptions up and applies only
-/// those the server sets back. The `zmq` crate (0.10) has no setter for it.
-fn set_xpub_manual(socket: &mut zmq::Socket) -> zmq::Result<()> {
-    let on: std::ffi::c_int = 1;
-    // SAFETY: a valid open socket, an option libzmq 4.3 knows, and a
-    // pointer to an int of the size given, read during the call only.
-    let rc = unsafe {
-        zmq_sys::zmq_setsockopt(
-            socket.as_mut_ptr(),
-            zmq_sys::ZMQ_XPUB_MANUAL as std::ffi::c_int,
-            (&on as *const std::ffi::c_int).cast(),
-            std::mem::size_of::<std::ffi::c_int>(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        // SAFETY: zmq_errno only reads the calling thread's errno.
-        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
-    }
 }
 
 fn bind_one(socket: &zmq::Socket, endpoint: &str) -> Result<(), StateError> {

@@ -303,6 +303,9 @@ pub fn run(
                     Some(e) if e.category == "plugin.configuration" => {
                         registry.on_configuration(&e.data);
                     }
+                    // Exactly: the subscription is a prefix, and a longer
+                    // category is something else.
+                    Some(e) if e.category != "plugin.status" => {}
                     Some(e) => match PluginStatus::parse(&e.data) {
                         Ok(status) => {
                             registry.on_plugin_status(&status, now);
