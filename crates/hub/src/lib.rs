@@ -437,11 +437,7 @@ impl Hub {
             self.spawn("config", move |stop| Ok(service.run(&at, Some(&publish), stop)?))?;
         }
         if parts.manager {
-            let issuer: Option<majordome_services::manager::Issuer> = logins.then(|| {
-                let credentials = credentials.clone();
-                Arc::new(move |identity: &str| credentials.issue(identity)) as majordome_services::manager::Issuer
-            });
-            self.start_manager(config, manifests.clone(), issuer)?;
+            self.start_manager(config, manifests.clone(), logins.then(|| credentials.clone()))?;
         }
         if parts.devices || parts.history {
             self.start_devices(config, &manifests, owners)?;
@@ -516,7 +512,7 @@ impl Hub {
         &mut self,
         config: &HubConfig,
         manifests: Vec<Manifest>,
-        logins: Option<majordome_services::manager::Issuer>,
+        logins: Option<Arc<Credentials>>,
     ) -> Result<(), HubError> {
         let dead_after = config.manager.dead_after;
         let mut settings = config.manager.clone();

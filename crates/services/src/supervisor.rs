@@ -423,7 +423,7 @@ pub(crate) struct Wiring {
     pub environment: Vec<(String, String)>,
     pub log_dir: PathBuf,
     /// Makes each plugin's login, when the hub asks for logins.
-    pub logins: Option<crate::manager::Issuer>,
+    pub logins: Option<std::sync::Arc<majordome_access::Credentials>>,
 }
 
 /// Starts the supervisor thread for the manifests with a command; it
@@ -609,11 +609,10 @@ impl Supervisor {
             plugin.restarts.clear();
         }
         let mut environment = self.wiring.environment.clone();
-        if let Some(issue) = &self.wiring.logins {
-            // A new secret at every start: the last process's stops
-            // working for new connections.
+        if let Some(logins) = &self.wiring.logins {
+            // A new secret at every start, forgotten when it exits.
             environment.push((majordome_net::zap::USER_VARIABLE.to_owned(), id.to_owned()));
-            environment.push((majordome_net::zap::PASSWORD_VARIABLE.to_owned(), issue(id)));
+            environment.push((majordome_net::zap::PASSWORD_VARIABLE.to_owned(), logins.issue(id)));
         }
         match spawn(&plugin.manifest, &environment, &self.wiring.log_dir) {
             Ok(child) => {
@@ -812,6 +811,9 @@ impl Supervisor {
                         Err(e) => format!("ended (its status could not be read: {e})"),
                     };
                     plugin.process = None;
+                    if let Some(logins) = &self.wiring.logins {
+                        logins.revoke(&id);
+                    }
                     self.on_exit(&id, &how, now);
                     continue;
                 }

@@ -185,14 +185,12 @@ pub struct ManagerEndpoints {
     /// (the hub's `inproc://` endpoint: plugins are other processes and
     /// are told `broker`).
     pub local_broker: Option<String>,
-    /// When the hub's listeners ask for logins: makes a secret for a
-    /// plugin's identity (its client id), given to it with the endpoints
-    /// as `MAJORDOME_USER` and `MAJORDOME_PASSWORD`.
-    pub logins: Option<Issuer>,
+    /// When the hub's listeners ask for logins: where each plugin's
+    /// secret is made (for its client id, at each start, given to it with
+    /// the endpoints as `MAJORDOME_USER` and `MAJORDOME_PASSWORD`) and
+    /// forgotten (when it exits).
+    pub logins: Option<Arc<majordome_access::Credentials>>,
 }
-
-/// Makes a new secret for an identity (and forgets its previous one).
-pub type Issuer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 impl ManagerEndpoints {
     /// The broker, as the manager itself reaches it.
