@@ -20,6 +20,7 @@ class Up:
         self.data = tempfile.mkdtemp()
         args = [BIN, "up", "--bind", "tcp://127.0.0.1:0", "--pub-bind", "tcp://127.0.0.1:0",
                 "--sub-bind", "tcp://127.0.0.1:0", "--state-bind", "tcp://127.0.0.1:0",
+                "--http-bind", "127.0.0.1:0",
                 "--data", self.data, *extra]
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                   env={**os.environ, "MAJORDOME_LOG": "error"})

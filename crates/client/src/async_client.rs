@@ -7,16 +7,20 @@
 //! A broker that only supports one-frame envelopes will not understand it:
 //! use [`crate::Client`] there.
 //!
-//! One I/O thread owns the DEALER; callers hand it requests through an
-//! in-process PAIR socket, and get a [`PendingReply`] that is both a
-//! `Future` and something to block on.
+//! One I/O thread owns the DEALER; callers hand it requests through a
+//! channel (and a byte on a socket pair that wakes it), never touching a
+//! libzmq socket themselves, and get a [`PendingReply`] that is both a
+//! `Future` and something to block on: async code may hold one.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,10 +44,23 @@ struct Pending {
 
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 
+/// What a caller hands the I/O thread.
+enum Command {
+    Request {
+        id: u64,
+        timeout: Duration,
+        service: Bytes,
+        body: Frames,
+    },
+    Stop,
+}
+
 /// A client that keeps many requests in flight. Cheap to share behind an
 /// `Arc`; every method takes `&self`.
 pub struct AsyncClient {
-    commands: Mutex<zmq::Socket>,
+    commands: Mutex<mpsc::Sender<Command>>,
+    /// A byte written here wakes the I/O thread to read `commands`.
+    wake: UnixStream,
     pending: PendingMap,
     next_id: AtomicU64,
     io_thread: Option<JoinHandle<()>>,
@@ -83,12 +100,9 @@ impl Future for PendingReply {
     }
 }
 
-static INSTANCE: AtomicU64 = AtomicU64::new(0);
-
 impl AsyncClient {
     /// Starts the I/O thread and connects to the broker at `endpoint`.
     pub fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        let context = net::context();
         let dealer = net::context_for(endpoint).socket(zmq::DEALER)?;
         dealer.set_linger(0)?;
         net::zap::login(&dealer, endpoint)?;
@@ -96,22 +110,21 @@ impl AsyncClient {
             endpoint: endpoint.to_owned(),
             source,
         })?;
-        let address = format!(
-            "inproc://majordome-async-client-{}",
-            INSTANCE.fetch_add(1, Ordering::Relaxed)
-        );
-        let inbox = context.socket(zmq::PAIR)?;
-        inbox.bind(&address)?;
-        let commands = context.socket(zmq::PAIR)?;
-        commands.connect(&address)?;
+        let (commands, inbox) = mpsc::channel();
+        let (wake, woken) = UnixStream::pair().map_err(|_| ClientError::Closed)?;
+        // Neither end ever blocks: a caller on an async runtime writes, and
+        // the I/O thread drains what it finds.
+        wake.set_nonblocking(true).map_err(|_| ClientError::Closed)?;
+        woken.set_nonblocking(true).map_err(|_| ClientError::Closed)?;
         let pending: PendingMap = Arc::default();
         let io_pending = pending.clone();
         let io_thread = std::thread::Builder::new()
             .name("majordome-async-client".into())
-            .spawn(move || io_loop(dealer, inbox, io_pending))
+            .spawn(move || io_loop(dealer, inbox, woken, io_pending))
             .map_err(|_| ClientError::Closed)?;
         Ok(AsyncClient {
             commands: Mutex::new(commands),
+            wake,
             pending,
             next_id: AtomicU64::new(1),
             io_thread: Some(io_thread),
@@ -131,16 +144,18 @@ impl AsyncClient {
                 reply_tx,
             },
         );
-        let mut command = vec![
-            Bytes::copy_from_slice(&id.to_be_bytes()),
-            Bytes::copy_from_slice(&(timeout.as_millis() as u64).to_be_bytes()),
-            Bytes::copy_from_slice(service.as_bytes()),
-        ];
-        command.extend(body);
-        let sent = net::send_frames(&self.commands.lock().expect("command socket"), &command, 0);
-        if let Err(e) = sent {
+        let command = Command::Request {
+            id,
+            timeout,
+            service: Bytes::copy_from_slice(service.as_bytes()),
+            body,
+        };
+        let sent = self.commands.lock().expect("command channel").send(command).is_ok();
+        // One byte wakes the I/O thread; a full socket buffer means it has
+        // wake-ups waiting already.
+        if !sent || matches!((&self.wake).write(&[1]), Err(ref e) if e.kind() != std::io::ErrorKind::WouldBlock) {
             if let Some(pending) = self.pending.lock().expect("pending map").remove(&id) {
-                let _ = pending.reply_tx.send(Err(e.into()));
+                let _ = pending.reply_tx.send(Err(ClientError::Closed));
             }
         }
         PendingReply { reply_rx }
@@ -163,17 +178,17 @@ impl AsyncClient {
 
 impl Drop for AsyncClient {
     fn drop(&mut self) {
-        // An empty message tells the I/O thread to stop.
         if let Ok(commands) = self.commands.lock() {
-            let _ = commands.send(&b""[..], 0);
+            let _ = commands.send(Command::Stop);
         }
+        let _ = (&self.wake).write(&[1]);
         if let Some(thread) = self.io_thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn io_loop(dealer: zmq::Socket, inbox: zmq::Socket, pending: PendingMap) {
+fn io_loop(dealer: zmq::Socket, inbox: mpsc::Receiver<Command>, mut woken: UnixStream, pending: PendingMap) {
     let mut deadlines: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     loop {
         let now = Instant::now();
@@ -193,26 +208,33 @@ fn io_loop(dealer: zmq::Socket, inbox: zmq::Socket, pending: PendingMap) {
             .peek()
             .map(|Reverse((deadline, _))| deadline.saturating_duration_since(now).as_millis() as i64 + 1)
             .unwrap_or(-1);
-        let mut items = [dealer.as_poll_item(zmq::POLLIN), inbox.as_poll_item(zmq::POLLIN)];
+        let mut items = [
+            dealer.as_poll_item(zmq::POLLIN),
+            zmq::PollItem::from_fd(woken.as_raw_fd(), zmq::POLLIN),
+        ];
         if zmq::poll(&mut items, timeout_ms).is_err() {
             continue;
         }
         if items[1].is_readable() {
-            while let Ok(frames) = inbox.recv_multipart(zmq::DONTWAIT) {
-                if frames.len() < 3 {
-                    return;
-                }
-                let id = u64::from_be_bytes(frames[0].as_slice().try_into().unwrap_or_default());
-                let millis = u64::from_be_bytes(frames[1].as_slice().try_into().unwrap_or_default());
-                deadlines.push(Reverse((Instant::now() + Duration::from_millis(millis), id)));
-                let mut message = vec![Bytes::copy_from_slice(&frames[0])];
-                let service = frames[2].clone();
-                message.extend(mdp::client_request(
-                    &service,
-                    frames.into_iter().skip(3).map(Bytes::from),
-                ));
-                if let Err(e) = net::send_frames(&dealer, &message, 0) {
-                    warn!(error = %e, "async client could not send");
+            let mut drained = [0u8; 256];
+            while matches!(woken.read(&mut drained), Ok(n) if n > 0) {}
+            loop {
+                match inbox.try_recv() {
+                    Ok(Command::Request {
+                        id,
+                        timeout,
+                        service,
+                        body,
+                    }) => {
+                        deadlines.push(Reverse((Instant::now() + timeout, id)));
+                        let mut message = vec![Bytes::copy_from_slice(&id.to_be_bytes())];
+                        message.extend(mdp::client_request(&service, body));
+                        if let Err(e) = net::send_frames(&dealer, &message, 0) {
+                            warn!(error = %e, "async client could not send");
+                        }
+                    }
+                    Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
+                    Err(mpsc::TryRecvError::Empty) => break,
                 }
             }
         }

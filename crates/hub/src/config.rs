@@ -50,6 +50,8 @@ pub struct HubConfig {
     /// What each identity may do, by name (`[permissions.NAME]`, and
     /// `[permissions."*"]` for those without a table of their own).
     pub permissions: majordome_access::Policy,
+    /// The HTTP gateway (JSON-RPC, REST, metrics).
+    pub http: majordome_gateway::Settings,
 }
 
 /// Who must log in.
@@ -80,6 +82,7 @@ impl Default for HubConfig {
             backup: Backup::default(),
             security: Security::default(),
             permissions: Default::default(),
+            http: Default::default(),
         }
     }
 }
@@ -98,6 +101,10 @@ impl HubConfig {
                 subscribe: any.clone(),
                 state: any,
                 ..Listen::default()
+            },
+            http: majordome_gateway::Settings {
+                bind: "127.0.0.1:0".into(),
+                ..Default::default()
             },
             ..HubConfig::default()
         }
@@ -191,6 +198,8 @@ pub struct Parts {
     pub stats: bool,
     /// Backups of the database on a schedule (see `[backup]`).
     pub backup: bool,
+    /// The HTTP gateway (see `[http]`).
+    pub gateway: bool,
 }
 
 impl Default for Parts {
@@ -214,6 +223,7 @@ impl Parts {
             echo: true,
             stats: true,
             backup: true,
+            gateway: true,
         }
     }
 
@@ -241,6 +251,7 @@ impl Parts {
             echo: false,
             stats: false,
             backup: false,
+            gateway: false,
         }
     }
 }

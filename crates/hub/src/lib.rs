@@ -137,6 +137,8 @@ pub struct Endpoints {
     pub state: majordome_state::Endpoints,
     /// The database file.
     pub database: PathBuf,
+    /// Where the HTTP gateway listens (`None`: it does not run here).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// What the manager found to run, for the banner of `up`.
@@ -192,6 +194,7 @@ impl Hub {
                 subscribe: config.listen.subscribe.clone(),
                 state: state_endpoints(config)?,
                 database: majordome_store::database_path(&config.data),
+                http: None,
             },
             shutdown: shutdown.clone(),
             threads: Vec::new(),
@@ -446,6 +449,14 @@ impl Hub {
             // No thread of its own: the one that waits in `join` makes them.
             self.backups = Some((database.clone(), config.data.clone(), config.backup.clone()));
         }
+        if parts.gateway && config.security.loopback == Loopback::Authenticated {
+            // Anyone on this machine could call through it as the hub.
+            tracing::warn!(
+                "the HTTP gateway does not run: loopback = \"authenticated\" needs tokens on HTTP, not built yet"
+            );
+        } else if parts.gateway {
+            self.start_gateway(config)?;
+        }
         if parts.echo {
             let at = self.local_broker.clone();
             self.spawn("echo", move |stop| {
@@ -460,6 +471,28 @@ impl Hub {
             })?;
         }
         Ok(())
+    }
+
+    /// The HTTP gateway, a client of the broker like any other. Beyond
+    /// loopback it would need tokens, which are not built yet: refused.
+    fn start_gateway(&mut self, config: &HubConfig) -> Result<(), HubError> {
+        let host = config
+            .http
+            .bind
+            .rsplit_once(':')
+            .map_or(config.http.bind.as_str(), |(host, _)| host);
+        if !config::is_local(&format!("tcp://{host}:0")) {
+            return Err(HubError::Config(format!(
+                "refusing to serve HTTP on {}: it reaches beyond this machine, and the gateway has no tokens \
+                 yet to tell who calls. Serve it on 127.0.0.1 (the default), or set parts.gateway = false",
+                config.http.bind
+            )));
+        }
+        self.needs_port("gateway", &config.listen.broker, !config.parts.broker)?;
+        let gateway = majordome_gateway::Gateway::bind(&self.local_broker, config.http.clone())
+            .map_err(|e| start_error("gateway", e))?;
+        self.endpoints.http = Some(gateway.address());
+        self.spawn("gateway", move |stop| Ok(gateway.run(stop)?))
     }
 
     /// A part that runs elsewhere must be found at a real port.

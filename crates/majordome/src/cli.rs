@@ -39,6 +39,17 @@ pub enum Command {
         #[command(flatten)]
         events: EventArgs,
     },
+    /// Run only the HTTP gateway (JSON-RPC, REST, metrics), against a
+    /// running hub's broker.
+    Gateway {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The hub's broker [default: the configuration's, tcp://127.0.0.1:40410].
+        #[arg(long)]
+        broker: Option<String>,
+        #[command(flatten)]
+        http: HttpArgs,
+    },
     /// Publish one event: `pub CATEGORY JSON`, as Domogik's publishers do.
     Pub {
         /// Category, e.g. `plugin.status`.
@@ -466,6 +477,24 @@ pub struct UpArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Where the HTTP gateway listens. Default: the configuration.
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// `HOST:PORT` [default: 127.0.0.1:40406]; port 0 picks a free one.
+    #[arg(long)]
+    pub http_bind: Option<String>,
+}
+
+impl HttpArgs {
+    pub fn overrides(&self, out: &mut Vec<Override>) {
+        if let Some(v) = &self.http_bind {
+            out.push(Override::new("http.bind", "--http-bind", v.clone()));
+        }
+    }
 }
 
 impl UpArgs {
@@ -477,6 +506,7 @@ impl UpArgs {
         self.state.overrides(&mut out);
         self.data.overrides(&mut out)?;
         self.plugins.overrides(&mut out)?;
+        self.http.overrides(&mut out);
         Ok(out)
     }
 }

@@ -22,6 +22,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::State(command) => crate::state_cmd::run(command),
         Command::Titanic { action } => crate::titanic_cmd::run(action),
         Command::Forwarder { config, events } => forwarder_only(&config, &events),
+        Command::Gateway { config, broker, http } => gateway_only(&config, broker, &http),
         Command::Pub {
             category,
             json,
@@ -161,6 +162,9 @@ fn up(args: &UpArgs) -> Result<ExitCode> {
         "  database                                       {}",
         endpoints.database.display()
     );
+    if let Some(address) = endpoints.http {
+        println!("  HTTP: JSON-RPC, metrics, status                http://{address}");
+    }
     println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, echo, events, state, titanic.*, mmi.*");
     let plugins = hub.plugins();
     println!(
@@ -195,6 +199,26 @@ fn config_command(action: &ConfigAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn gateway_only(config: &ConfigArgs, broker: Option<String>, http: &crate::cli::HttpArgs) -> Result<ExitCode> {
+    let mut overrides = Vec::new();
+    http.overrides(&mut overrides);
+    if let Some(broker) = broker {
+        overrides.push(Override::new("listen.broker", "--broker", broker));
+    }
+    let loaded = load_config(config, &overrides)?;
+    let shutdown = Shutdown::on_signals().context("cannot install signal handlers")?;
+    let parts = Parts {
+        gateway: true,
+        ..Parts::none()
+    };
+    let hub = start_hub(loaded.config, parts, &shutdown)?;
+    if let Some(address) = hub.endpoints().http {
+        println!("majordome gateway listening on http://{address}");
+    }
+    std::io::stdout().flush()?;
+    wait_for(hub)
 }
 
 fn forwarder_only(config: &ConfigArgs, args: &EventArgs) -> Result<ExitCode> {

@@ -7,9 +7,9 @@ use common::*;
 use serde_json::{json, Value};
 
 fn up(data: &std::path::Path, plugins: &std::path::Path) -> (Process, String) {
-    let (process, lines) = Process::up(data, &["--plugins", plugins.to_str().unwrap()], 10);
+    let (process, lines) = Process::up(data, &["--plugins", plugins.to_str().unwrap()], 11);
     assert!(
-        lines[9].contains("plugin manifests") && lines[9].contains(" 1 from "),
+        lines[10].contains("plugin manifests") && lines[10].contains(" 1 from "),
         "{lines:?}"
     );
     let broker = last_word(&lines[0]);

@@ -18,6 +18,7 @@ fn a_part_that_fails_stops_the_whole_hub_and_says_which() {
             .args(["up", "--no-autostart", "--data", data.path().to_str().unwrap()])
             .args(["--bind", "tcp://127.0.0.1:0", "--pub-bind", "tcp://127.0.0.1:0"])
             .args(["--sub-bind", "tcp://127.0.0.1:0", "--state-bind", "tcp://127.0.0.1:0"])
+            .args(["--http-bind", "127.0.0.1:0"])
             .env("MAJORDOME_LOG", "off")
             .env("MAJORDOME_TEST_FAIL_PART", part)
             .stdout(Stdio::null())
@@ -55,6 +56,9 @@ fn up_reads_majordome_toml_and_flags_override_it() {
          subscribe = \"tcp://127.0.0.1:0\"\n\
          state = \"tcp://127.0.0.1:0\"\n\
          \n\
+         [http]\n\
+         bind = \"127.0.0.1:0\"\n\
+         \n\
          [broker]\n\
          liveness = 7\n\
          heartbeat_interval = \"250ms\"\n\
@@ -84,15 +88,16 @@ fn up_reads_majordome_toml_and_flags_override_it() {
     assert!(line("request_timeout").ends_with("# default"), "{shown}");
 
     // `up` with no port flag at all: the file's port 0 is what it binds.
-    let (up, lines) = Process::start_reading(&["up", "--data", folder], 11);
+    let (up, lines) = Process::start_reading(&["up", "--data", folder], 12);
     let broker = last_word(&lines[0]);
     assert!(
         !broker.ends_with(":0") && broker.starts_with("tcp://127.0.0.1:"),
         "{lines:?}"
     );
-    assert!(lines[9].contains("started: none"), "{lines:?}");
+    assert!(lines[8].contains("http://127.0.0.1:"), "{lines:?}");
+    assert!(lines[10].contains("started: none"), "{lines:?}");
     assert!(
-        lines[10].contains("configuration") && lines[10].ends_with("majordome.toml"),
+        lines[11].contains("configuration") && lines[11].ends_with("majordome.toml"),
         "{lines:?}"
     );
     let out = run(&["call", "echo", "ping.get", "{}", "--broker", &broker]);

@@ -237,6 +237,13 @@ impl Shutdown {
         let _ = (&self.inner.write).write(&[1]);
     }
 
+    /// A second handle on the end to poll, readable once the signal has
+    /// fired (for an async runtime to watch: `tokio::net::UnixStream::
+    /// from_std`, then `readable()`).
+    pub fn watcher(&self) -> std::io::Result<UnixStream> {
+        self.inner.read.try_clone()
+    }
+
     /// The descriptor to poll for readability.
     pub fn fd(&self) -> RawFd {
         self.inner.read.as_raw_fd()

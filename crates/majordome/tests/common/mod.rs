@@ -131,9 +131,11 @@ fn drain(lines: Lines) {
 }
 
 /// `up` with every port free (0) and its data in `data`.
-pub fn up_args(data: &std::path::Path) -> [&str; 11] {
+pub fn up_args(data: &std::path::Path) -> [&str; 13] {
     [
         "up",
+        "--http-bind",
+        "127.0.0.1:0",
         "--bind",
         "tcp://127.0.0.1:0",
         "--pub-bind",

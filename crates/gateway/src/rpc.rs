@@ -1,0 +1,162 @@
+//! What each JSON-RPC method does, through the bus: agorpc's `message`
+//! (a device command, or the inventory), and `call` for any service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use majordome_client::{AsyncClient, ClientError};
+use majordome_mdp::domogik::Message;
+use serde_json::{json, Map, Value};
+
+use crate::jsonrpc::{code, named, Call, RpcError};
+
+/// How long a call waits for the bus unless it says otherwise, and the
+/// most it may ask for.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Carries out one call.
+pub async fn run(bus: &Arc<AsyncClient>, call: &Call) -> Result<Value, RpcError> {
+    let params = named(&call.params)?;
+    match call.method.as_str() {
+        "message" => message(bus, &params).await,
+        "call" => call_service(bus, &params).await,
+        other => Err(RpcError::new(
+            code::METHOD_NOT_FOUND,
+            format!("no method '{other}': the methods are message and call"),
+        )),
+    }
+}
+
+/// A timeout in seconds from `params[key]`, bounded.
+fn timeout(params: &Map<String, Value>, key: &str) -> Result<Duration, RpcError> {
+    match params.get(key) {
+        None | Some(Value::Null) => Ok(DEFAULT_TIMEOUT),
+        Some(value) => value
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_TIMEOUT.as_secs_f64())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                RpcError::invalid_params(format!(
+                    "`{key}` is a number of seconds above 0, at most {}",
+                    MAX_TIMEOUT.as_secs()
+                ))
+            }),
+    }
+}
+
+/// agorpc's `message`: `content` is a device command (`uuid`, `command`,
+/// `data` or, in the older form, parameters beside them) or
+/// `{"command": "inventory"}`. The reply's `result` is passed through; its
+/// `error` becomes code -31999 with the identifier.
+async fn message(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<Value, RpcError> {
+    let wait = timeout(params, "replytimeout")?;
+    let Some(Value::Object(content)) = params.get("content") else {
+        return Err(RpcError::invalid_params(
+            "`content` is an object: {uuid, command, data?}",
+        ));
+    };
+    let Some(command) = content.get("command").and_then(Value::as_str) else {
+        return Err(RpcError::invalid_params("`content.command` is a string"));
+    };
+    match content.get("uuid") {
+        None if command == "inventory" => {
+            let reply = ask(bus, "devices", "inventory.get", json!({}), wait).await?;
+            failed(&reply).map_or(Ok(reply.data), Err)
+        }
+        None => Err(RpcError::invalid_params(
+            "`content` needs a `uuid` (a device command), unless its command is `inventory`",
+        )),
+        Some(Value::String(uuid)) => {
+            // Parameters beside the command (agorpc's older form) count as
+            // its data.
+            let data = content.get("data").cloned().unwrap_or_else(|| {
+                Value::Object(
+                    content
+                        .iter()
+                        .filter(|(k, _)| !matches!(k.as_str(), "uuid" | "command"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )
+            });
+            let request = json!({"uuid": uuid, "command": command, "data": data});
+            let reply = ask(bus, "devices", "device.command.do", request, wait).await?;
+            if let Some(error) = failed(&reply) {
+                return Err(error);
+            }
+            Ok(reply.data.get("result").cloned().unwrap_or(reply.data))
+        }
+        Some(_) => Err(RpcError::invalid_params("`content.uuid` is a string")),
+    }
+}
+
+/// `call`: any service in the Domogik dialect; the reply's data is the
+/// result, or the error when it says `status: false`.
+async fn call_service(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<Value, RpcError> {
+    let text = |key: &str| {
+        params
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.len() <= 255)
+            .ok_or_else(|| RpcError::invalid_params(format!("`{key}` is a string of 1 to 255 bytes")))
+    };
+    let (service, action) = (text("service")?, text("action")?);
+    let data = match params.get("data") {
+        None | Some(Value::Null) => json!({}),
+        Some(data @ Value::Object(_)) => data.clone(),
+        Some(_) => return Err(RpcError::invalid_params("`data` is an object")),
+    };
+    let reply = ask(bus, service, action, data, timeout(params, "timeout")?).await?;
+    failed(&reply).map_or(Ok(reply.data), Err)
+}
+
+/// One Domogik-dialect request; a bus failure is agorpc's
+/// `error.no.reply`.
+async fn ask(
+    bus: &Arc<AsyncClient>,
+    service: &str,
+    action: &str,
+    data: Value,
+    wait: Duration,
+) -> Result<Message, RpcError> {
+    bus.request_message(service, &Message::new(action, data), wait)
+        .await
+        .map_err(|e| bus_error(&e))
+}
+
+fn bus_error(error: &ClientError) -> RpcError {
+    let mut rpc = RpcError::new(code::BUS_ERROR, error.to_string());
+    rpc.identifier = Some("error.no.reply".into());
+    rpc
+}
+
+/// The error a reply carries: ago's `error` object, or the Domogik
+/// dialect's `status: false` (its `error` word, else `error.internal`).
+fn failed(reply: &Message) -> Option<RpcError> {
+    if let Some(error) = reply.data.get("error").filter(|e| e.is_object()) {
+        let mut rpc = RpcError::new(
+            code::BUS_ERROR,
+            error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the service answered with an error"),
+        );
+        rpc.identifier = error.get("identifier").and_then(Value::as_str).map(str::to_owned);
+        rpc.data = error.get("data").cloned();
+        return Some(rpc);
+    }
+    if reply.data.get("status") == Some(&Value::Bool(false)) {
+        let reason = reply.data.get("reason").and_then(Value::as_str).unwrap_or("failed");
+        let mut rpc = RpcError::new(code::BUS_ERROR, reason);
+        rpc.identifier = Some(
+            reply
+                .data
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| "error.internal".to_owned(), |word| format!("error.{word}")),
+        );
+        rpc.data = Some(reply.data.clone());
+        return Some(rpc);
+    }
+    None
+}

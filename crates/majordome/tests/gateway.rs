@@ -1,0 +1,275 @@
+//! The HTTP gateway of a real `majordome up` (fake plugin running), over
+//! real HTTP: the JSON-RPC conformance table, metrics, status, errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, headers, body).
+fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = unchunk(&body);
+    }
+    (status, head, body)
+}
+
+fn unchunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+}
+
+fn rpc(address: &str, body: &Value) -> Value {
+    let (status, head, body) = http(address, "POST", "/jsonrpc", body.to_string().as_bytes());
+    assert_eq!(status, 200, "{head}");
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// `up` with the fake plugin; the HTTP address and the broker.
+fn hub() -> (Process, String, String, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let (up, lines) = Process::up(data.path(), &[], 9);
+    let http = lines[8].rsplit("http://").next().unwrap().trim().to_owned();
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "devices", "200");
+    (up, http, broker, data)
+}
+
+fn request(method: &str, params: Value, id: Value) -> Value {
+    json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id})
+}
+
+/// The fake plugin's switch, once the devices service has it.
+fn fake_switch(http: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let reply = rpc(
+            http,
+            &request("message", json!({"content": {"command": "inventory"}}), json!(1)),
+        );
+        // ago's inventory: devices by uuid.
+        let found = reply["result"]["devices"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .find_map(|d| {
+                (d["type"] == "switch" && d["client"].as_str().is_some_and(|c| c.starts_with("plugin-fake.")))
+                    .then(|| d["uuid"].as_str().unwrap().to_owned())
+            });
+        if let Some(uuid) = found {
+            return uuid;
+        }
+        assert!(start.elapsed() < LIMIT, "no fake switch: {reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn json_rpc_conformance() {
+    let (_up, http, _broker, _data) = hub();
+    let error_of = |body: &Value| {
+        let reply = rpc(&http, body);
+        (reply["error"]["code"].as_i64(), reply["id"].clone())
+    };
+    // The specification's errors.
+    let (status, _, body) = self::http(&http, "POST", "/jsonrpc", b"{not json");
+    let reply: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, reply["error"]["code"].as_i64(), reply["id"].clone()),
+        (200, Some(-32700), Value::Null)
+    );
+    assert_eq!(error_of(&json!([])), (Some(-32600), Value::Null));
+    assert_eq!(error_of(&json!(7)), (Some(-32600), Value::Null));
+    assert_eq!(
+        error_of(&json!({"jsonrpc": "1.0", "method": "call", "id": 3})),
+        (Some(-32600), json!(3))
+    );
+    assert_eq!(
+        error_of(&json!({"jsonrpc": "2.0", "method": 1, "id": 4})),
+        (Some(-32600), json!(4))
+    );
+    assert_eq!(
+        error_of(&request("nope", json!({}), json!(5))),
+        (Some(-32601), json!(5))
+    );
+    assert_eq!(
+        error_of(&request("message", json!({}), json!(6))),
+        (Some(-32602), json!(6))
+    );
+    assert_eq!(
+        error_of(&request("call", json!({"action": "ping.get"}), json!(7))),
+        (Some(-32602), json!(7))
+    );
+    assert_eq!(
+        error_of(&request("call", json!([1, 2]), json!(8))),
+        (Some(-32602), json!(8))
+    );
+
+    // `call` reaches any service; its failure is -31999 with an identifier.
+    let echo = rpc(
+        &http,
+        &request(
+            "call",
+            json!({"service": "echo", "action": "ping.get", "data": {"n": 1}}),
+            json!("a"),
+        ),
+    );
+    assert_eq!(echo, json!({"jsonrpc": "2.0", "result": {"n": 1}, "id": "a"}));
+    let nobody = rpc(
+        &http,
+        &request(
+            "call",
+            json!({"service": "nobody", "action": "x.get", "timeout": 1}),
+            json!(9),
+        ),
+    );
+    assert_eq!(nobody["error"]["code"], -31999, "{nobody}");
+    assert_eq!(nobody["error"]["identifier"], "error.no_worker", "{nobody}");
+
+    // agorpc's `message`: the inventory, a command and its result, an
+    // unknown device.
+    let switch = fake_switch(&http);
+    let on = rpc(
+        &http,
+        &request(
+            "message",
+            json!({"content": {"uuid": switch, "command": "on"}}),
+            json!(10),
+        ),
+    );
+    assert!(
+        on["result"]["identifier"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("success")),
+        "{on}"
+    );
+    let unknown = rpc(
+        &http,
+        &request(
+            "message",
+            json!({"content": {"uuid": "no-such", "command": "on"}}),
+            json!(11),
+        ),
+    );
+    assert_eq!(unknown["error"]["code"], -31999, "{unknown}");
+    assert_eq!(unknown["error"]["identifier"], "error.device.invalid", "{unknown}");
+
+    // Batches: answers in order, none for a notification, an invalid entry
+    // answered alone; notifications only: no body at all.
+    let batch = json!([
+        request("call", json!({"service": "echo", "action": "a.get", "data": {"i": 1}}), json!(1)),
+        {"jsonrpc": "2.0", "method": "call", "params": {"service": "echo", "action": "b.get"}},
+        {"foo": "bar"},
+        request("call", json!({"service": "echo", "action": "c.get", "data": {"i": 3}}), json!(3)),
+    ]);
+    let replies = rpc(&http, &batch);
+    let ids: Vec<Value> = replies.as_array().unwrap().iter().map(|r| r["id"].clone()).collect();
+    assert_eq!(ids, vec![json!(1), Value::Null, json!(3)], "{replies}");
+    assert_eq!(replies[1]["error"]["code"], -32600);
+    assert_eq!(replies[2]["result"], json!({"i": 3}));
+    let notes = json!([{"jsonrpc": "2.0", "method": "call", "params": {"service": "echo", "action": "x.get"}}]);
+    let (status, _, body) = self::http(&http, "POST", "/jsonrpc", notes.to_string().as_bytes());
+    assert_eq!((status, body.len()), (204, 0));
+}
+
+#[test]
+fn metrics_status_and_http_errors() {
+    let (_up, http, broker, _data) = hub();
+    let out = run(&["call", "echo", "ping.get", "{}", "--broker", &broker]);
+    assert!(out.status.success(), "{out:?}");
+    // The manager says the fake plugin is alive within a few seconds.
+    let start = Instant::now();
+    let metrics = loop {
+        let (status, head, body) = self::http(&http, "GET", "/metrics", b"");
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("openmetrics-text"), "{head}");
+        let text = String::from_utf8(body).unwrap();
+        if text.contains("status=\"alive\"") {
+            break text;
+        }
+        assert!(start.elapsed() < LIMIT, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for wanted in [
+        "# TYPE majordome_service_requests counter",
+        "majordome_service_requests_total{service=\"echo\"}",
+        "majordome_service_workers{service=\"devices\"} 1",
+        "majordome_broker_workers ",
+        "majordome_events_messages ",
+        "majordome_state_keys ",
+        "majordome_client_status{client=\"plugin-fake.",
+    ] {
+        assert!(metrics.contains(wanted), "{wanted} not in:\n{metrics}");
+    }
+    assert!(metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .all(|l| l.starts_with("majordome_")));
+
+    let (status, _, body) = self::http(&http, "GET", "/api/status", b"");
+    let status_json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert!(status_json["broker"]["services"]["echo"].is_object(), "{status_json}");
+    assert!(
+        status_json["clients"].as_object().is_some_and(|c| !c.is_empty()),
+        "{status_json}"
+    );
+
+    let (status, _, body) = self::http(&http, "GET", "/no/such/route", b"");
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, error["error"]["code"].as_str()), (404, Some("not_found")));
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let (status, _, _) = self::http(&http, "POST", "/jsonrpc", &big);
+    assert_eq!(status, 413);
+}
+
+#[test]
+fn the_gateway_runs_alone_against_a_running_hub_and_stays_on_loopback() {
+    let (_up, _http, broker, _data) = hub();
+    let (_gateway, lines) = Process::start_reading(&["gateway", "--broker", &broker, "--http-bind", "127.0.0.1:0"], 1);
+    let http = lines[0].rsplit("http://").next().unwrap().trim().to_owned();
+    let echo = rpc(
+        &http,
+        &request(
+            "call",
+            json!({"service": "echo", "action": "ping.get", "data": {}}),
+            json!(1),
+        ),
+    );
+    assert_eq!(echo["result"], json!({}), "{echo}");
+    let out = run(&["gateway", "--broker", &broker, "--http-bind", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to serve HTTP on 0.0.0.0:0"),
+        "{out:?}"
+    );
+}
