@@ -14,6 +14,7 @@
 
 pub mod owners;
 pub mod policy;
+pub mod tokens;
 pub mod users;
 
 pub use owners::Owners;

@@ -71,6 +71,13 @@ impl Policy {
         Policy { tables }
     }
 
+    /// This policy with `rules` as `name`'s table (a token's own rules).
+    pub fn with_table(&self, name: &str, rules: Rules) -> Policy {
+        let mut tables = self.tables.clone();
+        tables.insert(name.to_owned(), rules);
+        Policy { tables }
+    }
+
     /// The names of its tables (identities, and `*`).
     pub fn tables(&self) -> impl Iterator<Item = &str> {
         self.tables.keys().map(String::as_str)

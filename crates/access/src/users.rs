@@ -197,15 +197,15 @@ pub fn new_secret() -> String {
     hex(&bytes)
 }
 
-fn digest(secret: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<[u8; 32]> {
+pub(crate) fn unhex(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     if text.len() != 64 {
         return None;
@@ -218,14 +218,30 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 
 /// Compares two digests in a time that does not depend on where they
 /// differ.
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What tells a version of a file apart: its modification time, length
+/// and inode (the files are replaced by a rename, so a new version has a
+/// new inode even within one tick of the clock).
+pub(crate) type Stamp = (SystemTime, u64, u64);
+
+/// The stamp of the file at `path`, if there is one.
+pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((
+        metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        metadata.len(),
+        metadata.ino(),
+    ))
 }
 
 /// The file as last read, and what told it apart.
 #[derive(Default)]
 struct Cached {
-    stamp: Option<(SystemTime, u64, u64)>,
+    stamp: Option<Stamp>,
     digests: HashMap<String, [u8; 32]>,
 }
 
@@ -296,12 +312,7 @@ impl Credentials {
     /// Reads the file again if it changed since last time (a `stat` per
     /// login).
     fn refresh(&self, cached: &mut Cached) {
-        // The file is replaced by a rename, so its inode tells a new
-        // version apart even within one tick of the clock.
-        let stamp = std::fs::metadata(&self.path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino())
-        });
+        let stamp = stamp(&self.path);
         if stamp == cached.stamp && stamp.is_some() {
             return;
         }

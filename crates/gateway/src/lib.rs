@@ -9,6 +9,7 @@
 //! /api/status`. Any other path answers 404 with `{"error": {"code",
 //! "message"}}`.
 
+pub mod events;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod rpc;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,6 +42,21 @@ pub struct Settings {
     pub bind: String,
     /// The largest request body; a larger one gets 413.
     pub max_body_bytes: usize,
+    /// How long JSON-RPC's `getevent` waits for an event (agorpc: 28 s).
+    #[serde(with = "majordome_net::duration_text")]
+    pub getevent_timeout: std::time::Duration,
+    /// Events a subscriber may fall behind before it is told how many it
+    /// lost.
+    pub event_queue: usize,
+    /// JSON-RPC subscriptions open at once; one not read for
+    /// `subscription_idle` is forgotten.
+    pub max_subscriptions: usize,
+    #[serde(with = "majordome_net::duration_text")]
+    pub subscription_idle: std::time::Duration,
+    /// Let clients without a token in, as local clients, when the gateway
+    /// listens on loopback only (ignored on any other address, and with
+    /// `loopback = "authenticated"`: then every request needs a token).
+    pub anonymous_loopback: bool,
 }
 
 impl Default for Settings {
@@ -48,6 +64,11 @@ impl Default for Settings {
         Settings {
             bind: DEFAULT_BIND.into(),
             max_body_bytes: 1024 * 1024,
+            getevent_timeout: std::time::Duration::from_secs(28),
+            event_queue: 1000,
+            max_subscriptions: 100,
+            subscription_idle: std::time::Duration::from_secs(300),
+            anonymous_loopback: true,
         }
     }
 }
@@ -63,18 +84,31 @@ pub enum GatewayError {
     Bus(#[from] ClientError),
 }
 
+/// Who may come in, and what they may do.
+pub struct Access {
+    /// The data folder's tokens.
+    pub tokens: majordome_access::tokens::TokenCheck,
+    /// `[permissions]`.
+    pub policy: Arc<majordome_access::Policy>,
+    /// Whether a request without a token is a local client's.
+    pub anonymous: bool,
+}
+
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
     listener: std::net::TcpListener,
     address: SocketAddr,
     broker: String,
+    /// The forwarder's side subscribers connect to.
+    subscribe: String,
     settings: Settings,
+    access: Access,
 }
 
 impl Gateway {
     /// Listens on `settings.bind`; requests will reach the bus through the
-    /// broker at `broker`.
-    pub fn bind(broker: &str, settings: Settings) -> Result<Gateway, GatewayError> {
+    /// broker at `broker`, events come from the forwarder at `subscribe`.
+    pub fn bind(broker: &str, subscribe: &str, settings: Settings, access: Access) -> Result<Gateway, GatewayError> {
         let bind_error = |source| GatewayError::Bind {
             address: settings.bind.clone(),
             source,
@@ -86,7 +120,9 @@ impl Gateway {
             listener,
             address,
             broker: broker.to_owned(),
+            subscribe: subscribe.to_owned(),
             settings,
+            access,
         })
     }
 
@@ -101,8 +137,19 @@ impl Gateway {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let stop = shutdown.watcher()?;
         runtime.block_on(async move {
+            let events = events::Events::start(&self.subscribe, self.settings.event_queue, shutdown)?;
+            let context = Arc::new(rpc::Context {
+                bus,
+                subscriptions: events::Subscriptions::new(
+                    events,
+                    self.settings.max_subscriptions,
+                    self.settings.subscription_idle,
+                ),
+                getevent_timeout: self.settings.getevent_timeout,
+                access: self.access,
+            });
             let listener = tokio::net::TcpListener::from_std(self.listener)?;
-            let app = router(bus, &self.settings);
+            let app = router(context, &self.settings);
             tracing::info!(address = %self.address, "HTTP gateway serving");
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -118,14 +165,14 @@ impl Gateway {
     }
 }
 
-fn router(bus: Arc<AsyncClient>, settings: &Settings) -> Router {
+fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
     Router::new()
         .route("/jsonrpc", post(jsonrpc_handler))
         .route("/metrics", get(metrics_handler))
         .route("/api/status", get(status_handler))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
-        .with_state(bus)
+        .with_state(context)
 }
 
 /// An HTTP error in the REST shape.
@@ -133,15 +180,64 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
 }
 
-async fn jsonrpc_handler(State(bus): State<Arc<AsyncClient>>, body: Bytes) -> Response {
+/// A request without a valid token where one is needed: 401, and why.
+struct Unauthorized(&'static str);
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", self.0);
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+/// Who sends a request: a token's identity, or a local client where that
+/// is allowed.
+fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthorized> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return if access.anonymous {
+            Ok(rpc::Caller::Local)
+        } else {
+            Err(Unauthorized(
+                "a token is needed: send `Authorization: Bearer <token>` (`majordome token create NAME` makes one)",
+            ))
+        };
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let bearer = access
+        .tokens
+        .verify(token)
+        .ok_or(Unauthorized("the token is not valid (revoked, or mistyped)"))?;
+    let policy = match bearer.rules {
+        Some(rules) => Arc::new(access.policy.with_table(&bearer.identity, rules)),
+        None => access.policy.clone(),
+    };
+    Ok(rpc::Caller::Named {
+        identity: bearer.identity,
+        policy,
+    })
+}
+
+async fn jsonrpc_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap, body: Bytes) -> Response {
+    let caller = match caller(&context.access, &headers) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.into_response(),
+    };
     let answer = match jsonrpc::parse(&body) {
         Body::Broken(e) => Some(jsonrpc::response(Value::Null, Err(e))),
-        Body::Single(call) => answer(&bus, call).await,
+        Body::Single(call) => answer(&context, &caller, call).await,
         Body::Batch(calls) => {
             let mut tasks = JoinSet::new();
             for (index, call) in calls.into_iter().enumerate() {
-                let bus = bus.clone();
-                tasks.spawn(async move { (index, answer(&bus, call).await) });
+                let (context, caller) = (context.clone(), caller.clone());
+                tasks.spawn(async move { (index, answer(&context, &caller, call).await) });
             }
             let mut answers: Vec<(usize, Value)> = Vec::new();
             while let Some(done) = tasks.join_next().await {
@@ -161,18 +257,25 @@ async fn jsonrpc_handler(State(bus): State<Arc<AsyncClient>>, body: Bytes) -> Re
 }
 
 /// The response to one entry of a body; `None` for a notification.
-async fn answer(bus: &Arc<AsyncClient>, call: Result<jsonrpc::Call, (Value, RpcError)>) -> Option<Value> {
+async fn answer(
+    context: &rpc::Context,
+    caller: &rpc::Caller,
+    call: Result<jsonrpc::Call, (Value, RpcError)>,
+) -> Option<Value> {
     match call {
         Err((id, e)) => Some(jsonrpc::response(id, Err(e))),
         Ok(call) => {
-            let outcome = rpc::run(bus, &call).await;
+            let outcome = rpc::run(context, caller, &call).await;
             call.id.map(|id| jsonrpc::response(id, outcome))
         }
     }
 }
 
-async fn metrics_handler(State(bus): State<Arc<AsyncClient>>) -> Response {
-    let text = metrics::scrape(&bus).await;
+async fn metrics_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = caller(&context.access, &headers) {
+        return refused.into_response();
+    }
+    let text = metrics::scrape(&context.bus).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -186,7 +289,11 @@ async fn metrics_handler(State(bus): State<Arc<AsyncClient>>) -> Response {
 /// What `majordome status` shows, as JSON: the broker's statistics, each
 /// part's `stats.get`, and the manager's clients; `null` for a part that
 /// did not answer.
-async fn status_handler(State(bus): State<Arc<AsyncClient>>) -> Response {
+async fn status_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = caller(&context.access, &headers) {
+        return refused.into_response();
+    }
+    let bus = &context.bus;
     let wait = std::time::Duration::from_secs(2);
     let broker = match bus.request("mmi.stats", Vec::new(), wait).await {
         Ok(reply) => reply

@@ -1,5 +1,6 @@
 //! What each JSON-RPC method does, through the bus: agorpc's `message`
-//! (a device command, or the inventory), and `call` for any service.
+//! (a device command, or the inventory), `subscribe`, `getevent`,
+//! `unsubscribe`, and `call` for any service.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,9 @@ use majordome_client::{AsyncClient, ClientError};
 use majordome_mdp::domogik::Message;
 use serde_json::{json, Map, Value};
 
+use majordome_access::{Policy, Who};
+
+use crate::events::{SubscriptionError, Subscriptions};
 use crate::jsonrpc::{code, named, Call, RpcError};
 
 /// How long a call waits for the bus unless it says otherwise, and the
@@ -15,16 +19,97 @@ use crate::jsonrpc::{code, named, Call, RpcError};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Carries out one call.
-pub async fn run(bus: &Arc<AsyncClient>, call: &Call) -> Result<Value, RpcError> {
+/// Who calls over HTTP.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A client on this machine without a token, where that is allowed
+    /// (`[http] anonymous_loopback`): a local client, like the bus's.
+    Local,
+    /// A token's identity, and the policy it is held to.
+    Named { identity: String, policy: Arc<Policy> },
+}
+
+impl Caller {
+    /// May it call `service` with `action`? Refused as the bus refuses:
+    /// -31999, `error.forbidden`.
+    pub fn may_call(&self, service: &str, action: &str) -> Result<(), RpcError> {
+        let Caller::Named { identity, policy } = self else {
+            return Ok(());
+        };
+        policy
+            .may_call(Who::Named(identity), service, Some(action))
+            .map_err(|denied| {
+                let mut error = RpcError::new(code::BUS_ERROR, denied.to_string());
+                error.identifier = Some("error.forbidden".into());
+                error
+            })
+    }
+}
+
+/// What the methods work with.
+pub struct Context {
+    pub bus: Arc<AsyncClient>,
+    pub subscriptions: Subscriptions,
+    /// How long `getevent` waits for an event (agorpc: about 28 s).
+    pub getevent_timeout: Duration,
+    /// Who may come in.
+    pub access: crate::Access,
+}
+
+/// Carries out one call for `caller`.
+pub async fn run(context: &Context, caller: &Caller, call: &Call) -> Result<Value, RpcError> {
     let params = named(&call.params)?;
+    let bus = &context.bus;
     match call.method.as_str() {
-        "message" => message(bus, &params).await,
-        "call" => call_service(bus, &params).await,
+        "message" => message(bus, caller, &params).await,
+        "call" => call_service(bus, caller, &params).await,
+        "subscribe" => context
+            .subscriptions
+            .open()
+            .map(Value::from)
+            .map_err(subscription_error),
+        "getevent" => {
+            let uuid = subscription(&params)?;
+            match context.subscriptions.next(uuid, context.getevent_timeout).await {
+                Ok(Some(event)) => Ok(event),
+                Ok(None) => Err(RpcError::new(
+                    code::NO_EVENT,
+                    format!("no event within {} s", context.getevent_timeout.as_secs_f64()),
+                )),
+                Err(e) => Err(subscription_error(e)),
+            }
+        }
+        "unsubscribe" => {
+            let uuid = subscription(&params)?;
+            context
+                .subscriptions
+                .close(uuid)
+                .map(|()| Value::from("success"))
+                .map_err(subscription_error)
+        }
         other => Err(RpcError::new(
             code::METHOD_NOT_FOUND,
-            format!("no method '{other}': the methods are message and call"),
+            format!("no method '{other}': the methods are message, subscribe, getevent, unsubscribe and call"),
         )),
+    }
+}
+
+fn subscription(params: &Map<String, Value>) -> Result<&str, RpcError> {
+    params
+        .get("uuid")
+        .and_then(Value::as_str)
+        .ok_or_else(|| RpcError::invalid_params("`uuid` is the string `subscribe` returned"))
+}
+
+fn subscription_error(error: SubscriptionError) -> RpcError {
+    match error {
+        SubscriptionError::Unknown => RpcError::invalid_params(
+            "no such subscription (unsubscribed, or not read for long and forgotten): subscribe again",
+        ),
+        SubscriptionError::TooMany(max) => RpcError::new(
+            code::INTERNAL_ERROR,
+            format!("{max} subscriptions are open already; unsubscribe one first"),
+        ),
     }
 }
 
@@ -49,7 +134,7 @@ fn timeout(params: &Map<String, Value>, key: &str) -> Result<Duration, RpcError>
 /// `data` or, in the older form, parameters beside them) or
 /// `{"command": "inventory"}`. The reply's `result` is passed through; its
 /// `error` becomes code -31999 with the identifier.
-async fn message(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<Value, RpcError> {
+async fn message(bus: &Arc<AsyncClient>, caller: &Caller, params: &Map<String, Value>) -> Result<Value, RpcError> {
     let wait = timeout(params, "replytimeout")?;
     let Some(Value::Object(content)) = params.get("content") else {
         return Err(RpcError::invalid_params(
@@ -61,6 +146,7 @@ async fn message(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<
     };
     match content.get("uuid") {
         None if command == "inventory" => {
+            caller.may_call("devices", "inventory.get")?;
             let reply = ask(bus, "devices", "inventory.get", json!({}), wait).await?;
             failed(&reply).map_or(Ok(reply.data), Err)
         }
@@ -79,6 +165,7 @@ async fn message(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<
                         .collect(),
                 )
             });
+            caller.may_call("devices", "device.command.do")?;
             let request = json!({"uuid": uuid, "command": command, "data": data});
             let reply = ask(bus, "devices", "device.command.do", request, wait).await?;
             if let Some(error) = failed(&reply) {
@@ -92,7 +179,7 @@ async fn message(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<
 
 /// `call`: any service in the Domogik dialect; the reply's data is the
 /// result, or the error when it says `status: false`.
-async fn call_service(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Result<Value, RpcError> {
+async fn call_service(bus: &Arc<AsyncClient>, caller: &Caller, params: &Map<String, Value>) -> Result<Value, RpcError> {
     let text = |key: &str| {
         params
             .get(key)
@@ -101,6 +188,7 @@ async fn call_service(bus: &Arc<AsyncClient>, params: &Map<String, Value>) -> Re
             .ok_or_else(|| RpcError::invalid_params(format!("`{key}` is a string of 1 to 255 bytes")))
     };
     let (service, action) = (text("service")?, text("action")?);
+    caller.may_call(service, action)?;
     let data = match params.get("data") {
         None | Some(Value::Null) => json!({}),
         Some(data @ Value::Object(_)) => data.clone(),

@@ -449,13 +449,8 @@ impl Hub {
             // No thread of its own: the one that waits in `join` makes them.
             self.backups = Some((database.clone(), config.data.clone(), config.backup.clone()));
         }
-        if parts.gateway && config.security.loopback == Loopback::Authenticated {
-            // Anyone on this machine could call through it as the hub.
-            tracing::warn!(
-                "the HTTP gateway does not run: loopback = \"authenticated\" needs tokens on HTTP, not built yet"
-            );
-        } else if parts.gateway {
-            self.start_gateway(config)?;
+        if parts.gateway {
+            self.start_gateway(config, policy.clone())?;
         }
         if parts.echo {
             let at = self.local_broker.clone();
@@ -473,23 +468,30 @@ impl Hub {
         Ok(())
     }
 
-    /// The HTTP gateway, a client of the broker like any other. Beyond
-    /// loopback it would need tokens, which are not built yet: refused.
-    fn start_gateway(&mut self, config: &HubConfig) -> Result<(), HubError> {
-        let host = config
-            .http
-            .bind
-            .rsplit_once(':')
-            .map_or(config.http.bind.as_str(), |(host, _)| host);
-        if !config::is_local(&format!("tcp://{host}:0")) {
+    /// The HTTP gateway, a client of the broker like any other. Clients
+    /// without a token are local clients only on a loopback-only gateway
+    /// of a hub that trusts loopback; beyond loopback it needs tokens.
+    fn start_gateway(&mut self, config: &HubConfig, policy: Arc<majordome_access::Policy>) -> Result<(), HubError> {
+        let bind = &config.http.bind;
+        let host = bind.rsplit_once(':').map_or(bind.as_str(), |(host, _)| host);
+        let local = config::is_local(&format!("tcp://{host}:0"));
+        let tokens = majordome_access::tokens::TokenCheck::new(&config.data);
+        if !local && !tokens.any() {
             return Err(HubError::Config(format!(
-                "refusing to serve HTTP on {}: it reaches beyond this machine, and the gateway has no tokens \
-                 yet to tell who calls. Serve it on 127.0.0.1 (the default), or set parts.gateway = false",
-                config.http.bind
+                "refusing to serve HTTP on {bind}: it reaches beyond this machine, and nobody has a token. Make \
+                 one with `majordome token create NAME` (clients send `Authorization: Bearer <token>`; plain \
+                 HTTP is not encrypted), or serve it on 127.0.0.1 (the default)"
             )));
         }
+        let access = majordome_gateway::Access {
+            tokens,
+            policy,
+            anonymous: local && config.http.anonymous_loopback && config.security.loopback == Loopback::Trusted,
+        };
         self.needs_port("gateway", &config.listen.broker, !config.parts.broker)?;
-        let gateway = majordome_gateway::Gateway::bind(&self.local_broker, config.http.clone())
+        self.needs_port("gateway", &config.listen.subscribe, !config.parts.events)?;
+        let subscribe = self.endpoints.subscribe.clone();
+        let gateway = majordome_gateway::Gateway::bind(&self.local_broker, &subscribe, config.http.clone(), access)
             .map_err(|e| start_error("gateway", e))?;
         self.endpoints.http = Some(gateway.address());
         self.spawn("gateway", move |stop| Ok(gateway.run(stop)?))

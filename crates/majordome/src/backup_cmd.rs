@@ -117,3 +117,62 @@ pub fn user(command: crate::cli::UserCommand, config: &ConfigArgs, data: Option<
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub fn token(command: crate::cli::TokenCommand, config: &ConfigArgs, data: Option<PathBuf>) -> Result<ExitCode> {
+    use crate::cli::TokenCommand;
+    use majordome_access::tokens::Tokens;
+    let config = settings(config, data)?;
+    let mut tokens = Tokens::load(&config.data)?;
+    match command {
+        TokenCommand::Create { name, permissions } => {
+            let rules = if permissions.is_empty() {
+                None
+            } else {
+                let mut rules = majordome_access::Rules::default();
+                for rule in &permissions {
+                    let Some((kind, pattern)) = rule.split_once('=') else {
+                        anyhow::bail!("--permissions {rule:?}: write KIND=PATTERN, e.g. call=devices");
+                    };
+                    let list = match kind {
+                        "call" => &mut rules.call,
+                        "publish" => &mut rules.publish,
+                        "read" => &mut rules.read,
+                        "write" => &mut rules.write,
+                        "serve" => &mut rules.serve,
+                        other => anyhow::bail!(
+                            "--permissions {rule:?}: {other:?} is not a kind; the kinds are call, publish, read, write, serve"
+                        ),
+                    };
+                    list.push(pattern.to_owned());
+                }
+                Some(rules)
+            };
+            let (id, token) = tokens.create(&name, rules)?;
+            tokens.save()?;
+            println!("{token}");
+            eprintln!(
+                "This is token {id} for {name}, shown this once and kept only as a hash in {}. HTTP clients send \
+                 `Authorization: Bearer <token>`.",
+                Tokens::path(&config.data).display()
+            );
+        }
+        TokenCommand::List => {
+            if tokens.is_empty() {
+                println!("no token (`majordome token create NAME` makes one)");
+            }
+            for (id, entry) in tokens.entries() {
+                let rules = match &entry.rules {
+                    Some(rules) => serde_json::to_string(rules)?,
+                    None => format!("[permissions.{}]", entry.identity),
+                };
+                println!("{id}\t{}\tsince {}\t{rules}", entry.identity, entry.created);
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            tokens.revoke(&id)?;
+            tokens.save()?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -208,6 +208,17 @@ pub enum Command {
         #[arg(long, global = true)]
         data: Option<PathBuf>,
     },
+    /// Tokens for the HTTP gateway (`Authorization: Bearer <token>`), in
+    /// the data folder's `tokens.toml`.
+    Token {
+        #[command(subcommand)]
+        token: TokenCommand,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The data folder [default: as `up` takes it].
+        #[arg(long, global = true)]
+        data: Option<PathBuf>,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -228,6 +239,24 @@ pub enum UserCommand {
     Remove { name: String },
     /// The users, and what `[permissions]` gives each.
     List,
+}
+
+/// What `majordome token` does.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token for the identity NAME and print it, once. It has
+    /// NAME's `[permissions.NAME]`, or, with --permissions, its own rules.
+    Create {
+        name: String,
+        /// A rule `KIND=PATTERN` (KIND: call, publish, read, write, serve),
+        /// repeated: `--permissions call=devices --permissions read=/device/`.
+        #[arg(long = "permissions", value_name = "KIND=PATTERN")]
+        permissions: Vec<String>,
+    },
+    /// The tokens: id, identity, when made, rules.
+    List,
+    /// Forget a token (by the id before the dot).
+    Revoke { id: String },
 }
 
 impl Command {

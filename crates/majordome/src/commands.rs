@@ -58,6 +58,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Backup { file, config, data } => crate::backup_cmd::backup(file.as_deref(), &config, data),
         Command::Restore { file, config, data } => crate::backup_cmd::restore(&file, &config, data),
         Command::User { user, config, data } => crate::backup_cmd::user(user, &config, data),
+        Command::Token { token, config, data } => crate::backup_cmd::token(token, &config, data),
         Command::Plugin {
             plugin,
             broker,

@@ -14,10 +14,15 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, headers, body).
 fn http(address: &str, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    http_with(address, method, path, "", body)
+}
+
+/// The same with `extra` header lines (each ending in CRLF).
+fn http_with(address: &str, method: &str, path: &str, extra: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
     let mut stream = TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(LIMIT)).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{extra}\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
@@ -56,7 +61,13 @@ fn rpc(address: &str, body: &Value) -> Value {
 
 /// `up` with the fake plugin; the HTTP address and the broker.
 fn hub() -> (Process, String, String, tempfile::TempDir) {
+    hub_with("")
+}
+
+/// The same with `toml` as the configuration file.
+fn hub_with(toml: &str) -> (Process, String, String, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("majordome.toml"), toml).unwrap();
     let (up, lines) = Process::up(data.path(), &[], 9);
     let http = lines[8].rsplit("http://").next().unwrap().trim().to_owned();
     let broker = last_word(&lines[0]);
@@ -253,23 +264,145 @@ fn metrics_status_and_http_errors() {
 }
 
 #[test]
-fn the_gateway_runs_alone_against_a_running_hub_and_stays_on_loopback() {
-    let (_up, _http, broker, _data) = hub();
-    let (_gateway, lines) = Process::start_reading(&["gateway", "--broker", &broker, "--http-bind", "127.0.0.1:0"], 1);
+fn the_gateway_runs_alone_against_a_running_hub_and_beyond_loopback_only_with_tokens() {
+    let (_up, _http, broker, data) = hub();
+    // Its own configuration: the data folder (where tokens are) is the
+    // hub's, which has none yet.
+    let file = data.path().join("gateway.toml");
+    std::fs::write(&file, format!("data = {:?}\n", data.path().to_str().unwrap())).unwrap();
+    let config = file.to_str().unwrap();
+    let alone = ["gateway", "--broker", &broker, "--config", config, "--http-bind"];
+    let (_gateway, lines) = Process::start_reading(&[&alone[..], &["127.0.0.1:0"]].concat(), 1);
     let http = lines[0].rsplit("http://").next().unwrap().trim().to_owned();
-    let echo = rpc(
+    let ping = request(
+        "call",
+        json!({"service": "echo", "action": "ping.get", "data": {}}),
+        json!(1),
+    );
+    assert_eq!(rpc(&http, &ping)["result"], json!({}));
+    let out = run(&[&alone[..], &["0.0.0.0:0"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("refusing to serve HTTP on 0.0.0.0:0") && said.contains("token create"),
+        "{said}"
+    );
+    // With a token, it serves the network, and only to tokens.
+    let admin = token(data.path(), "admin", &[]);
+    let (_open, lines) = Process::start_reading(&[&alone[..], &["0.0.0.0:0"]].concat(), 1);
+    let port = lines[0].rsplit(':').next().unwrap().trim().to_owned();
+    let address = format!("127.0.0.1:{port}");
+    let (status, _, _) = self::http(&address, "POST", "/jsonrpc", ping.to_string().as_bytes());
+    assert_eq!(status, 401, "no anonymous clients beyond loopback");
+    let (status, _, echoed) = rpc_as(&address, &admin, &ping);
+    assert_eq!((status, echoed["result"].clone()), (200, json!({})));
+}
+
+#[test]
+fn json_rpc_subscriptions_deliver_events_and_time_out_as_agorpc_did() {
+    let (_up, http, _broker, _data) = hub_with("[http]\ngetevent_timeout = \"1s\"\n");
+    let switch = fake_switch(&http);
+    let subscribed = rpc(&http, &request("subscribe", json!({}), json!(1)));
+    let uuid = subscribed["result"].as_str().unwrap().to_owned();
+    let on = rpc(
         &http,
         &request(
-            "call",
-            json!({"service": "echo", "action": "ping.get", "data": {}}),
-            json!(1),
+            "message",
+            json!({"content": {"uuid": switch, "command": "on"}}),
+            json!(2),
         ),
     );
-    assert_eq!(echo["result"], json!({}), "{echo}");
-    let out = run(&["gateway", "--broker", &broker, "--http-bind", "0.0.0.0:0"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refusing to serve HTTP on 0.0.0.0:0"),
-        "{out:?}"
+    assert!(on["result"].is_object(), "{on}");
+    // The switch says so on the bus; the subscription hands it on, one
+    // event per getevent, the subject under `event`.
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < LIMIT, "the switch's event never came");
+        let got = rpc(&http, &request("getevent", json!({"uuid": uuid}), json!(3)));
+        if got["error"]["code"] == -32000 {
+            continue;
+        }
+        let event = &got["result"];
+        assert!(event["event"].is_string(), "{got}");
+        if event["event"] == "event.device.statechanged" && event["uuid"] == switch.as_str() {
+            break;
+        }
+    }
+    // Nothing more happens: after its timeout getevent says -32000.
+    let quiet = loop {
+        let got = rpc(&http, &request("getevent", json!({"uuid": uuid}), json!(4)));
+        if got.get("error").is_some() {
+            break got;
+        }
+        assert!(start.elapsed() < LIMIT, "events never stopped coming");
+    };
+    assert_eq!(quiet["error"]["code"], -32000, "{quiet}");
+    let gone = rpc(&http, &request("unsubscribe", json!({"uuid": uuid}), json!(5)));
+    assert_eq!(gone["result"], "success");
+    let unknown = rpc(&http, &request("getevent", json!({"uuid": uuid}), json!(6)));
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+}
+
+/// `majordome token create` in `data`: the token.
+fn token(data: &std::path::Path, name: &str, permissions: &[&str]) -> String {
+    let mut args = vec!["token", "create", name, "--data", data.to_str().unwrap()];
+    for rule in permissions {
+        args.extend(["--permissions", rule]);
+    }
+    let out = run(&args);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn rpc_as(address: &str, token: &str, body: &Value) -> (u16, String, Value) {
+    let header = format!("Authorization: Bearer {token}\r\n");
+    let (status, head, body) = http_with(address, "POST", "/jsonrpc", &header, body.to_string().as_bytes());
+    (status, head, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn tokens_stand_for_identities_and_their_permissions() {
+    let (_up, http, _broker, data) = hub_with("[http]\nanonymous_loopback = false\n");
+    let echo_only = token(data.path(), "panel", &["call=echo"]);
+    let everything = token(data.path(), "admin", &[]);
+    let call = request(
+        "call",
+        json!({"service": "echo", "action": "ping.get", "data": {"n": 2}}),
+        json!(1),
     );
+    // No token, or a wrong one: 401, and how to get one.
+    let (status, head, body) = self::http(&http, "POST", "/jsonrpc", call.to_string().as_bytes());
+    let said: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, said["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{head}"
+    );
+    assert!(head.to_ascii_lowercase().contains("www-authenticate: bearer"), "{head}");
+    assert!(said["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("majordome token create"));
+    let (status, _, _) = rpc_as(&http, "0000.nope", &call);
+    assert_eq!(status, 401);
+    let (status, _, _) = self::http(&http, "GET", "/metrics", b"");
+    assert_eq!(status, 401);
+    // A token gets in, with its identity's permissions.
+    let (status, _, echoed) = rpc_as(&http, &echo_only, &call);
+    assert_eq!((status, echoed["result"].clone()), (200, json!({"n": 2})), "{echoed}");
+    let inventory = request("message", json!({"content": {"command": "inventory"}}), json!(2));
+    let (_, _, refused) = rpc_as(&http, &echo_only, &inventory);
+    assert_eq!(refused["error"]["code"], -31999, "{refused}");
+    assert_eq!(refused["error"]["identifier"], "error.forbidden", "{refused}");
+    let (_, _, allowed) = rpc_as(&http, &everything, &inventory);
+    assert!(allowed["result"]["devices"].is_object(), "{allowed}");
+    let header = format!("Authorization: Bearer {everything}\r\n");
+    let (status, _, _) = http_with(&http, "GET", "/metrics", &header, b"");
+    assert_eq!(status, 200);
+    // Revoked: out at once, no restart.
+    let id = echo_only.split_once('.').unwrap().0;
+    let out = run(&["token", "revoke", id, "--data", data.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let (status, _, _) = rpc_as(&http, &echo_only, &call);
+    assert_eq!(status, 401);
 }
