@@ -114,6 +114,11 @@ impl Subscriptions {
         }
     }
 
+    /// The bus's events.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscription>> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }

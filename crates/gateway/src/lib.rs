@@ -13,12 +13,13 @@ pub mod events;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod rpc;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -170,6 +171,7 @@ fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
         .route("/jsonrpc", post(jsonrpc_handler))
         .route("/metrics", get(metrics_handler))
         .route("/api/status", get(status_handler))
+        .route("/api/websocket", get(websocket_handler))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .with_state(context)
@@ -269,6 +271,15 @@ async fn answer(
             call.id.map(|id| jsonrpc::response(id, outcome))
         }
     }
+}
+
+/// The largest message a WebSocket client may send (a command is small).
+const WS_MAX_MESSAGE: usize = 256 * 1024;
+
+async fn websocket_handler(State(context): State<Arc<rpc::Context>>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(WS_MAX_MESSAGE)
+        .on_upgrade(move |socket| ws::serve(socket, context))
 }
 
 async fn metrics_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap) -> Response {

@@ -333,6 +333,18 @@ pub async fn scrape(bus: &Arc<AsyncClient>) -> String {
             }
         }
     }
+    scrape.gauge(
+        "http_websocket_clients",
+        "WebSocket clients connected to this gateway.",
+        &[],
+        crate::ws::CONNECTED.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    scrape.counter(
+        "http_websocket_slow_clients",
+        "WebSocket clients closed for not reading what was sent to them.",
+        &[],
+        crate::ws::CLOSED_SLOW.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     let list = Message::new("client.list.get", serde_json::json!({}));
     if let Ok(reply) = bus.request_message("manager", &list, WAIT).await {
         scrape.clients(&reply.data);

@@ -145,11 +145,7 @@ async fn message(bus: &Arc<AsyncClient>, caller: &Caller, params: &Map<String, V
         return Err(RpcError::invalid_params("`content.command` is a string"));
     };
     match content.get("uuid") {
-        None if command == "inventory" => {
-            caller.may_call("devices", "inventory.get")?;
-            let reply = ask(bus, "devices", "inventory.get", json!({}), wait).await?;
-            failed(&reply).map_or(Ok(reply.data), Err)
-        }
+        None if command == "inventory" => inventory(bus, caller, wait).await,
         None => Err(RpcError::invalid_params(
             "`content` needs a `uuid` (a device command), unless its command is `inventory`",
         )),
@@ -165,16 +161,36 @@ async fn message(bus: &Arc<AsyncClient>, caller: &Caller, params: &Map<String, V
                         .collect(),
                 )
             });
-            caller.may_call("devices", "device.command.do")?;
-            let request = json!({"uuid": uuid, "command": command, "data": data});
-            let reply = ask(bus, "devices", "device.command.do", request, wait).await?;
-            if let Some(error) = failed(&reply) {
-                return Err(error);
-            }
-            Ok(reply.data.get("result").cloned().unwrap_or(reply.data))
+            device_command(bus, caller, uuid, command, data, wait).await
         }
         Some(_) => Err(RpcError::invalid_params("`content.uuid` is a string")),
     }
+}
+
+/// The devices service's inventory (ago's shape: devices by uuid, rooms,
+/// schema).
+pub async fn inventory(bus: &Arc<AsyncClient>, caller: &Caller, wait: Duration) -> Result<Value, RpcError> {
+    caller.may_call("devices", "inventory.get")?;
+    let reply = ask(bus, "devices", "inventory.get", json!({}), wait).await?;
+    failed(&reply).map_or(Ok(reply.data), Err)
+}
+
+/// A device command through the devices service: its `result`.
+pub async fn device_command(
+    bus: &Arc<AsyncClient>,
+    caller: &Caller,
+    uuid: &str,
+    command: &str,
+    data: Value,
+    wait: Duration,
+) -> Result<Value, RpcError> {
+    caller.may_call("devices", "device.command.do")?;
+    let request = json!({"uuid": uuid, "command": command, "data": data});
+    let reply = ask(bus, "devices", "device.command.do", request, wait).await?;
+    if let Some(error) = failed(&reply) {
+        return Err(error);
+    }
+    Ok(reply.data.get("result").cloned().unwrap_or(reply.data))
 }
 
 /// `call`: any service in the Domogik dialect; the reply's data is the
@@ -188,13 +204,25 @@ async fn call_service(bus: &Arc<AsyncClient>, caller: &Caller, params: &Map<Stri
             .ok_or_else(|| RpcError::invalid_params(format!("`{key}` is a string of 1 to 255 bytes")))
     };
     let (service, action) = (text("service")?, text("action")?);
-    caller.may_call(service, action)?;
     let data = match params.get("data") {
         None | Some(Value::Null) => json!({}),
         Some(data @ Value::Object(_)) => data.clone(),
         Some(_) => return Err(RpcError::invalid_params("`data` is an object")),
     };
-    let reply = ask(bus, service, action, data, timeout(params, "timeout")?).await?;
+    call(bus, caller, service, action, data, timeout(params, "timeout")?).await
+}
+
+/// Any service, as `caller`.
+pub async fn call(
+    bus: &Arc<AsyncClient>,
+    caller: &Caller,
+    service: &str,
+    action: &str,
+    data: Value,
+    wait: Duration,
+) -> Result<Value, RpcError> {
+    caller.may_call(service, action)?;
+    let reply = ask(bus, service, action, data, wait).await?;
     failed(&reply).map_or(Ok(reply.data), Err)
 }
 

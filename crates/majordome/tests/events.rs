@@ -261,11 +261,11 @@ fn up_serves_events_and_their_counters() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stats: serde_json::Value = serde_json::from_str(stdout.split_once('\n').unwrap().1).unwrap();
     assert_eq!(stats["messages"], json!(1));
-    // Ours, the manager's `plugin.status` and `plugin.configuration`, and
-    // the device service's `event.` and `client.sensor` (theirs may still
-    // be on their way).
+    // Ours, the manager's `plugin.status` and `plugin.configuration`, the
+    // device service's `event.` and `client.sensor`, and the HTTP
+    // gateway's (everything); theirs may still be on their way.
     let subscriptions = stats["subscriptions"].as_u64().unwrap();
-    assert!((1..=5).contains(&subscriptions), "{stats}");
+    assert!((1..=6).contains(&subscriptions), "{stats}");
     up.signal(libc::SIGTERM);
     assert!(up.wait_exit(LIMIT).expect("up exits").success());
 }

@@ -66,13 +66,22 @@ fn hub() -> (Process, String, String, tempfile::TempDir) {
 
 /// The same with `toml` as the configuration file.
 fn hub_with(toml: &str) -> (Process, String, String, tempfile::TempDir) {
+    let (up, lines, data) = hub_lines(toml);
+    (
+        up,
+        lines[8].rsplit("http://").next().unwrap().trim().to_owned(),
+        last_word(&lines[0]),
+        data,
+    )
+}
+
+/// `up` and the lines of its banner (broker 0, publishers 2, HTTP 8).
+fn hub_lines(toml: &str) -> (Process, Vec<String>, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("majordome.toml"), toml).unwrap();
     let (up, lines) = Process::up(data.path(), &[], 9);
-    let http = lines[8].rsplit("http://").next().unwrap().trim().to_owned();
-    let broker = last_word(&lines[0]);
-    wait_for_service(&broker, "devices", "200");
-    (up, http, broker, data)
+    wait_for_service(&last_word(&lines[0]), "devices", "200");
+    (up, lines, data)
 }
 
 fn request(method: &str, params: Value, id: Value) -> Value {
@@ -405,4 +414,171 @@ fn tokens_stand_for_identities_and_their_permissions() {
     assert!(out.status.success(), "{out:?}");
     let (status, _, _) = rpc_as(&http, &echo_only, &call);
     assert_eq!(status, 401);
+}
+
+type Ws = tungstenite::WebSocket<TcpStream>;
+
+fn ws_connect(http: &str) -> Ws {
+    let stream = TcpStream::connect(http).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let (socket, _) = tungstenite::client(format!("ws://{http}/api/websocket"), stream).unwrap();
+    socket
+}
+
+fn ws_send(socket: &mut Ws, value: &Value) {
+    socket.send(tungstenite::Message::text(value.to_string())).unwrap();
+}
+
+fn ws_next(socket: &mut Ws) -> Value {
+    loop {
+        match socket.read().unwrap() {
+            tungstenite::Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            tungstenite::Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// The reply to command `id`, skipping events.
+fn ws_result(socket: &mut Ws, id: u64) -> Value {
+    loop {
+        let message = ws_next(socket);
+        if message["id"] == id && message["type"] != "event" {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn a_websocket_session_in_home_assistant_s_shape() {
+    let (_up, http, _broker, data) = hub();
+    let admin = token(data.path(), "admin", &[]);
+    // A bad token: auth_invalid, then the end.
+    let mut refused = ws_connect(&http);
+    assert_eq!(ws_next(&mut refused)["type"], "auth_required");
+    ws_send(&mut refused, &json!({"type": "auth", "access_token": "0000.wrong"}));
+    assert_eq!(ws_next(&mut refused)["type"], "auth_invalid");
+    assert!(matches!(refused.read(), Ok(tungstenite::Message::Close(Some(frame))) if u16::from(frame.code) == 1008));
+
+    let switch = fake_switch(&http);
+    let mut socket = ws_connect(&http);
+    assert_eq!(ws_next(&mut socket)["type"], "auth_required");
+    ws_send(&mut socket, &json!({"type": "auth", "access_token": admin}));
+    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    ws_send(&mut socket, &json!({"id": 1, "type": "ping"}));
+    assert_eq!(ws_next(&mut socket), json!({"id": 1, "type": "pong"}));
+    ws_send(&mut socket, &json!({"id": 2, "type": "get_states"}));
+    let states = ws_result(&mut socket, 2);
+    assert_eq!(states["success"], true, "{states}");
+    let entry = states["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["entity_id"] == switch.as_str())
+        .cloned();
+    let entry = entry.unwrap_or_else(|| panic!("no switch in {states}"));
+    assert_eq!(entry["attributes"]["type"], "switch");
+    assert!(
+        entry["last_changed"].as_str().is_some_and(|t| t.contains('T')),
+        "{entry}"
+    );
+    ws_send(
+        &mut socket,
+        &json!({"id": 3, "type": "subscribe_events", "event_type": "event.device"}),
+    );
+    assert_eq!(ws_result(&mut socket, 3)["success"], true);
+    ws_send(
+        &mut socket,
+        &json!({"id": 4, "type": "call_service", "domain": "device", "service": "on", "target": {"entity_id": switch}}),
+    );
+    let done = ws_result(&mut socket, 4);
+    assert_eq!(done["success"], true, "{done}");
+    // The switch's new state arrives as an event of subscription 3.
+    loop {
+        let message = ws_next(&mut socket);
+        if message["type"] == "event" && message["event"]["data"]["uuid"] == switch.as_str() {
+            assert_eq!(message["id"], 3);
+            assert_eq!(message["event"]["event_type"], "event.device.statechanged");
+            break;
+        }
+    }
+    ws_send(
+        &mut socket,
+        &json!({"id": 5, "type": "call", "service": "echo", "action": "ping.get", "data": {"x": 1}}),
+    );
+    assert_eq!(ws_result(&mut socket, 5)["result"], json!({"x": 1}));
+    ws_send(
+        &mut socket,
+        &json!({"id": 6, "type": "unsubscribe_events", "subscription": 3}),
+    );
+    assert_eq!(ws_result(&mut socket, 6)["success"], true);
+    ws_send(&mut socket, &json!({"id": 7, "type": "frobnicate"}));
+    let unknown = ws_result(&mut socket, 7);
+    assert_eq!(
+        (unknown["success"].clone(), unknown["error"]["code"].clone()),
+        (json!(false), json!("unknown_command"))
+    );
+    // A token without the permission is refused per command.
+    let echo_only = token(data.path(), "panel", &["call=echo"]);
+    let mut limited = ws_connect(&http);
+    ws_next(&mut limited);
+    ws_send(&mut limited, &json!({"type": "auth", "access_token": echo_only}));
+    assert_eq!(ws_next(&mut limited)["type"], "auth_ok");
+    ws_send(&mut limited, &json!({"id": 1, "type": "get_states"}));
+    let denied = ws_result(&mut limited, 1);
+    assert_eq!(denied["error"]["code"], "unauthorized", "{denied}");
+}
+
+#[test]
+fn a_websocket_client_that_does_not_read_is_closed_with_a_reason() {
+    let (_up, lines, data) = hub_lines("");
+    let http = lines[8].rsplit("http://").next().unwrap().trim().to_owned();
+    let publish_at = last_word(&lines[2]);
+    let admin = token(data.path(), "admin", &[]);
+    let mut socket = ws_connect(&http);
+    ws_next(&mut socket);
+    ws_send(&mut socket, &json!({"type": "auth", "access_token": admin}));
+    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    ws_send(
+        &mut socket,
+        &json!({"id": 1, "type": "subscribe_events", "event_type": "flood"}),
+    );
+    assert_eq!(ws_result(&mut socket, 1)["success"], true);
+    // Events of 16 KiB, as fast as a publisher can, while this client
+    // reads nothing: its queue (256) and the sockets' buffers fill.
+    let publisher = majordome_net::context().socket(zmq::PUB).unwrap();
+    publisher.set_sndhwm(0).unwrap();
+    publisher.connect(&publish_at).unwrap();
+    let payload = json!({"blob": "x".repeat(16 * 1024)}).to_string();
+    let start = Instant::now();
+    let slow = loop {
+        for _ in 0..200 {
+            // Domogik's msg_id shape: category, time, 0_1.
+            publisher.send(&b"flood.1_0.0_1"[..], zmq::SNDMORE).unwrap();
+            publisher.send(payload.as_bytes(), 0).unwrap();
+        }
+        let (_, _, body) = self::http(&http, "GET", "/metrics", b"");
+        let metrics = String::from_utf8(body).unwrap();
+        let counted = metrics
+            .lines()
+            .find(|l| l.starts_with("majordome_http_websocket_slow_clients_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if counted >= 1.0 {
+            break counted;
+        }
+        assert!(start.elapsed() < LIMIT, "the client was never found slow");
+    };
+    assert_eq!(slow, 1.0);
+    // Reading now: what was queued, then the close, and why.
+    let reason = loop {
+        match socket.read() {
+            Ok(tungstenite::Message::Close(Some(frame))) => break frame,
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(u16::from(reason.code), 1008);
+    assert!(reason.reason.contains("too slow"), "{reason:?}");
 }

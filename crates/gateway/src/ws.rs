@@ -1,0 +1,348 @@
+//! `GET /api/websocket`: Home Assistant's WebSocket shape. The server says
+//! `auth_required`; the client answers `{"type": "auth", "access_token"}`
+//! (always a token, as Home Assistant asks); then `auth_ok`, or
+//! `auth_invalid` and the connection closes. After that, numbered
+//! commands: `subscribe_events`, `unsubscribe_events`, `get_states`,
+//! `call_service` (a device command), `call` (any service), `ping`.
+//!
+//! What goes out to one client waits in a bounded queue; a client that
+//! lets it fill (it does not read) is closed with a reason that says so,
+//! instead of growing the hub.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::jsonrpc::RpcError;
+use crate::rpc::{self, Caller, Context};
+
+/// Messages that may wait for one client before it is closed.
+pub const QUEUE: usize = 256;
+
+/// How long a client has to authenticate, and the longest command.
+const AUTH_WAIT: Duration = Duration::from_secs(10);
+const COMMAND_WAIT: Duration = Duration::from_secs(10);
+
+/// How long one message may take to go out before the client is taken
+/// for gone.
+const SEND_WAIT: Duration = Duration::from_secs(10);
+
+/// WebSocket clients connected now, and those closed for not keeping up
+/// (for `/metrics`).
+pub static CONNECTED: AtomicU64 = AtomicU64::new(0);
+pub static CLOSED_SLOW: AtomicU64 = AtomicU64::new(0);
+
+/// Raised when a client's queue is full: the connection then closes.
+#[derive(Default)]
+struct Slow {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+/// The sending side of one client's queue.
+#[derive(Clone)]
+struct Out {
+    queue: mpsc::Sender<Message>,
+    slow: Arc<Slow>,
+}
+
+impl Out {
+    /// Queues a message; a full queue marks the client too slow. False
+    /// once it is.
+    fn send(&self, message: Message) -> bool {
+        match self.queue.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.slow.raised.swap(true, Ordering::Relaxed) {
+                    CLOSED_SLOW.fetch_add(1, Ordering::Relaxed);
+                }
+                self.slow.notify.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// The close code for a client that does not keep up (RFC 6455: "policy
+/// violation"), and for a failed login.
+const CLOSE_POLICY: u16 = 1008;
+
+/// Serves one connection.
+pub async fn serve(socket: WebSocket, context: Arc<Context>) {
+    CONNECTED.fetch_add(1, Ordering::Relaxed);
+    session(socket, context).await;
+    CONNECTED.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn session(mut socket: WebSocket, context: Arc<Context>) {
+    let hello = json!({"type": "auth_required", "majordome_version": env!("CARGO_PKG_VERSION")});
+    if socket.send(text_message(&hello)).await.is_err() {
+        return;
+    }
+    let caller = match authenticate(&mut socket, &context).await {
+        Some(caller) => caller,
+        None => return,
+    };
+    let (queue, mut queued) = mpsc::channel::<Message>(QUEUE);
+    let out = Out {
+        queue,
+        slow: Arc::default(),
+    };
+    let mut subscriptions: HashMap<u64, JoinHandle<()>> = HashMap::new();
+    loop {
+        if out.slow.raised.load(Ordering::Relaxed) {
+            let reason = format!("too slow: {QUEUE} messages waited for this client");
+            tracing::info!("closed a WebSocket client that did not keep up");
+            let close = Message::Close(Some(CloseFrame {
+                code: CLOSE_POLICY,
+                reason: Utf8Bytes::from(reason),
+            }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+            break;
+        }
+        tokio::select! {
+            () = out.slow.notify.notified() => {}
+            outgoing = queued.recv() => {
+                let Some(message) = outgoing else { break };
+                match tokio::time::timeout(SEND_WAIT, socket.send(message)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            incoming = socket.recv() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => continue,
+                    _ => break,
+                };
+                let reply = match serde_json::from_str::<Value>(&text) {
+                    Ok(command) => handle(&command, &caller, &context, &out, &mut subscriptions).await,
+                    Err(e) => Some(result(Value::Null, Err(("invalid_format", format!("not JSON: {e}"))))),
+                };
+                if let Some(reply) = reply {
+                    out.send(text_message(&reply));
+                }
+            }
+        }
+    }
+    for (_, task) in subscriptions {
+        task.abort();
+    }
+}
+
+/// The auth phase: a token, or `auth_invalid` and the end.
+async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<Caller> {
+    let message = match tokio::time::timeout(AUTH_WAIT, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Value>(&text).ok(),
+        _ => None,
+    };
+    let token = message
+        .as_ref()
+        .filter(|m| m["type"] == "auth")
+        .and_then(|m| m["access_token"].as_str());
+    let caller = token.and_then(|token| {
+        let mut headers = axum::http::HeaderMap::new();
+        let value = axum::http::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        headers.insert(axum::http::header::AUTHORIZATION, value);
+        // The WebSocket always needs a token: never a local caller.
+        match crate::caller(&context.access, &headers) {
+            Ok(caller @ Caller::Named { .. }) => Some(caller),
+            _ => None,
+        }
+    });
+    match caller {
+        Some(caller) => {
+            let ok = json!({"type": "auth_ok", "majordome_version": env!("CARGO_PKG_VERSION")});
+            socket.send(text_message(&ok)).await.ok()?;
+            Some(caller)
+        }
+        None => {
+            let why = if token.is_some() {
+                "the token is not valid"
+            } else {
+                "send {\"type\": \"auth\", \"access_token\": <a token from `majordome token create`>} first"
+            };
+            let _ = socket
+                .send(text_message(&json!({"type": "auth_invalid", "message": why})))
+                .await;
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: CLOSE_POLICY,
+                    reason: Utf8Bytes::from_static("authentication failed"),
+                })))
+                .await;
+            None
+        }
+    }
+}
+
+/// One command; the reply, if it has one now.
+async fn handle(
+    command: &Value,
+    caller: &Caller,
+    context: &Arc<Context>,
+    out: &Out,
+    subscriptions: &mut HashMap<u64, JoinHandle<()>>,
+) -> Option<Value> {
+    let id = command.get("id").cloned().unwrap_or(Value::Null);
+    let Some(number) = id.as_u64() else {
+        return Some(result(id, Err(("invalid_format", "`id` is a positive integer".into()))));
+    };
+    let kind = command.get("type").and_then(Value::as_str).unwrap_or_default();
+    let bus = &context.bus;
+    let outcome: Result<Value, (&str, String)> = match kind {
+        "ping" => return Some(json!({"id": number, "type": "pong"})),
+        "subscribe_events" => {
+            let prefix = command
+                .get("event_type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let task = forward_events(number, prefix, context, out.clone());
+            if let Some(old) = subscriptions.insert(number, task) {
+                old.abort();
+            }
+            Ok(Value::Null)
+        }
+        "unsubscribe_events" => match command.get("subscription").and_then(Value::as_u64) {
+            Some(subscription) => match subscriptions.remove(&subscription) {
+                Some(task) => {
+                    task.abort();
+                    Ok(Value::Null)
+                }
+                None => Err(("not_found", format!("no subscription {subscription}"))),
+            },
+            None => Err((
+                "invalid_format",
+                "`subscription` is the id of a subscribe_events".into(),
+            )),
+        },
+        "get_states" => rpc::inventory(bus, caller, COMMAND_WAIT)
+            .await
+            .map(states)
+            .map_err(bus_error),
+        "call_service" => {
+            let target = command["target"]["entity_id"].as_str();
+            let service = command.get("service").and_then(Value::as_str);
+            match (command["domain"].as_str(), service, target) {
+                (Some("device"), Some(service), Some(uuid)) => {
+                    let data = command.get("service_data").cloned().unwrap_or_else(|| json!({}));
+                    rpc::device_command(bus, caller, uuid, service, data, COMMAND_WAIT)
+                        .await
+                        .map_err(bus_error)
+                }
+                _ => Err((
+                    "invalid_format",
+                    "call_service takes {domain: \"device\", service: <command>, service_data?, \
+                     target: {entity_id: <uuid>}}"
+                        .into(),
+                )),
+            }
+        }
+        "call" => {
+            let field = |key: &str| command.get(key).and_then(Value::as_str).filter(|s| !s.is_empty());
+            match (field("service"), field("action")) {
+                (Some(service), Some(action)) => {
+                    let data = command.get("data").cloned().unwrap_or_else(|| json!({}));
+                    rpc::call(bus, caller, service, action, data, COMMAND_WAIT)
+                        .await
+                        .map_err(bus_error)
+                }
+                _ => Err(("invalid_format", "call takes {service, action, data?}".into())),
+            }
+        }
+        other => Err(("unknown_command", format!("unknown command type '{other}'"))),
+    };
+    Some(result(json!(number), outcome))
+}
+
+/// A bus error as Home Assistant's `{code, message}`: the identifier
+/// (`error.forbidden`, `error.device.invalid`) is the code.
+fn bus_error(error: RpcError) -> (&'static str, String) {
+    let code = match error.identifier.as_deref() {
+        Some("error.forbidden") => "unauthorized",
+        Some("error.device.invalid" | "error.not.found") => "not_found",
+        Some("error.no.reply") => "timeout",
+        _ => "home_assistant_error",
+    };
+    (code, error.message)
+}
+
+fn result(id: Value, outcome: Result<Value, (&str, String)>) -> Value {
+    match outcome {
+        Ok(value) => json!({"id": id, "type": "result", "success": true, "result": value}),
+        Err((code, message)) => json!({"id": id, "type": "result", "success": false,
+                                       "error": {"code": code, "message": message}}),
+    }
+}
+
+/// `get_states`: one entry per device of the inventory.
+fn states(inventory: Value) -> Value {
+    let devices = inventory["devices"].as_object().cloned().unwrap_or_default();
+    let entries: Vec<Value> = devices
+        .into_iter()
+        .map(|(uuid, device)| {
+            json!({
+                "entity_id": uuid,
+                "state": device["state"],
+                "attributes": {"name": device["name"], "room": device["room"], "type": device["type"],
+                               "values": device["values"]},
+                // When it was last heard of; a device never heard of yet,
+                // since it was made.
+                "last_changed": device["lastseen"].as_f64().or(device["created"].as_f64()).map(iso).unwrap_or_default(),
+            })
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+/// Unix seconds as RFC 3339.
+fn iso(seconds: f64) -> String {
+    jiff::Timestamp::from_microsecond((seconds * 1e6) as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Sends the bus's events of `prefix` to the client as Home Assistant's
+/// `event` messages, until aborted or the client falls behind.
+fn forward_events(id: u64, prefix: String, context: &Context, out: Out) -> JoinHandle<()> {
+    let mut events = context.subscriptions.events().subscribe();
+    tokio::spawn(async move {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) if event.category.starts_with(&prefix) => event,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(dropped)) => {
+                    let overflow = crate::events::HttpEvent::overflow(dropped);
+                    let message = json!({"id": id, "type": "event", "event": {
+                        "event_type": "event.overflow", "data": overflow, "time_fired": now()}});
+                    if !out.send(text_message(&message)) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let message = json!({"id": id, "type": "event", "event": {
+                "event_type": event.category, "data": event.content, "time_fired": now()}});
+            if !out.send(text_message(&message)) {
+                return;
+            }
+        }
+    })
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+fn text_message(value: &Value) -> Message {
+    Message::Text(Utf8Bytes::from(value.to_string()))
+}
