@@ -12,6 +12,8 @@
 pub mod events;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod openapi;
+pub mod rest;
 pub mod rpc;
 pub mod ws;
 
@@ -95,21 +97,32 @@ pub struct Access {
     pub anonymous: bool,
 }
 
+/// Where the gateway finds the bus.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// The broker.
+    pub broker: String,
+    /// The forwarder's side subscribers connect to.
+    pub subscribe: String,
+    /// The Clone server's snapshot endpoint, if there is one.
+    pub state: Option<String>,
+    /// This hub's host name.
+    pub host: String,
+}
+
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
     listener: std::net::TcpListener,
     address: SocketAddr,
-    broker: String,
-    /// The forwarder's side subscribers connect to.
-    subscribe: String,
+    wiring: Wiring,
     settings: Settings,
     access: Access,
 }
 
 impl Gateway {
-    /// Listens on `settings.bind`; requests will reach the bus through the
-    /// broker at `broker`, events come from the forwarder at `subscribe`.
-    pub fn bind(broker: &str, subscribe: &str, settings: Settings, access: Access) -> Result<Gateway, GatewayError> {
+    /// Listens on `settings.bind`; requests will reach the bus as `wiring`
+    /// says.
+    pub fn bind(wiring: Wiring, settings: Settings, access: Access) -> Result<Gateway, GatewayError> {
         let bind_error = |source| GatewayError::Bind {
             address: settings.bind.clone(),
             source,
@@ -120,8 +133,7 @@ impl Gateway {
         Ok(Gateway {
             listener,
             address,
-            broker: broker.to_owned(),
-            subscribe: subscribe.to_owned(),
+            wiring,
             settings,
             access,
         })
@@ -134,11 +146,11 @@ impl Gateway {
 
     /// Serves until `shutdown` fires.
     pub fn run(self, shutdown: &Shutdown) -> Result<(), GatewayError> {
-        let bus = Arc::new(AsyncClient::connect(&self.broker)?);
+        let bus = Arc::new(AsyncClient::connect(&self.wiring.broker)?);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let stop = shutdown.watcher()?;
         runtime.block_on(async move {
-            let events = events::Events::start(&self.subscribe, self.settings.event_queue, shutdown)?;
+            let events = events::Events::start(&self.wiring.subscribe, self.settings.event_queue, shutdown)?;
             let context = Arc::new(rpc::Context {
                 bus,
                 subscriptions: events::Subscriptions::new(
@@ -148,6 +160,8 @@ impl Gateway {
                 ),
                 getevent_timeout: self.settings.getevent_timeout,
                 access: self.access,
+                state: self.wiring.state,
+                host: self.wiring.host,
             });
             let listener = tokio::net::TcpListener::from_std(self.listener)?;
             let app = router(context, &self.settings);
@@ -167,7 +181,8 @@ impl Gateway {
 }
 
 fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
-    Router::new()
+    rest::router()
+        .route("/api/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/jsonrpc", post(jsonrpc_handler))
         .route("/metrics", get(metrics_handler))
         .route("/api/status", get(status_handler))
@@ -178,12 +193,12 @@ fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
 }
 
 /// An HTTP error in the REST shape.
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
 }
 
 /// A request without a valid token where one is needed: 401, and why.
-struct Unauthorized(&'static str);
+pub struct Unauthorized(&'static str);
 
 impl IntoResponse for Unauthorized {
     fn into_response(self) -> Response {
@@ -195,9 +210,22 @@ impl IntoResponse for Unauthorized {
     }
 }
 
+/// Handlers take the caller as an argument; without a valid token where
+/// one is needed, the request is answered 401 before they run.
+impl axum::extract::FromRequestParts<Arc<rpc::Context>> for rpc::Caller {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        context: &Arc<rpc::Context>,
+    ) -> Result<Self, Self::Rejection> {
+        caller(&context.access, &parts.headers)
+    }
+}
+
 /// Who sends a request: a token's identity, or a local client where that
 /// is allowed.
-fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthorized> {
+pub(crate) fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthorized> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return if access.anonymous {
             Ok(rpc::Caller::Local)
@@ -227,11 +255,7 @@ fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthori
     })
 }
 
-async fn jsonrpc_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&context.access, &headers) {
-        Ok(caller) => caller,
-        Err(refused) => return refused.into_response(),
-    };
+async fn jsonrpc_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::Caller, body: Bytes) -> Response {
     let answer = match jsonrpc::parse(&body) {
         Body::Broken(e) => Some(jsonrpc::response(Value::Null, Err(e))),
         Body::Single(call) => answer(&context, &caller, call).await,
@@ -282,10 +306,8 @@ async fn websocket_handler(State(context): State<Arc<rpc::Context>>, upgrade: We
         .on_upgrade(move |socket| ws::serve(socket, context))
 }
 
-async fn metrics_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = caller(&context.access, &headers) {
-        return refused.into_response();
-    }
+/// Behind a token where one is needed, like the rest.
+async fn metrics_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc::Caller) -> Response {
     let text = metrics::scrape(&context.bus).await;
     (
         [(
@@ -300,10 +322,7 @@ async fn metrics_handler(State(context): State<Arc<rpc::Context>>, headers: Head
 /// What `majordome status` shows, as JSON: the broker's statistics, each
 /// part's `stats.get`, and the manager's clients; `null` for a part that
 /// did not answer.
-async fn status_handler(State(context): State<Arc<rpc::Context>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = caller(&context.access, &headers) {
-        return refused.into_response();
-    }
+async fn status_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc::Caller) -> Response {
     let bus = &context.bus;
     let wait = std::time::Duration::from_secs(2);
     let broker = match bus.request("mmi.stats", Vec::new(), wait).await {

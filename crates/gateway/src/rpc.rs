@@ -54,6 +54,10 @@ pub struct Context {
     pub getevent_timeout: Duration,
     /// Who may come in.
     pub access: crate::Access,
+    /// The Clone server's snapshot endpoint, when there is one.
+    pub state: Option<String>,
+    /// This hub's host name (the plugins' `config` is per host).
+    pub host: String,
 }
 
 /// Carries out one call for `caller`.

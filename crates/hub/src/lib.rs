@@ -490,8 +490,14 @@ impl Hub {
         };
         self.needs_port("gateway", &config.listen.broker, !config.parts.broker)?;
         self.needs_port("gateway", &config.listen.subscribe, !config.parts.events)?;
-        let subscribe = self.endpoints.subscribe.clone();
-        let gateway = majordome_gateway::Gateway::bind(&self.local_broker, &subscribe, config.http.clone(), access)
+        let state = &self.endpoints.state.snapshot;
+        let wiring = majordome_gateway::Wiring {
+            broker: self.local_broker.clone(),
+            subscribe: self.endpoints.subscribe.clone(),
+            state: (config.parts.state || !state.ends_with(":0")).then(|| state.clone()),
+            host: config.manager.host.clone(),
+        };
+        let gateway = majordome_gateway::Gateway::bind(wiring, config.http.clone(), access)
             .map_err(|e| start_error("gateway", e))?;
         self.endpoints.http = Some(gateway.address());
         self.spawn("gateway", move |stop| Ok(gateway.run(stop)?))

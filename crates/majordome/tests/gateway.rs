@@ -582,3 +582,106 @@ fn a_websocket_client_that_does_not_read_is_closed_with_a_reason() {
     assert_eq!(u16::from(reason.code), 1008);
     assert!(reason.reason.contains("too slow"), "{reason:?}");
 }
+
+fn get_json(http: &str, path: &str) -> (u16, Value) {
+    let (status, _, body) = self::http(http, "GET", path, b"");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn send_json(http: &str, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, body) = self::http(http, method, path, body.to_string().as_bytes());
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn rest_routes_answer_with_the_status_that_fits() {
+    let (_up, http, _broker, data) = hub();
+    let switch = fake_switch(&http);
+    // The document lists every route of protocols.md.
+    let (status, document) = get_json(&http, "/api/openapi.json");
+    assert_eq!((status, document["openapi"].as_str()), (200, Some("3.1.0")));
+    for path in [
+        "/api/status",
+        "/api/clients",
+        "/api/devices",
+        "/api/devices/{uuid}",
+        "/api/devices/{uuid}/command",
+        "/api/state",
+        "/api/history/{uuid}/{quantity}",
+        "/api/scenarios",
+        "/api/scenarios/{name}",
+        "/api/scenarios/{name}/run",
+        "/api/config/{name}",
+        "/jsonrpc",
+    ] {
+        assert!(document["paths"][path].is_object(), "{path} not in the document");
+    }
+    let (status, devices) = get_json(&http, "/api/devices");
+    assert_eq!(status, 200);
+    assert!(devices["devices"].as_array().is_some_and(|d| d.len() >= 5), "{devices}");
+    let (status, device) = get_json(&http, &format!("/api/devices/{switch}"));
+    assert_eq!((status, device["type"].as_str()), (200, Some("switch")), "{device}");
+    let (status, missing) = get_json(&http, "/api/devices/no-such-device");
+    assert_eq!(
+        (status, missing["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{missing}"
+    );
+    let path = format!("/api/devices/{switch}/command");
+    let (status, done) = send_json(&http, "POST", &path, &json!({"command": "on"}));
+    assert_eq!(status, 200, "{done}");
+    assert!(
+        done["identifier"].as_str().is_some_and(|i| i.starts_with("success")),
+        "{done}"
+    );
+    let (status, bad) = send_json(&http, "POST", &path, &json!({"nothing": 1}));
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("bad_body")),
+        "{bad}"
+    );
+    let (status, unknown) = send_json(&http, "POST", &path, &json!({"command": "fly"}));
+    assert!(status == 400 || status == 404, "{status} {unknown}");
+    assert!(unknown["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+
+    let (status, state) = get_json(&http, "/api/state?prefix=/device/");
+    assert_eq!(status, 200, "{state}");
+    assert!(state["keys"]
+        .as_object()
+        .is_some_and(|k| k.keys().all(|key| key.starts_with("/device/"))));
+    let (status, _) = get_json(&http, "/api/state?prefix=device");
+    assert_eq!(status, 400);
+    let (status, history) = get_json(&http, &format!("/api/history/{switch}/state?last=5"));
+    assert_eq!(status, 200, "{history}");
+
+    let (status, config) = get_json(&http, "/api/config/fake");
+    assert_eq!(status, 200, "{config}");
+    let (status, set) = send_json(&http, "PUT", "/api/config/fake", &json!({"interval": 2}));
+    assert_eq!(status, 200, "{set}");
+    let (status, refused) = send_json(&http, "PUT", "/api/config/fake", &json!({"interval": 0}));
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("interval")),
+        "{refused}"
+    );
+
+    let (status, none) = get_json(&http, "/api/scenarios");
+    assert_eq!(
+        (status, none["error"]["code"].as_str()),
+        (503, Some("no_worker")),
+        "{none}"
+    );
+
+    // A token without the permission: 403.
+    let limited = token(data.path(), "panel", &["call=echo"]);
+    let header = format!("Authorization: Bearer {limited}\r\n");
+    let (status, _, body) = http_with(&http, "GET", "/api/devices", &header, b"");
+    let refused: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{refused}"
+    );
+}

@@ -27,6 +27,14 @@ pub(crate) fn outcome_reply(action: &str, mut data: Map<String, Value>) -> Messa
     Message::new(majordome_mdp::domogik::result_action(action), Value::Object(data))
 }
 
+/// The failure for an unknown device: `status: false`, the reason, and
+/// `error: "not_found"` for machines (the gateway answers 404).
+fn no_device(action: &str, uuid: &str) -> Message {
+    let mut message = Message::failure(action, format!("no device '{uuid}'"));
+    message.data["error"] = "not_found".into();
+    message
+}
+
 pub(crate) fn command_error(action: &str, identifier: &str, message: impl Into<String>) -> Message {
     let mut data = Map::new();
     data.insert("error".into(), error_map(identifier, message));
@@ -146,7 +154,7 @@ impl Shared {
         if let Some(uuid) = query.uuid.as_deref() {
             return match registry.find(uuid) {
                 Some(device) => Message::new(result, json!({"devices": [device.inventory_entry(&self.schema)]})),
-                None => Message::failure(action, format!("no device '{uuid}'")),
+                None => no_device(action, uuid),
             };
         }
         let mut devices: Vec<&Device> = registry
@@ -164,7 +172,7 @@ impl Shared {
         let uuid = update.uuid.as_str();
         let mut registry = lock(&self.registry);
         let Some(mut device) = registry.find(uuid).cloned() else {
-            return Message::failure(action, format!("no device '{uuid}'"));
+            return no_device(action, uuid);
         };
         if let Some(name) = &update.name {
             device.name = name.clone();
@@ -190,7 +198,7 @@ impl Shared {
     pub(crate) fn delete(&self, action: &str, uuid: &str) -> Message {
         let mut registry = lock(&self.registry);
         let Some(uuid) = registry.find(uuid).map(|d| d.uuid.clone()) else {
-            return Message::failure(action, format!("no device '{uuid}'"));
+            return no_device(action, uuid);
         };
         if let Err(e) = store::remove(&self.committer, &uuid) {
             return Message::failure(action, format!("the device store failed: {e}"));
