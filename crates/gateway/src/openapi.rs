@@ -7,7 +7,7 @@ use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use crate::rest::{CommandBody, ErrorBody, HistoryParams, StateQuery, StateSnapshot, ROUTES};
+use crate::rest::{CommandBody, ConfigValues, ErrorBody, HistoryParams, StateQuery, StateSnapshot, ROUTES};
 
 /// The document.
 pub fn document() -> Value {
@@ -21,7 +21,7 @@ pub fn document() -> Value {
     add("HistoryParams", generator.subschema_for::<HistoryParams>());
     add("StateSnapshot", generator.subschema_for::<StateSnapshot>());
     add("ErrorBody", generator.subschema_for::<ErrorBody>());
-    add("ConfigValues", generator.subschema_for::<Map<String, Value>>());
+    add("ConfigValues", generator.subschema_for::<ConfigValues>());
     add("Scenario", generator.subschema_for::<Map<String, Value>>());
     let mut schemas: Map<String, Value> = generator
         .definitions()

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -27,6 +28,7 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 pub struct CommandBody {
     /// A command of the device's type (`on`, `off`, `setlevel`, …).
+    #[schemars(length(min = 1, max = 256))]
     pub command: String,
     /// Its parameters (`{"level": 40}`).
     #[serde(default)]
@@ -38,6 +40,7 @@ pub struct CommandBody {
 pub struct StateQuery {
     /// A Clone subtree (`/device/`); none: every key.
     #[serde(default)]
+    #[schemars(regex(pattern = r"^(/[ -~]*)?$"), length(max = 1024))]
     pub prefix: String,
 }
 
@@ -45,11 +48,21 @@ pub struct StateQuery {
 /// (`from`, `to`: unix seconds) in buckets of `bucket` seconds.
 #[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 pub struct HistoryParams {
+    #[schemars(range(min = 0.0))]
     pub from: Option<f64>,
+    #[schemars(range(min = 0.0))]
     pub to: Option<f64>,
+    /// Seconds per bucket, at least one.
+    #[schemars(range(min = 1.0))]
     pub bucket: Option<f64>,
+    #[schemars(range(min = 1, max = 100_000))]
     pub last: Option<u64>,
 }
+
+/// `PUT /api/config/{name}`: the keys to set, at least one.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[schemars(extend("minProperties" = 1))]
+pub struct ConfigValues(pub Map<String, Value>);
 
 /// `GET /api/state`'s answer.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -393,9 +406,9 @@ async fn config_set(
     State(context): State<Arc<Context>>,
     caller: Caller,
     Path(name): Path<String>,
-    body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<ConfigValues>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(values)) = body else {
+    let Ok(Json(ConfigValues(values))) = body else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "bad_body",
@@ -429,8 +442,24 @@ async fn scenarios(State(context): State<Arc<Context>>, caller: Caller) -> Respo
     scenario(&context, &caller, "scenario.list.get", json!({})).await
 }
 
-async fn scenario_new(State(context): State<Arc<Context>>, caller: Caller, Json(body): Json<Value>) -> Response {
-    scenario(&context, &caller, "scenario.new.do", json!({"scenario": body})).await
+/// A JSON object body, or why it is not one (answered 400).
+fn object_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, String> {
+    match body {
+        Ok(Json(value @ Value::Object(_))) => Ok(value),
+        Ok(_) => Err("the body is a JSON object".to_owned()),
+        Err(rejected) => Err(rejected.body_text()),
+    }
+}
+
+async fn scenario_new(
+    State(context): State<Arc<Context>>,
+    caller: Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    match object_body(body) {
+        Ok(body) => scenario(&context, &caller, "scenario.new.do", json!({"scenario": body})).await,
+        Err(why) => error_response(StatusCode::BAD_REQUEST, "bad_body", &why),
+    }
 }
 
 async fn scenario_get(State(context): State<Arc<Context>>, caller: Caller, Path(name): Path<String>) -> Response {
@@ -441,11 +470,13 @@ async fn scenario_update(
     State(context): State<Arc<Context>>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(mut body): Json<Value>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    if let Some(object) = body.as_object_mut() {
-        object.insert("name".into(), name.into());
-    }
+    let mut body = match object_body(body) {
+        Ok(body) => body,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, "bad_body", &why),
+    };
+    body["name"] = name.into();
     scenario(&context, &caller, "scenario.update.do", json!({"scenario": body})).await
 }
 

@@ -685,3 +685,36 @@ fn rest_routes_answer_with_the_status_that_fits() {
         "{refused}"
     );
 }
+
+/// schemathesis (installed by tools/test.sh) reads /api/openapi.json,
+/// calls every route with what the document allows and more, and checks
+/// each answer against the document: no 5xx, documented statuses,
+/// content types and bodies. The scenario routes wait for the scenario
+/// service (they answer 503 without it), and the checks that judge how
+/// strict validation is (a semantically wrong but schema-valid request,
+/// like an unknown device, is rightly refused) are left out.
+#[test]
+fn the_openapi_document_holds_for_every_route() {
+    let (_up, http, _broker, _data) = hub();
+    let out = std::process::Command::new("schemathesis")
+        .args([
+            "run",
+            &format!("http://{http}/api/openapi.json"),
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance,negative_data_rejection",
+            "--exclude-path-regex",
+            "^/api/scenarios",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .output()
+        .expect("schemathesis runs (tools/test.sh installs it)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("passed"), "{said}");
+}
