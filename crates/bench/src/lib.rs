@@ -2,6 +2,7 @@
 
 pub mod devices;
 pub mod events;
+pub mod http;
 pub mod reqrep;
 pub mod state;
 pub mod titanic;

@@ -6,8 +6,9 @@
 //! `call_service` (a device command), `call` (any service), `ping`.
 //!
 //! What goes out to one client waits in a bounded queue; a client that
-//! lets it fill (it does not read) is closed with a reason that says so,
-//! instead of growing the hub.
+//! does not drain it (it does not read) is closed with a reason that says
+//! so, instead of growing the hub. A burst of events waits for room (up
+//! to a few seconds, in the gateway's bounded broadcast).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +31,14 @@ const AUTH_WAIT: Duration = Duration::from_secs(10);
 const COMMAND_WAIT: Duration = Duration::from_secs(10);
 
 /// How long one message may take to go out before the client is taken
-/// for gone.
-const SEND_WAIT: Duration = Duration::from_secs(10);
+/// for gone (it reads nothing at all).
+const SEND_WAIT: Duration = Duration::from_secs(30);
+
+/// How long events may wait for room in a client's queue before the
+/// client is taken for too slow. Meanwhile the events wait in the
+/// gateway's broadcast (bounded too: beyond it, the client is told how
+/// many it lost).
+const SLOW_AFTER: Duration = Duration::from_secs(5);
 
 /// WebSocket clients connected now, and those closed for not keeping up
 /// (for `/metrics`).
@@ -53,20 +60,32 @@ struct Out {
 }
 
 impl Out {
-    /// Queues a message; a full queue marks the client too slow. False
-    /// once it is.
+    /// Queues a reply; a full queue marks the client too slow. False once
+    /// it is.
     fn send(&self, message: Message) -> bool {
         match self.queue.try_send(message) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.slow.raised.swap(true, Ordering::Relaxed) {
-                    CLOSED_SLOW.fetch_add(1, Ordering::Relaxed);
-                }
-                self.slow.notify.notify_one();
-                false
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.too_slow(),
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues an event, waiting up to [`SLOW_AFTER`] for room: a burst is
+    /// not slowness, a client that does not drain its queue is.
+    async fn send_waiting(&self, message: Message) -> bool {
+        match tokio::time::timeout(SLOW_AFTER, self.queue.send(message)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => self.too_slow(),
+        }
+    }
+
+    fn too_slow(&self) -> bool {
+        if !self.slow.raised.swap(true, Ordering::Relaxed) {
+            CLOSED_SLOW.fetch_add(1, Ordering::Relaxed);
+        }
+        self.slow.notify.notify_one();
+        false
     }
 }
 
@@ -323,7 +342,7 @@ fn forward_events(id: u64, prefix: String, context: &Context, out: Out) -> JoinH
                     let overflow = crate::events::HttpEvent::overflow(dropped);
                     let message = json!({"id": id, "type": "event", "event": {
                         "event_type": "event.overflow", "data": overflow, "time_fired": now()}});
-                    if !out.send(text_message(&message)) {
+                    if !out.send_waiting(text_message(&message)).await {
                         return;
                     }
                     continue;
@@ -332,7 +351,7 @@ fn forward_events(id: u64, prefix: String, context: &Context, out: Out) -> JoinH
             };
             let message = json!({"id": id, "type": "event", "event": {
                 "event_type": event.category, "data": event.content, "time_fired": now()}});
-            if !out.send(text_message(&message)) {
+            if !out.send_waiting(text_message(&message)).await {
                 return;
             }
         }

@@ -382,6 +382,25 @@ pub enum Bench {
         #[arg(long, default_value = "full")]
         durability: DurabilityArg,
     },
+    /// The HTTP gateway against the bus in the same run: agorpc's
+    /// `message` inventory over JSON-RPC from keep-alive connections vs
+    /// the same call on the bus; events/s one WebSocket client receives vs
+    /// a bus subscriber.
+    Http {
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Requests per run, shared among the connections.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Devices in the inventory.
+        #[arg(long, default_value_t = 20)]
+        devices: usize,
+        /// Events sent for the event comparison.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Request/reply through an MDP/0.1 broker, optionally against a bare
     /// libzmq proxy in the same run.
     Reqrep {

@@ -531,6 +531,22 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             };
             majordome_bench::events::run(&options, &mut std::io::stdout())?;
         }
+        Bench::Http {
+            connections,
+            requests,
+            devices,
+            events,
+            runs,
+        } => {
+            let options = majordome_bench::http::HttpOptions {
+                connections,
+                requests,
+                devices,
+                events,
+                runs,
+            };
+            majordome_bench::http::run(&options, &mut std::io::stdout())?;
+        }
         Bench::Reqrep {
             broker,
             clients,
