@@ -5,14 +5,14 @@
 //! id finds its entry, the secret proves it.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::users::{check_name, digest, hex, new_secret, same, stamp, unhex, Stamp, UsersError};
+use crate::users::{
+    check_name, digest, hex, load_toml, new_secret, same, save_owner_only, stamp, unhex, Stamp, UsersError,
+};
 use crate::Rules;
 
 /// The tokens file's name in the data folder.
@@ -55,15 +55,10 @@ impl Tokens {
     /// Reads the tokens of `data`; no file is no token.
     pub fn load(data: &Path) -> Result<Tokens, UsersError> {
         let path = Tokens::path(data);
-        let file = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| UsersError::Invalid {
-                path: path.clone(),
-                why: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
-            Err(source) => return Err(UsersError::Read { path, source }),
-        };
-        Ok(Tokens { path, file })
+        Ok(Tokens {
+            file: load_toml(&path)?,
+            path,
+        })
     }
 
     /// Makes a token for `identity`, with `rules` of its own if given;
@@ -106,31 +101,11 @@ impl Tokens {
 
     /// Writes the file, owner-only, replaced whole.
     pub fn save(&self) -> Result<(), UsersError> {
-        let write_error = |source| UsersError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(folder) = self.path.parent() {
-            std::fs::create_dir_all(folder).map_err(write_error)?;
-        }
-        let text = format!(
-            "# Made by `majordome token`: each token is kept as the SHA-256 of its secret and was shown once.\n{}",
-            toml::to_string(&self.file).map_err(|e| write_error(std::io::Error::other(e)))?
-        );
-        let temporary = self.path.with_extension("toml.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(write_error)?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(write_error)?;
-        file.write_all(text.as_bytes()).map_err(write_error)?;
-        file.sync_all().map_err(write_error)?;
-        std::fs::rename(&temporary, &self.path).map_err(write_error)?;
-        Ok(())
+        save_owner_only(
+            &self.path,
+            "# Made by `majordome token`: each token is kept as the SHA-256 of its secret and was shown once.",
+            &self.file,
+        )
     }
 }
 

@@ -81,15 +81,10 @@ impl Users {
     /// Reads the users file of `data`; none yet is no user.
     pub fn load(data: &Path) -> Result<Users, UsersError> {
         let path = Users::path(data);
-        let file = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| UsersError::Invalid {
-                path: path.clone(),
-                why: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
-            Err(source) => return Err(UsersError::Read { path, source }),
-        };
-        Ok(Users { path, file })
+        Ok(Users {
+            file: load_toml(&path)?,
+            path,
+        })
     }
 
     /// Adds `name` with a new secret, which it returns (to be shown once).
@@ -146,34 +141,59 @@ impl Users {
 
     /// Writes the file: readable by its owner only, replaced whole.
     pub fn save(&self) -> Result<(), UsersError> {
-        let write_error = |source| UsersError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(folder) = self.path.parent() {
-            std::fs::create_dir_all(folder).map_err(write_error)?;
-        }
-        let text = format!(
-            "# Made by `majordome user`: each secret is kept as its SHA-256 and was shown once.\n{}",
-            toml::to_string(&self.file).map_err(|e| write_error(std::io::Error::other(e)))?
-        );
-        let temporary = self.path.with_extension("toml.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(write_error)?;
-        // `mode` applies only to a file it creates: a temporary file left
-        // by a crash keeps its own.
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(write_error)?;
-        file.write_all(text.as_bytes()).map_err(write_error)?;
-        file.sync_all().map_err(write_error)?;
-        std::fs::rename(&temporary, &self.path).map_err(write_error)?;
-        Ok(())
+        save_owner_only(
+            &self.path,
+            "# Made by `majordome user`: each secret is kept as its SHA-256 and was shown once.",
+            &self.file,
+        )
     }
+}
+
+/// Reads a TOML file of this folder's kind; none is its default (empty).
+pub(crate) fn load_toml<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T, UsersError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| UsersError::Invalid {
+            path: path.to_owned(),
+            why: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(source) => Err(UsersError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes `content` as TOML after the `header` comment line: a temporary
+/// file readable by its owner only (`mode` applies only to a file it
+/// creates, so the permissions are set again), synced, then renamed over
+/// `path`.
+pub(crate) fn save_owner_only<T: Serialize>(path: &Path, header: &str, content: &T) -> Result<(), UsersError> {
+    let write_error = |source| UsersError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(folder) = path.parent() {
+        std::fs::create_dir_all(folder).map_err(write_error)?;
+    }
+    let text = format!(
+        "{header}\n{}",
+        toml::to_string(content).map_err(|e| write_error(std::io::Error::other(e)))?
+    );
+    let temporary = path.with_extension("toml.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(write_error)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(write_error)?;
+    file.write_all(text.as_bytes()).map_err(write_error)?;
+    file.sync_all().map_err(write_error)?;
+    std::fs::rename(&temporary, path).map_err(write_error)?;
+    Ok(())
 }
 
 /// Whether `name` may be a user's: `[a-z][a-z0-9_]{0,31}`, not the hub's.
