@@ -233,7 +233,13 @@ fn io_loop(dealer: zmq::Socket, inbox: mpsc::Receiver<Command>, mut woken: UnixS
                             warn!(error = %e, "async client could not send");
                         }
                     }
-                    Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
+                    Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
+                        // Whoever still waits hears that it is over.
+                        for (_, p) in pending.lock().expect("pending map").drain() {
+                            let _ = p.reply_tx.send(Err(ClientError::Closed));
+                        }
+                        return;
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
             }

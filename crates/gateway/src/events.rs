@@ -93,6 +93,9 @@ pub struct Subscriptions {
 }
 
 struct Subscription {
+    /// Whose it is (the token's identity, "" for local clients): nobody
+    /// else reads or closes it.
+    owner: String,
     receiver: Arc<tokio::sync::Mutex<broadcast::Receiver<Arc<HttpEvent>>>>,
     last_used: Instant,
 }
@@ -123,8 +126,8 @@ impl Subscriptions {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A new subscription's uuid.
-    pub fn open(&self) -> Result<String, SubscriptionError> {
+    /// A new subscription of `owner`'s; its uuid.
+    pub fn open(&self, owner: &str) -> Result<String, SubscriptionError> {
         let mut table = self.table();
         let idle = self.idle;
         table.retain(|_, s| s.last_used.elapsed() < idle);
@@ -135,6 +138,7 @@ impl Subscriptions {
         table.insert(
             uuid.clone(),
             Subscription {
+                owner: owner.to_owned(),
                 receiver: Arc::new(tokio::sync::Mutex::new(self.events.subscribe())),
                 last_used: Instant::now(),
             },
@@ -142,21 +146,38 @@ impl Subscriptions {
         Ok(uuid)
     }
 
-    pub fn close(&self, uuid: &str) -> Result<(), SubscriptionError> {
-        self.table().remove(uuid).map(|_| ()).ok_or(SubscriptionError::Unknown)
+    /// Closes `owner`'s subscription `uuid` (another's is unknown to it).
+    pub fn close(&self, uuid: &str, owner: &str) -> Result<(), SubscriptionError> {
+        let mut table = self.table();
+        match table.get(uuid) {
+            Some(subscription) if subscription.owner == owner => {
+                table.remove(uuid);
+                Ok(())
+            }
+            _ => Err(SubscriptionError::Unknown),
+        }
     }
 
-    /// The next event of `uuid` within `wait`: `Ok(None)` at the timeout.
-    pub async fn next(&self, uuid: &str, wait: Duration) -> Result<Option<Value>, SubscriptionError> {
+    /// The next event of `owner`'s `uuid` within `wait`: `Ok(None)` at the
+    /// timeout.
+    pub async fn next(&self, uuid: &str, owner: &str, wait: Duration) -> Result<Option<Value>, SubscriptionError> {
         let receiver = {
             let mut table = self.table();
-            let subscription = table.get_mut(uuid).ok_or(SubscriptionError::Unknown)?;
+            let subscription = table
+                .get_mut(uuid)
+                .filter(|s| s.owner == owner)
+                .ok_or(SubscriptionError::Unknown)?;
             subscription.last_used = Instant::now();
             subscription.receiver.clone()
         };
-        // One getevent at a time per subscription: a second waits its turn.
-        let mut receiver = receiver.lock().await;
-        let outcome = match tokio::time::timeout(wait, receiver.recv()).await {
+        // One getevent at a time per subscription: a second waits its
+        // turn, within its own deadline.
+        let outcome = tokio::time::timeout(wait, async {
+            let mut receiver = receiver.lock().await;
+            receiver.recv().await
+        })
+        .await;
+        let outcome = match outcome {
             Err(_) => Ok(None),
             Ok(Ok(event)) => Ok(Some(event.content.clone())),
             Ok(Err(broadcast::error::RecvError::Lagged(dropped))) => Ok(Some(HttpEvent::overflow(dropped))),
@@ -187,14 +208,19 @@ mod tests {
             let (sender, _) = broadcast::channel(4);
             let events = Events { sender: sender.clone() };
             let subscriptions = Subscriptions::new(events, 2, Duration::from_secs(60));
-            let uuid = subscriptions.open().unwrap();
+            let uuid = subscriptions.open("").unwrap();
             for n in 0..10 {
                 sender
                     .send(Arc::new(HttpEvent::new("x".into(), json!({"n": n}))))
                     .unwrap();
             }
+            assert_eq!(
+                subscriptions.next(&uuid, "somebody", Duration::ZERO).await,
+                Err(SubscriptionError::Unknown),
+                "another's subscription is unknown to it"
+            );
             let first = subscriptions
-                .next(&uuid, Duration::from_secs(1))
+                .next(&uuid, "", Duration::from_secs(1))
                 .await
                 .unwrap()
                 .unwrap();
@@ -203,19 +229,20 @@ mod tests {
                 (Some("event.overflow"), Some(6))
             );
             let next = subscriptions
-                .next(&uuid, Duration::from_secs(1))
+                .next(&uuid, "", Duration::from_secs(1))
                 .await
                 .unwrap()
                 .unwrap();
             assert_eq!(next["n"], 6);
             assert_eq!(
-                subscriptions.next("nope", Duration::ZERO).await,
+                subscriptions.next("nope", "", Duration::ZERO).await,
                 Err(SubscriptionError::Unknown)
             );
-            subscriptions.open().unwrap();
-            assert_eq!(subscriptions.open(), Err(SubscriptionError::TooMany(2)));
-            subscriptions.close(&uuid).unwrap();
-            assert_eq!(subscriptions.close(&uuid), Err(SubscriptionError::Unknown));
+            subscriptions.open("").unwrap();
+            assert_eq!(subscriptions.open(""), Err(SubscriptionError::TooMany(2)));
+            assert_eq!(subscriptions.close(&uuid, "somebody"), Err(SubscriptionError::Unknown));
+            subscriptions.close(&uuid, "").unwrap();
+            assert_eq!(subscriptions.close(&uuid, ""), Err(SubscriptionError::Unknown));
         });
     }
 }

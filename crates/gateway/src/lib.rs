@@ -228,6 +228,30 @@ impl axum::extract::FromRequestParts<Arc<rpc::Context>> for rpc::Caller {
 pub(crate) fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthorized> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return if access.anonymous {
+            // A page of another site in a browser on this machine must not
+            // act as a local client (cross-site requests, DNS rebinding):
+            // an anonymous request names a loopback host and, if it says
+            // where it comes from, a loopback origin.
+            let loopback = |value: Option<&header::HeaderValue>, scheme: &str| {
+                value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+                    let host = v.strip_prefix(scheme).unwrap_or(v);
+                    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+                        if port.chars().all(|c| c.is_ascii_digit()) {
+                            h
+                        } else {
+                            host
+                        }
+                    });
+                    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+                })
+            };
+            let origin = headers.get(header::ORIGIN);
+            if !loopback(headers.get(header::HOST), "") || (origin.is_some() && !loopback(origin, "http://")) {
+                return Err(Unauthorized(
+                    "without a token, only requests for a loopback host from no other site are let in: \
+                     send `Authorization: Bearer <token>`",
+                ));
+            }
             Ok(rpc::Caller::Local)
         } else {
             Err(Unauthorized(
@@ -235,11 +259,13 @@ pub(crate) fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller
             ))
         };
     };
+    // The scheme's name is case-insensitive (RFC 7235).
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .unwrap_or_default();
     let bearer = access
         .tokens
@@ -255,7 +281,25 @@ pub(crate) fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller
     })
 }
 
-async fn jsonrpc_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::Caller, body: Bytes) -> Response {
+async fn jsonrpc_handler(
+    State(context): State<Arc<rpc::Context>>,
+    caller: rpc::Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // JSON only: a form or text/plain POST is what another site's page
+    // can send without asking.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+    if !json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the JSON-RPC body as application/json",
+        );
+    }
     let answer = match jsonrpc::parse(&body) {
         Body::Broken(e) => Some(jsonrpc::response(Value::Null, Err(e))),
         Body::Single(call) => answer(&context, &caller, call).await,
@@ -290,6 +334,8 @@ async fn answer(
 ) -> Option<Value> {
     match call {
         Err((id, e)) => Some(jsonrpc::response(id, Err(e))),
+        // A subscription nobody would ever learn the uuid of is not made.
+        Ok(call) if call.id.is_none() && call.method == "subscribe" => None,
         Ok(call) => {
             let outcome = rpc::run(context, caller, &call).await;
             call.id.map(|id| jsonrpc::response(id, outcome))
@@ -307,8 +353,8 @@ async fn websocket_handler(State(context): State<Arc<rpc::Context>>, upgrade: We
 }
 
 /// Behind a token where one is needed, like the rest.
-async fn metrics_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc::Caller) -> Response {
-    let text = metrics::scrape(&context.bus).await;
+async fn metrics_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::Caller) -> Response {
+    let text = metrics::scrape(&context.bus, &caller).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -322,7 +368,7 @@ async fn metrics_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc:
 /// What `majordome status` shows, as JSON: the broker's statistics, each
 /// part's `stats.get`, and the manager's clients; `null` for a part that
 /// did not answer.
-async fn status_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc::Caller) -> Response {
+async fn status_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::Caller) -> Response {
     let bus = &context.bus;
     let wait = std::time::Duration::from_secs(2);
     let broker = match bus.request("mmi.stats", Vec::new(), wait).await {
@@ -340,6 +386,11 @@ async fn status_handler(State(context): State<Arc<rpc::Context>>, _caller: rpc::
         ("history", "history", "stats.get"),
         ("clients", "manager", "client.list.get"),
     ] {
+        // What the caller may not call, it does not see here either.
+        if caller.may_call(service, action).is_err() {
+            status[part] = Value::Null;
+            continue;
+        }
         let asked = Message::new(action, json!({}));
         status[part] = match bus.request_message(service, &asked, wait).await {
             Ok(reply) if reply.data.get("status") != Some(&Value::Bool(false)) => reply.data,

@@ -316,7 +316,7 @@ impl EncodeMetric for Sample {
 
 /// Asks the bus for everything and encodes it. A part that does not
 /// answer is left out (the others are still shown).
-pub async fn scrape(bus: &Arc<AsyncClient>) -> String {
+pub async fn scrape(bus: &Arc<AsyncClient>, caller: &crate::rpc::Caller) -> String {
     let mut scrape = Scrape::default();
     if let Ok(reply) = bus.request("mmi.stats", Vec::new(), WAIT).await {
         if let Some(stats) = reply.first().and_then(|f| serde_json::from_slice::<Snapshot>(f).ok()) {
@@ -324,6 +324,10 @@ pub async fn scrape(bus: &Arc<AsyncClient>) -> String {
         }
     }
     for part in ["events", "state", "devices", "history"] {
+        // What the caller may not call, it does not see here either.
+        if caller.may_call(part, "stats.get").is_err() {
+            continue;
+        }
         if let Ok(reply) = bus
             .request_message(part, &Message::new("stats.get", serde_json::json!({})), WAIT)
             .await
@@ -346,8 +350,10 @@ pub async fn scrape(bus: &Arc<AsyncClient>) -> String {
         crate::ws::CLOSED_SLOW.load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
     let list = Message::new("client.list.get", serde_json::json!({}));
-    if let Ok(reply) = bus.request_message("manager", &list, WAIT).await {
-        scrape.clients(&reply.data);
+    if caller.may_call("manager", "client.list.get").is_ok() {
+        if let Ok(reply) = bus.request_message("manager", &list, WAIT).await {
+            scrape.clients(&reply.data);
+        }
     }
     scrape.encode()
 }

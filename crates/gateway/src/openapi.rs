@@ -72,6 +72,7 @@ pub fn document() -> Value {
                 "200": {"description": "The response object, or an array for a batch",
                         "content": {"application/json": {"schema": {}}}},
                 "204": {"description": "Only notifications: no answer"},
+                "415": error_response("The body is not sent as application/json"),
                 "401": error_response("No valid token where one is needed"),
             }
         }}),

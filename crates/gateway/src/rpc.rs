@@ -30,6 +30,33 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The name subscriptions are kept under ("" for local clients).
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Local => "",
+            Caller::Named { identity, .. } => identity,
+        }
+    }
+
+    /// May it follow the bus's events? They carry every device's values,
+    /// so only a caller that may read every Clone key (as for the Clone
+    /// updates).
+    pub fn may_follow_events(&self) -> Result<(), RpcError> {
+        let Caller::Named { identity, policy } = self else {
+            return Ok(());
+        };
+        policy.may_follow_all(Who::Named(identity)).map_err(|denied| {
+            let mut error = RpcError::new(
+                code::BUS_ERROR,
+                format!(
+                    "{denied}: events carry every device's values, so they are for identities that may read every key"
+                ),
+            );
+            error.identifier = Some("error.forbidden".into());
+            error
+        })
+    }
+
     /// May it call `service` with `action`? Refused as the bus refuses:
     /// -31999, `error.forbidden`.
     pub fn may_call(&self, service: &str, action: &str) -> Result<(), RpcError> {
@@ -67,14 +94,21 @@ pub async fn run(context: &Context, caller: &Caller, call: &Call) -> Result<Valu
     match call.method.as_str() {
         "message" => message(bus, caller, &params).await,
         "call" => call_service(bus, caller, &params).await,
-        "subscribe" => context
-            .subscriptions
-            .open()
-            .map(Value::from)
-            .map_err(subscription_error),
+        "subscribe" => {
+            caller.may_follow_events()?;
+            context
+                .subscriptions
+                .open(caller.name())
+                .map(Value::from)
+                .map_err(subscription_error)
+        }
         "getevent" => {
             let uuid = subscription(&params)?;
-            match context.subscriptions.next(uuid, context.getevent_timeout).await {
+            match context
+                .subscriptions
+                .next(uuid, caller.name(), context.getevent_timeout)
+                .await
+            {
                 Ok(Some(event)) => Ok(event),
                 Ok(None) => Err(RpcError::new(
                     code::NO_EVENT,
@@ -87,7 +121,7 @@ pub async fn run(context: &Context, caller: &Caller, call: &Call) -> Result<Valu
             let uuid = subscription(&params)?;
             context
                 .subscriptions
-                .close(uuid)
+                .close(uuid, caller.name())
                 .map(|()| Value::from("success"))
                 .map_err(subscription_error)
         }

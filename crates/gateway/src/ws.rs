@@ -45,6 +45,13 @@ const SLOW_AFTER: Duration = Duration::from_secs(5);
 pub static CONNECTED: AtomicU64 = AtomicU64::new(0);
 pub static CLOSED_SLOW: AtomicU64 = AtomicU64::new(0);
 
+/// Event subscriptions one client may hold, and commands it may have in
+/// flight at once (more wait: the connection is not read meanwhile).
+const MAX_SUBSCRIPTIONS: usize = 16;
+const COMMANDS_AT_ONCE: usize = 16;
+
+type Subscriptions = Arc<std::sync::Mutex<HashMap<u64, JoinHandle<()>>>>;
+
 /// Raised when a client's queue is full: the connection then closes.
 #[derive(Default)]
 struct Slow {
@@ -60,18 +67,9 @@ struct Out {
 }
 
 impl Out {
-    /// Queues a reply; a full queue marks the client too slow. False once
-    /// it is.
-    fn send(&self, message: Message) -> bool {
-        match self.queue.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => self.too_slow(),
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// Queues an event, waiting up to [`SLOW_AFTER`] for room: a burst is
-    /// not slowness, a client that does not drain its queue is.
+    /// Queues a message (an event, a reply), waiting up to [`SLOW_AFTER`]
+    /// for room: a burst is not slowness, a client that does not drain
+    /// its queue is. False once it is too slow, or gone.
     async fn send_waiting(&self, message: Message) -> bool {
         match tokio::time::timeout(SLOW_AFTER, self.queue.send(message)).await {
             Ok(Ok(())) => true,
@@ -114,7 +112,10 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
         queue,
         slow: Arc::default(),
     };
-    let mut subscriptions: HashMap<u64, JoinHandle<()>> = HashMap::new();
+    let subscriptions: Subscriptions = Arc::default();
+    // Each command runs as a task of its own, so that a slow one does not
+    // hold up the events going out meanwhile.
+    let permits = Arc::new(tokio::sync::Semaphore::new(COMMANDS_AT_ONCE));
     loop {
         if out.slow.raised.load(Ordering::Relaxed) {
             let reason = format!("too slow: {QUEUE} messages waited for this client");
@@ -141,17 +142,27 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => continue,
                     _ => break,
                 };
-                let reply = match serde_json::from_str::<Value>(&text) {
-                    Ok(command) => handle(&command, &caller, &context, &out, &mut subscriptions).await,
-                    Err(e) => Some(result(Value::Null, Err(("invalid_format", format!("not JSON: {e}"))))),
-                };
-                if let Some(reply) = reply {
-                    out.send(text_message(&reply));
-                }
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let (caller, context, out, subscriptions) =
+                    (caller.clone(), context.clone(), out.clone(), subscriptions.clone());
+                tokio::spawn(async move {
+                    let reply = match serde_json::from_str::<Value>(&text) {
+                        Ok(command) => handle(&command, &caller, &context, &out, &subscriptions).await,
+                        Err(e) => Some(result(Value::Null, Err(("invalid_format", format!("not JSON: {e}"))))),
+                    };
+                    if let Some(reply) = reply {
+                        out.send_waiting(text_message(&reply)).await;
+                    }
+                    drop(permit);
+                });
             }
         }
     }
-    for (_, task) in subscriptions {
+    for (_, task) in subscriptions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .drain()
+    {
         task.abort();
     }
 }
@@ -208,7 +219,7 @@ async fn handle(
     caller: &Caller,
     context: &Arc<Context>,
     out: &Out,
-    subscriptions: &mut HashMap<u64, JoinHandle<()>>,
+    subscriptions: &Subscriptions,
 ) -> Option<Value> {
     let id = command.get("id").cloned().unwrap_or(Value::Null);
     let Some(number) = id.as_u64() else {
@@ -224,20 +235,36 @@ async fn handle(
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned();
-            let task = forward_events(number, prefix, context, out.clone());
-            if let Some(old) = subscriptions.insert(number, task) {
-                old.abort();
+            let mut table = subscriptions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = caller.may_follow_events() {
+                Err(bus_error(e))
+            } else if table.len() >= MAX_SUBSCRIPTIONS && !table.contains_key(&number) {
+                Err((
+                    "too_many_subscriptions",
+                    format!("{MAX_SUBSCRIPTIONS} subscriptions are open on this connection; unsubscribe one first"),
+                ))
+            } else {
+                let task = forward_events(number, prefix, context, out.clone());
+                if let Some(old) = table.insert(number, task) {
+                    old.abort();
+                }
+                Ok(Value::Null)
             }
-            Ok(Value::Null)
         }
         "unsubscribe_events" => match command.get("subscription").and_then(Value::as_u64) {
-            Some(subscription) => match subscriptions.remove(&subscription) {
-                Some(task) => {
-                    task.abort();
-                    Ok(Value::Null)
+            Some(subscription) => {
+                let removed = subscriptions
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&subscription);
+                match removed {
+                    Some(task) => {
+                        task.abort();
+                        Ok(Value::Null)
+                    }
+                    None => Err(("not_found", format!("no subscription {subscription}"))),
                 }
-                None => Err(("not_found", format!("no subscription {subscription}"))),
-            },
+            }
             None => Err((
                 "invalid_format",
                 "`subscription` is the id of a subscribe_events".into(),

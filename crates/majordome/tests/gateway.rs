@@ -718,3 +718,93 @@ fn the_openapi_document_holds_for_every_route() {
     assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("passed"), "{said}");
 }
+
+/// One raw HTTP/1.1 request, as written; the status.
+fn raw_status(address: &str, request: &str) -> u16 {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A page of another site open in a browser on the hub's machine must not
+/// drive the hub as a local client: not by a cross-site POST, not through
+/// DNS rebinding, not as text/plain.
+#[test]
+fn another_site_s_page_cannot_act_as_a_local_client() {
+    let (_up, http, _broker, _data) = hub();
+    let body = r#"{"jsonrpc": "2.0", "method": "call", "params": {"service": "echo", "action": "x.get"}, "id": 1}"#;
+    let post = |host: &str, extra: &str, kind: &str| {
+        format!(
+            "POST /jsonrpc HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Type: {kind}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    assert_eq!(
+        raw_status(&http, &post(&http, "", "application/json")),
+        200,
+        "a local client"
+    );
+    let port = http.rsplit(':').next().unwrap();
+    assert_eq!(
+        raw_status(&http, &post(&format!("localhost:{port}"), "", "application/json")),
+        200
+    );
+    assert_eq!(
+        raw_status(
+            &http,
+            &post(&http, "Origin: http://evil.example\r\n", "application/json")
+        ),
+        401,
+        "a cross-site request"
+    );
+    assert_eq!(
+        raw_status(&http, &post("evil.example", "", "application/json")),
+        401,
+        "DNS rebinding"
+    );
+    assert_eq!(
+        raw_status(&http, &post(&http, "", "text/plain")),
+        415,
+        "a simple cross-site POST"
+    );
+}
+
+#[test]
+fn a_narrow_token_sees_only_what_it_may() {
+    let (_up, http, _broker, data) = hub();
+    let narrow = token(data.path(), "panel", &["call=echo", "read=/device/"]);
+    let header = format!("Authorization: bearer {narrow}\r\n");
+    let (status, _, body) = http_with(&http, "GET", "/api/status", &header, b"");
+    let status_json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200, "a lower-case scheme is a bearer token too");
+    assert!(
+        status_json["clients"].is_null() && status_json["devices"].is_null(),
+        "{status_json}"
+    );
+    let (_, _, body) = http_with(&http, "GET", "/metrics", &header, b"");
+    let metrics = String::from_utf8(body).unwrap();
+    assert!(!metrics.contains("majordome_client_status"), "{metrics}");
+    // Events carry every device's values: not for a narrow reader.
+    let (_, _, refused) = rpc_as(&http, &narrow, &request("subscribe", json!({}), json!(1)));
+    assert_eq!(refused["error"]["identifier"], "error.forbidden", "{refused}");
+    // A subscription is its owner's alone.
+    let admin = token(data.path(), "admin", &[]);
+    let (_, _, opened) = rpc_as(&http, &admin, &request("subscribe", json!({}), json!(2)));
+    let uuid = opened["result"].as_str().unwrap().to_owned();
+    let other = token(data.path(), "other", &[]);
+    let (_, _, stolen) = rpc_as(&http, &other, &request("getevent", json!({"uuid": uuid}), json!(3)));
+    assert_eq!(stolen["error"]["code"], -32602, "{stolen}");
+    let (_, _, closed) = rpc_as(&http, &other, &request("unsubscribe", json!({"uuid": uuid}), json!(4)));
+    assert_eq!(closed["error"]["code"], -32602, "{closed}");
+    let (_, _, mine) = rpc_as(&http, &admin, &request("unsubscribe", json!({"uuid": uuid}), json!(5)));
+    assert_eq!(mine["result"], "success", "{mine}");
+}
