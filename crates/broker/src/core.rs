@@ -398,6 +398,7 @@ impl Core {
                     late_workers: late.get(name).copied().unwrap_or(0),
                     latency_p50_us: service.latency.quantile_us(0.5),
                     latency_p99_us: service.latency.quantile_us(0.99),
+                    latency: service.latency.buckets(),
                 };
                 (String::from_utf8_lossy(name).into_owned(), stats)
             })

@@ -45,7 +45,23 @@ pub struct ServiceStats {
     /// The 99th percentile of the same.
     #[serde(default)]
     pub latency_p99_us: Option<u64>,
+    /// The whole histogram, for `/metrics`: cumulative counts by upper
+    /// bound, up to the last bucket that holds any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyBuckets>,
 }
+
+/// A latency histogram as Prometheus takes it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencyBuckets {
+    /// The sum of every latency, in seconds.
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// (upper bound in seconds, how many took at most that), increasing.
+    pub cumulative: Vec<(f64, u64)>,
+}
+
+impl Eq for LatencyBuckets {}
 
 /// Request → reply times in buckets a factor of √2 apart (1 µs to about
 /// an hour): constant memory and constant time per reply, and a quantile
@@ -54,6 +70,8 @@ pub struct ServiceStats {
 pub struct LatencyHistogram {
     counts: [u64; LATENCY_BUCKETS],
     total: u64,
+    /// The sum of every time counted, in µs.
+    sum_us: u128,
 }
 
 const LATENCY_BUCKETS: usize = 64;
@@ -63,6 +81,7 @@ impl Default for LatencyHistogram {
         LatencyHistogram {
             counts: [0; LATENCY_BUCKETS],
             total: 0,
+            sum_us: 0,
         }
     }
 }
@@ -74,6 +93,26 @@ impl LatencyHistogram {
         let bucket = ((micros.log2() * 2.0).floor() as usize).min(LATENCY_BUCKETS - 1);
         self.counts[bucket] += 1;
         self.total += 1;
+        self.sum_us += elapsed.as_micros();
+    }
+
+    /// The histogram for Prometheus, `None` before the first reply.
+    pub fn buckets(&self) -> Option<LatencyBuckets> {
+        let last = self.counts.iter().rposition(|&count| count > 0)?;
+        let mut seen = 0;
+        let cumulative = self.counts[..=last]
+            .iter()
+            .enumerate()
+            .map(|(bucket, count)| {
+                seen += count;
+                (2f64.powf((bucket + 1) as f64 / 2.0) / 1e6, seen)
+            })
+            .collect();
+        Some(LatencyBuckets {
+            sum_seconds: self.sum_us as f64 / 1e6,
+            count: self.total,
+            cumulative,
+        })
     }
 
     /// The upper bound of the bucket holding quantile `q`, in µs.

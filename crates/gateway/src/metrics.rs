@@ -29,10 +29,22 @@ struct Family {
     samples: Vec<(Labels, f64)>,
 }
 
+/// One histogram of a family: its labels, sum, count and buckets (each
+/// with the count of its own range).
+type HistogramSample = (Labels, f64, u64, Vec<(f64, u64)>);
+
+/// One histogram family.
+#[derive(Debug)]
+struct Histograms {
+    help: String,
+    samples: Vec<HistogramSample>,
+}
+
 /// The families of one scrape, by name (without the prefix).
 #[derive(Debug, Default)]
 pub struct Scrape {
     families: BTreeMap<String, Family>,
+    histograms: BTreeMap<String, Histograms>,
 }
 
 impl Scrape {
@@ -179,15 +191,21 @@ impl Scrape {
                 &labels,
                 service.idle_workers as f64,
             );
-            for (quantile, value) in [("0.5", service.latency_p50_us), ("0.99", service.latency_p99_us)] {
-                if let Some(us) = value {
-                    self.gauge(
-                        "service_latency_seconds",
-                        "Round-trip latency through the broker, by service and quantile.",
-                        &[("service", name.as_str()), ("quantile", quantile)],
-                        us as f64 / 1e6,
-                    );
-                }
+            if let Some(latency) = &service.latency {
+                let histograms = self
+                    .histograms
+                    .entry("service_latency_seconds".to_owned())
+                    .or_insert_with(|| Histograms {
+                        help: "Request to reply time through the broker, by service (buckets a factor of √2 apart)."
+                            .to_owned(),
+                        samples: Vec::new(),
+                    });
+                histograms.samples.push((
+                    vec![("service".to_owned(), name.clone())],
+                    latency.sum_seconds,
+                    latency.count,
+                    fixed_buckets(latency),
+                ));
             }
         }
     }
@@ -243,6 +261,27 @@ impl Scrape {
     }
 }
 
+/// The same buckets for every scrape and service, as Prometheus wants
+/// them: powers of two from 16 µs to 64 s (every other bucket of the
+/// broker's √2-wide ones, so the counts are exact), then +Inf (which
+/// `prometheus-client` writes for `f64::MAX`). Each with the count of its
+/// own range: the encoder adds them up.
+fn fixed_buckets(latency: &majordome_broker::stats::LatencyBuckets) -> Vec<(f64, u64)> {
+    let mut below = 0;
+    let mut buckets: Vec<(f64, u64)> = (4..=26)
+        .map(|power: i32| {
+            // The broker's bucket i ends at 2^((i+1)/2) µs.
+            let index = (2 * power - 1) as usize;
+            let cumulative = latency.cumulative.get(index).map_or(latency.count, |(_, count)| *count);
+            let own = cumulative - below;
+            below = cumulative;
+            (2f64.powi(power) / 1e6, own)
+        })
+        .collect();
+    buckets.push((f64::MAX, latency.count - below));
+    buckets
+}
+
 /// A name part made of what Prometheus allows.
 fn sanitize(key: &str) -> String {
     key.chars()
@@ -255,6 +294,14 @@ struct Collector(Scrape);
 
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, family) in &self.0.histograms {
+            let mut metric = encoder.encode_descriptor(name, &family.help, None, MetricType::Histogram)?;
+            for (labels, sum, count, buckets) in &family.samples {
+                metric
+                    .encode_family(labels)?
+                    .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+            }
+        }
         for (name, family) in &self.0.families {
             let kind = if family.counter {
                 MetricType::Counter
@@ -379,5 +426,43 @@ mod tests {
         assert!(text.contains("majordome_events_messages 5"), "{text}");
         assert!(text.contains("majordome_events_dropped{key=\"oversized\"} 2"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+        let mut histogram = majordome_broker::stats::LatencyHistogram::default();
+        for micros in [300, 700, 700, 5_000] {
+            histogram.record(std::time::Duration::from_micros(micros));
+        }
+        let mut scrape = Scrape::default();
+        let service = majordome_broker::stats::ServiceStats {
+            counters: Default::default(),
+            queued: 0,
+            queued_bytes: 0,
+            workers: 1,
+            idle_workers: 1,
+            late_workers: 0,
+            latency_p50_us: histogram.quantile_us(0.5),
+            latency_p99_us: histogram.quantile_us(0.99),
+            latency: histogram.buckets(),
+        };
+        let snapshot = Snapshot {
+            services: [("echo".to_owned(), service)].into_iter().collect(),
+            ..Snapshot::default()
+        };
+        scrape.broker(&snapshot);
+        let text = scrape.encode();
+        assert!(
+            text.contains("# TYPE majordome_service_latency_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("majordome_service_latency_seconds_count{service=\"echo\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("majordome_service_latency_seconds_sum{service=\"echo\"} 0.0067"),
+            "{text}"
+        );
+        assert!(text.contains("le=\"+Inf\",service=\"echo\"} 4"), "{text}");
+        // 300 µs is under 512 µs; the two of 700 µs under 1,024 µs.
+        assert!(text.contains("le=\"0.000512\",service=\"echo\"} 1"), "{text}");
+        assert!(text.contains("le=\"0.001024\",service=\"echo\"} 3"), "{text}");
     }
 }

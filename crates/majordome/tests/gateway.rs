@@ -242,6 +242,8 @@ fn metrics_status_and_http_errors() {
     for wanted in [
         "# TYPE majordome_service_requests counter",
         "majordome_service_requests_total{service=\"echo\"}",
+        "# TYPE majordome_service_latency_seconds histogram",
+        "majordome_service_latency_seconds_bucket{le=\"+Inf\",service=\"echo\"} 1",
         "majordome_service_workers{service=\"devices\"} 1",
         "majordome_broker_workers ",
         "majordome_events_messages ",

@@ -845,6 +845,7 @@ mod tests {
             late_workers,
             latency_p50_us: None,
             latency_p99_us: None,
+            latency: None,
         };
         let after_failure = Gate {
             uuid: "a".into(),
