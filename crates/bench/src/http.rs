@@ -338,11 +338,15 @@ fn events(stack: &Stack, count: usize) -> Result<Received> {
     // below), and a rate is what arrived over the time it took.
     let quiet = Duration::from_secs(1);
     let start = Instant::now();
+    // The first event may take long on a busy machine; after it, a quiet
+    // second ends the count.
     let receiver = thread::spawn(move || -> Result<(u64, Duration)> {
         let (mut received, mut last) = (0u64, Duration::ZERO);
-        while let Some(_event) = bus.recv(quiet)? {
+        let mut wait = STALL;
+        while let Some(_event) = bus.recv(wait)? {
             received += 1;
             last = start.elapsed();
+            wait = quiet;
         }
         Ok((received, last))
     });
@@ -354,8 +358,9 @@ fn events(stack: &Stack, count: usize) -> Result<Received> {
         }
         Ok(())
     });
-    socket.get_mut().set_read_timeout(Some(quiet))?;
+    socket.get_mut().set_read_timeout(Some(STALL))?;
     let (mut received, mut lost, mut last) = (0u64, 0u64, Duration::ZERO);
+    let mut counting = false;
     loop {
         let message = match socket.read() {
             Ok(tungstenite::Message::Text(text)) => serde_json::from_str::<Value>(&text)?,
@@ -377,6 +382,11 @@ fn events(stack: &Stack, count: usize) -> Result<Received> {
                 received += 1;
                 last = start.elapsed();
             }
+        }
+        if !counting {
+            // After the first, a quiet second ends the count.
+            socket.get_mut().set_read_timeout(Some(quiet))?;
+            counting = true;
         }
     }
     sender

@@ -60,6 +60,8 @@ pub struct Settings {
     /// listens on loopback only (ignored on any other address, and with
     /// `loopback = "authenticated"`: then every request needs a token).
     pub anonymous_loopback: bool,
+    /// HTTP connections open at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             max_subscriptions: 100,
             subscription_idle: std::time::Duration::from_secs(300),
             anonymous_loopback: true,
+            max_connections: 256,
         }
     }
 }
@@ -163,7 +166,10 @@ impl Gateway {
                 state: self.wiring.state,
                 host: self.wiring.host,
             });
-            let listener = tokio::net::TcpListener::from_std(self.listener)?;
+            let listener = Limited {
+                listener: tokio::net::TcpListener::from_std(self.listener)?,
+                permits: Arc::new(tokio::sync::Semaphore::new(self.settings.max_connections.max(1))),
+            };
             let app = router(context, &self.settings);
             tracing::info!(address = %self.address, "HTTP gateway serving");
             axum::serve(listener, app)
@@ -177,6 +183,90 @@ impl Gateway {
                 .await
         })?;
         Ok(())
+    }
+}
+
+/// A listener that keeps at most as many connections open as it has
+/// permits: the next one is accepted once one closes.
+struct Limited {
+    listener: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A connection, holding its permit until it closes.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, address)) => {
+                    return (
+                        Counted {
+                            stream,
+                            _permit: permit,
+                        },
+                        address,
+                    )
+                }
+                // Out of descriptors and the like: wait a little, as axum's
+                // own listener does.
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -810,3 +810,29 @@ fn a_narrow_token_sees_only_what_it_may() {
     let (_, _, mine) = rpc_as(&http, &admin, &request("unsubscribe", json!({"uuid": uuid}), json!(5)));
     assert_eq!(mine["result"], "success", "{mine}");
 }
+
+/// Connections are bounded: beyond `max_connections`, the next waits to be
+/// accepted until one closes (it is not refused, nor does it cost the hub).
+#[test]
+fn connections_beyond_the_bound_wait_for_one_to_close() {
+    let (_up, http, _broker, _data) = hub_with("[http]\nmax_connections = 2\n");
+    let first = TcpStream::connect(&http).unwrap();
+    let _second = TcpStream::connect(&http).unwrap();
+    let mut third = TcpStream::connect(&http).unwrap();
+    third.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let request = format!("GET /api/status HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    third.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    assert!(
+        third.read_to_end(&mut answer).is_err() && answer.is_empty(),
+        "answered beyond the bound"
+    );
+    drop(first);
+    third.set_read_timeout(Some(LIMIT)).unwrap();
+    third.read_to_end(&mut answer).unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
