@@ -9,4 +9,4 @@ if ! command -v schemathesis >/dev/null 2>&1; then
     echo "tools/test.sh: installing schemathesis (PyPI) for the gateway's OpenAPI test" >&2
     python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
 fi
-exec cargo test --workspace "$@"
+exec cargo test --workspace --locked "$@"
