@@ -242,8 +242,8 @@ pub fn router() -> Router<Arc<Context>> {
 }
 
 /// A bus error as an HTTP answer.
-fn rest_error(error: RpcError) -> Response {
-    let status = match (error.code, error.identifier.as_deref()) {
+fn rest_error(failure: RpcError) -> Response {
+    let status = match (failure.code, failure.identifier.as_deref()) {
         (code::INVALID_PARAMS, _) => StatusCode::BAD_REQUEST,
         (_, Some("error.forbidden")) => StatusCode::FORBIDDEN,
         (_, Some("error.device.invalid" | "error.not.found" | "error.not_found")) => StatusCode::NOT_FOUND,
@@ -252,16 +252,12 @@ fn rest_error(error: RpcError) -> Response {
         // The service refused the request (a bad value, a bad name).
         _ => StatusCode::BAD_REQUEST,
     };
-    let code = error
+    let code = failure
         .identifier
         .as_deref()
         .map(|id| id.trim_start_matches("error.").replace('.', "_"))
         .unwrap_or_else(|| "bad_request".to_owned());
-    error_response(status, &code, &error.message)
-}
-
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    error(status, code, message)
+    error(status, &code, &failure.message)
 }
 
 fn answer(outcome: Result<Value, RpcError>) -> Response {
@@ -288,7 +284,7 @@ async fn device(State(context): State<Arc<Context>>, caller: Caller, Path(uuid):
     match bus(&context, &caller, "devices", "device.get", json!({"uuid": uuid})).await {
         Ok(found) => match found["devices"].as_array().and_then(|d| d.first()) {
             Some(device) => Json(device.clone()).into_response(),
-            None => error_response(StatusCode::NOT_FOUND, "device_invalid", &format!("no device {uuid}")),
+            None => error(StatusCode::NOT_FOUND, "device_invalid", &format!("no device {uuid}")),
         },
         Err(e) => rest_error(e),
     }
@@ -302,7 +298,7 @@ async fn command(
 ) -> Response {
     let Json(body) = match body {
         Ok(body) => body,
-        Err(rejected) => return error_response(StatusCode::BAD_REQUEST, "bad_body", &rejected.body_text()),
+        Err(rejected) => return error(StatusCode::BAD_REQUEST, "bad_body", &rejected.body_text()),
     };
     let outcome = rpc::device_command(
         &context.bus,
@@ -322,19 +318,17 @@ async fn state(
     query: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(query)) = query else {
-        return error_response(
+        return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
             "`prefix` is a Clone subtree, e.g. /device/",
         );
     };
-    if let Caller::Named { identity, policy } = &caller {
-        if let Err(denied) = policy.may_read_prefix(majordome_access::Who::Named(identity), &query.prefix) {
-            return error_response(StatusCode::FORBIDDEN, "forbidden", &denied.to_string());
-        }
+    if let Err(denied) = caller.may_read_prefix(&query.prefix) {
+        return error(StatusCode::FORBIDDEN, "forbidden", &denied.message);
     }
     let Some(endpoint) = context.state.clone() else {
-        return error_response(
+        return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_state",
             "this gateway knows no Clone server",
@@ -362,13 +356,13 @@ async fn state(
             })
             .into_response()
         }
-        Ok(Err(majordome_state::StateError::InvalidKey { reason, .. })) => error_response(
+        Ok(Err(majordome_state::StateError::InvalidKey { reason, .. })) => error(
             StatusCode::BAD_REQUEST,
             "bad_prefix",
             &format!("the prefix is not a subtree: {reason}"),
         ),
-        Ok(Err(e)) => error_response(StatusCode::BAD_GATEWAY, "state_unreachable", &e.to_string()),
-        Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the snapshot failed"),
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, "state_unreachable", &e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the snapshot failed"),
     }
 }
 
@@ -379,7 +373,7 @@ async fn history(
     query: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(params)) = query else {
-        return error_response(
+        return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
             "from, to and bucket are numbers; last an integer",
@@ -409,14 +403,14 @@ async fn config_set(
     body: Result<Json<ConfigValues>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(ConfigValues(values))) = body else {
-        return error_response(
+        return error(
             StatusCode::BAD_REQUEST,
             "bad_body",
             "the body is a JSON object: {key: value, …}",
         );
     };
     if values.is_empty() {
-        return error_response(StatusCode::BAD_REQUEST, "bad_body", "no key to set");
+        return error(StatusCode::BAD_REQUEST, "bad_body", "no key to set");
     }
     let request = json!({"type": "plugin", "name": name, "host": context.host, "data": values});
     answer(bus(&context, &caller, "config", "config.set", request).await)
@@ -429,7 +423,7 @@ async fn scenario(context: &Context, caller: &Caller, action: &str, data: Value)
         .request("mmi.service", vec![bytes::Bytes::from_static(b"scenario")], WAIT)
         .await;
     if !matches!(present.as_deref(), Ok([status]) if status.as_ref() == b"200") {
-        return error_response(
+        return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_worker",
             "the scenario service does not run on this hub",
@@ -458,7 +452,7 @@ async fn scenario_new(
 ) -> Response {
     match object_body(body) {
         Ok(body) => scenario(&context, &caller, "scenario.new.do", json!({"scenario": body})).await,
-        Err(why) => error_response(StatusCode::BAD_REQUEST, "bad_body", &why),
+        Err(why) => error(StatusCode::BAD_REQUEST, "bad_body", &why),
     }
 }
 
@@ -474,7 +468,7 @@ async fn scenario_update(
 ) -> Response {
     let mut body = match object_body(body) {
         Ok(body) => body,
-        Err(why) => return error_response(StatusCode::BAD_REQUEST, "bad_body", &why),
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad_body", &why),
     };
     body["name"] = name.into();
     scenario(&context, &caller, "scenario.update.do", json!({"scenario": body})).await

@@ -38,6 +38,14 @@ impl Caller {
         }
     }
 
+    /// May it read every Clone key under `prefix` (a snapshot)?
+    pub fn may_read_prefix(&self, prefix: &str) -> Result<(), RpcError> {
+        let Caller::Named { identity, policy } = self else {
+            return Ok(());
+        };
+        policy.may_read_prefix(Who::Named(identity), prefix).map_err(forbidden)
+    }
+
     /// May it follow the bus's events? They carry every device's values,
     /// so only a caller that may read every Clone key (as for the Clone
     /// updates).
@@ -46,14 +54,9 @@ impl Caller {
             return Ok(());
         };
         policy.may_follow_all(Who::Named(identity)).map_err(|denied| {
-            let mut error = RpcError::new(
-                code::BUS_ERROR,
-                format!(
-                    "{denied}: events carry every device's values, so they are for identities that may read every key"
-                ),
-            );
-            error.identifier = Some("error.forbidden".into());
-            error
+            forbidden(format!(
+                "{denied}: events carry every device's values, so they are for identities that may read every key"
+            ))
         })
     }
 
@@ -65,12 +68,15 @@ impl Caller {
         };
         policy
             .may_call(Who::Named(identity), service, Some(action))
-            .map_err(|denied| {
-                let mut error = RpcError::new(code::BUS_ERROR, denied.to_string());
-                error.identifier = Some("error.forbidden".into());
-                error
-            })
+            .map_err(forbidden)
     }
+}
+
+/// A refusal, as the bus refuses: -31999, `error.forbidden`.
+fn forbidden(why: impl std::fmt::Display) -> RpcError {
+    let mut error = RpcError::new(code::BUS_ERROR, why.to_string());
+    error.identifier = Some("error.forbidden".into());
+    error
 }
 
 /// What the methods work with.
