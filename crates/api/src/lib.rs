@@ -135,6 +135,22 @@ impl<'a> Fields<'a> {
 }
 
 /// How a JSON value is named in an error.
+impl Fields<'_> {
+    /// A number, or a string that holds one; absent or null is `None`.
+    pub(crate) fn number(&self, field: &'static str) -> Result<Option<f64>, ApiError> {
+        match self.value(field) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse::<f64>()
+                .map(Some)
+                .map_err(|_| self.invalid(field, format!("must be a number, not \"{s}\""))),
+            Some(other) => Err(self.invalid(field, format!("must be a number, not {other}"))),
+        }
+    }
+}
+
 pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",

@@ -29,7 +29,16 @@ pub enum ManagerRequest {
     DeviceTypes,
     PluginStart(PluginTarget),
     PluginStop(PluginTarget),
+    /// `plugin.log.get`: the last `lines` lines (1 to 1,000, default 100)
+    /// of the log the manager keeps of a plugin it runs.
+    PluginLog {
+        target: PluginTarget,
+        lines: usize,
+    },
 }
+
+/// The most lines `plugin.log.get` returns.
+pub const MAX_LOG_LINES: usize = 1000;
 
 /// Which plugin `plugin.start.do` / `plugin.stop.do` is about: `name` (or
 /// `id`), `type` (default `plugin`), `host` (default: the manager's).
@@ -46,7 +55,7 @@ pub struct PluginTarget {
 impl ManagerRequest {
     /// The actions, for the error that lists them.
     pub const ACTIONS: &'static str = "client.list.get, client.detail.get, client.history.get, package.detail.get, \
-                                       device_types.get, plugin.start.do, plugin.stop.do";
+                                       device_types.get, plugin.start.do, plugin.stop.do, plugin.log.get";
 
     pub fn parse(message: &Message) -> Result<ManagerRequest, ApiError> {
         let action = message.action.as_str();
@@ -75,7 +84,7 @@ impl ManagerRequest {
             }
             "package.detail.get" | "packages.detail.get" => ManagerRequest::PackageDetail,
             "device_types.get" => ManagerRequest::DeviceTypes,
-            "plugin.start.do" | "plugin.stop.do" => {
+            "plugin.start.do" | "plugin.stop.do" | "plugin.log.get" => {
                 let Some(name) = fields.optional_text("name")?.or(fields.optional_text("id")?) else {
                     return Err(fields.needs("'name' (or 'id'), e.g. {\"type\": \"plugin\", \"name\": \"fake\"}"));
                 };
@@ -86,7 +95,17 @@ impl ManagerRequest {
                 };
                 match action {
                     "plugin.start.do" => ManagerRequest::PluginStart(target),
-                    _ => ManagerRequest::PluginStop(target),
+                    "plugin.stop.do" => ManagerRequest::PluginStop(target),
+                    _ => {
+                        let lines = fields.number("lines")?.unwrap_or(100.0);
+                        if !(1.0..=MAX_LOG_LINES as f64).contains(&lines) {
+                            return Err(fields.invalid("lines", format!("must be 1 to {MAX_LOG_LINES}, not {lines}")));
+                        }
+                        ManagerRequest::PluginLog {
+                            target,
+                            lines: lines as usize,
+                        }
+                    }
                 }
             }
             other => {
@@ -181,5 +200,17 @@ mod tests {
         let error = parse("client.history.get", json!({"id": "fake"})).unwrap_err();
         assert_eq!(error.field(), Some("id"));
         assert!(parse("client.frobnicate", json!({})).is_err());
+    }
+
+    #[test]
+    fn a_log_tail_is_1_to_1000_lines() {
+        let asked = parse("plugin.log.get", json!({"name": "fake"})).unwrap();
+        assert!(matches!(asked, ManagerRequest::PluginLog { lines: 100, .. }));
+        let asked = parse("plugin.log.get", json!({"name": "fake", "lines": "20"})).unwrap();
+        assert!(matches!(asked, ManagerRequest::PluginLog { lines: 20, .. }));
+        for lines in [json!(0), json!(1001), json!("many"), json!(-3), json!([1])] {
+            let error = parse("plugin.log.get", json!({"name": "fake", "lines": lines})).unwrap_err();
+            assert_eq!(error.field(), Some("lines"), "{lines}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! /api/status`. Any other path answers 404 with `{"error": {"code",
 //! "message"}}`.
 
+pub mod dashboard;
 pub mod events;
 pub mod jsonrpc;
 pub mod metrics;
@@ -152,6 +153,7 @@ impl Gateway {
         let bus = Arc::new(AsyncClient::connect(&self.wiring.broker)?);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let stop = shutdown.watcher()?;
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         runtime.block_on(async move {
             let events = events::Events::start(&self.wiring.subscribe, self.settings.event_queue, shutdown)?;
             let context = Arc::new(rpc::Context {
@@ -165,6 +167,7 @@ impl Gateway {
                 access: self.access,
                 state: self.wiring.state,
                 host: self.wiring.host,
+                stopping,
             });
             let listener = Limited {
                 listener: tokio::net::TcpListener::from_std(self.listener)?,
@@ -179,6 +182,9 @@ impl Gateway {
                     if let Ok(stop) = tokio::net::UnixStream::from_std(stop) {
                         let _ = stop.readable().await;
                     }
+                    // Streams that would never end (the dashboard's events)
+                    // end now, so the connections can close.
+                    let _ = stopping_tx.send(true);
                 })
                 .await
         })?;
@@ -272,6 +278,7 @@ impl tokio::io::AsyncWrite for Counted {
 
 fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
     rest::router()
+        .merge(dashboard::router())
         .route("/api/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/jsonrpc", post(jsonrpc_handler))
         .route("/metrics", get(metrics_handler))
@@ -309,66 +316,111 @@ impl axum::extract::FromRequestParts<Arc<rpc::Context>> for rpc::Caller {
         parts: &mut axum::http::request::Parts,
         context: &Arc<rpc::Context>,
     ) -> Result<Self, Self::Rejection> {
-        caller(&context.access, &parts.headers)
+        caller(&context.access, &parts.method, &parts.headers)
     }
 }
 
-/// Who sends a request: a token's identity, or a local client where that
-/// is allowed.
-pub(crate) fn caller(access: &Access, headers: &HeaderMap) -> Result<rpc::Caller, Unauthorized> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return if access.anonymous {
-            // A page of another site in a browser on this machine must not
-            // act as a local client (cross-site requests, DNS rebinding):
-            // an anonymous request names a loopback host and, if it says
-            // where it comes from, a loopback origin.
-            let loopback = |value: Option<&header::HeaderValue>, scheme: &str| {
-                value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
-                    let host = v.strip_prefix(scheme).unwrap_or(v);
-                    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-                        if port.chars().all(|c| c.is_ascii_digit()) {
-                            h
-                        } else {
-                            host
-                        }
-                    });
-                    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
-                })
-            };
-            let origin = headers.get(header::ORIGIN);
-            if !loopback(headers.get(header::HOST), "") || (origin.is_some() && !loopback(origin, "http://")) {
-                return Err(Unauthorized(
-                    "without a token, only requests for a loopback host from no other site are let in: \
-                     send `Authorization: Bearer <token>`",
-                ));
-            }
-            Ok(rpc::Caller::Local)
+/// The dashboard's session cookie: the token itself, `HttpOnly` and
+/// `SameSite=Strict`, set by its login form.
+pub(crate) const SESSION_COOKIE: &str = "majordome_session";
+
+/// The value of `name` among the request's cookies.
+pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Whether `value` (a Host header, or an Origin without its scheme) names
+/// a loopback host.
+fn is_loopback_host(value: &str) -> bool {
+    let host = value.rsplit_once(':').map_or(value, |(host, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            host
         } else {
-            Err(Unauthorized(
-                "a token is needed: send `Authorization: Bearer <token>` (`majordome token create NAME` makes one)",
-            ))
-        };
-    };
-    // The scheme's name is case-insensitive (RFC 7235).
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-        .unwrap_or_default();
-    let bearer = access
-        .tokens
-        .verify(token)
-        .ok_or(Unauthorized("the token is not valid (revoked, or mistyped)"))?;
+            value
+        }
+    });
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+}
+
+/// Whether the request says it comes from a page of this very site: its
+/// `Origin` is `http://` plus its `Host`.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok());
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (Some(origin), Some(host)) => origin.strip_prefix("http://") == Some(host),
+        _ => false,
+    }
+}
+
+/// The caller a token stands for, if it is valid.
+pub(crate) fn token_caller(access: &Access, token: &str) -> Option<rpc::Caller> {
+    let bearer = access.tokens.verify(token)?;
     let policy = match bearer.rules {
         Some(rules) => Arc::new(access.policy.with_table(&bearer.identity, rules)),
         None => access.policy.clone(),
     };
-    Ok(rpc::Caller::Named {
+    Some(rpc::Caller::Named {
         identity: bearer.identity,
         policy,
     })
+}
+
+/// Who sends a request: a token's identity (`Authorization: Bearer`, or
+/// the dashboard's session cookie), or a local client where that is
+/// allowed.
+pub(crate) fn caller(
+    access: &Access,
+    method: &axum::http::Method,
+    headers: &HeaderMap,
+) -> Result<rpc::Caller, Unauthorized> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        // The scheme's name is case-insensitive (RFC 7235).
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .unwrap_or_default();
+        return token_caller(access, token).ok_or(Unauthorized("the token is not valid (revoked, or mistyped)"));
+    }
+    // A browser sends the cookie with whatever a page makes it send: a
+    // request that changes something must come from a page of this site
+    // (SameSite=Strict already keeps other sites' requests without it).
+    if let Some(caller) = cookie(headers, SESSION_COOKIE).and_then(|token| token_caller(access, token)) {
+        if !method.is_safe() && !same_origin(headers) {
+            return Err(Unauthorized(
+                "a request made with the dashboard's session must come from the dashboard's own pages",
+            ));
+        }
+        return Ok(caller);
+    }
+    if !access.anonymous {
+        return Err(Unauthorized(
+            "a token is needed: send `Authorization: Bearer <token>` (`majordome token create NAME` makes one)",
+        ));
+    }
+    // A page of another site in a browser on this machine must not act as
+    // a local client (cross-site requests, DNS rebinding): an anonymous
+    // request names a loopback host and, if it says where it comes from, a
+    // loopback origin.
+    let text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok());
+    let host_ok = text(header::HOST).is_some_and(is_loopback_host);
+    let origin_ok = text(header::ORIGIN).is_none_or(|o| o.strip_prefix("http://").is_some_and(is_loopback_host));
+    if !host_ok || !origin_ok {
+        return Err(Unauthorized(
+            "without a token, only requests for a loopback host from no other site are let in: \
+             send `Authorization: Bearer <token>`",
+        ));
+    }
+    Ok(rpc::Caller::Local)
 }
 
 async fn jsonrpc_handler(
@@ -459,14 +511,22 @@ async fn metrics_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::
 /// part's `stats.get`, and the manager's clients; `null` for a part that
 /// did not answer.
 async fn status_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::Caller) -> Response {
-    let bus = &context.bus;
+    match status(&context.bus, &caller).await {
+        Ok(status) => Json(status).into_response(),
+        Err(why) => error(StatusCode::BAD_GATEWAY, "bus_unreachable", &why),
+    }
+}
+
+/// `/api/status`'s answer, also the dashboard's bus page; an error when
+/// the broker does not answer.
+pub(crate) async fn status(bus: &AsyncClient, caller: &rpc::Caller) -> Result<Value, String> {
     let wait = std::time::Duration::from_secs(2);
     let broker = match bus.request("mmi.stats", Vec::new(), wait).await {
         Ok(reply) => reply
             .first()
             .and_then(|f| serde_json::from_slice::<Value>(f).ok())
             .unwrap_or(Value::Null),
-        Err(e) => return error(StatusCode::BAD_GATEWAY, "bus_unreachable", &e.to_string()),
+        Err(e) => return Err(e.to_string()),
     };
     let mut status = json!({"broker": broker});
     for (part, service, action) in [
@@ -487,5 +547,5 @@ async fn status_handler(State(context): State<Arc<rpc::Context>>, caller: rpc::C
             _ => Value::Null,
         };
     }
-    Json(status).into_response()
+    Ok(status)
 }

@@ -91,6 +91,9 @@ pub struct Context {
     pub state: Option<String>,
     /// This hub's host name (the plugins' `config` is per host).
     pub host: String,
+    /// Becomes true when the gateway stops: what never ends by itself
+    /// (the dashboard's event streams) ends then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Carries out one call for `caller`.

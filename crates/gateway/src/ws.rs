@@ -177,16 +177,8 @@ async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<Calle
         .as_ref()
         .filter(|m| m["type"] == "auth")
         .and_then(|m| m["access_token"].as_str());
-    let caller = token.and_then(|token| {
-        let mut headers = axum::http::HeaderMap::new();
-        let value = axum::http::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
-        headers.insert(axum::http::header::AUTHORIZATION, value);
-        // The WebSocket always needs a token: never a local caller.
-        match crate::caller(&context.access, &headers) {
-            Ok(caller @ Caller::Named { .. }) => Some(caller),
-            _ => None,
-        }
-    });
+    // The WebSocket always needs a token: never a local caller.
+    let caller = token.and_then(|token| crate::token_caller(&context.access, token));
     match caller {
         Some(caller) => {
             let ok = json!({"type": "auth_ok", "majordome_version": env!("CARGO_PKG_VERSION")});

@@ -220,12 +220,46 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
+/// Where a plugin's output goes.
+pub fn log_path(log_dir: &Path, kind: &str, name: &str) -> PathBuf {
+    log_dir.join(format!("{kind}-{name}.log"))
+}
+
+/// The most of a log's end `log_tail` reads, whatever the lines asked.
+const LOG_TAIL_BYTES: u64 = 256 * 1024;
+
+/// The last `lines` lines of the log at `path` (at most its last 256 KiB,
+/// so a huge log costs no more than a small one), oldest first; none when
+/// the plugin never ran here.
+pub fn log_tail(path: &Path, lines: usize) -> Result<Vec<String>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read the log {}: {e}", path.display())),
+    };
+    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = length.saturating_sub(LOG_TAIL_BYTES);
+    let mut tail = Vec::new();
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.take(LOG_TAIL_BYTES).read_to_end(&mut tail))
+        .map_err(|e| format!("cannot read the log {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&tail);
+    let mut all: Vec<&str> = text.lines().collect();
+    // A read that starts mid-file starts mid-line: that piece is dropped.
+    if start > 0 && !all.is_empty() {
+        all.remove(0);
+    }
+    let keep = all.len().saturating_sub(lines);
+    Ok(all[keep..].iter().map(|line| (*line).to_owned()).collect())
+}
+
 /// Starts `manifest`'s command with `environment`, its output appended to
 /// `<log_dir>/<type>-<name>.log` after a line marking the start.
 fn spawn(manifest: &Manifest, environment: &[(String, String)], log_dir: &Path) -> Result<Child, String> {
     let (program, args) = resolve_command(&manifest.command)?;
     std::fs::create_dir_all(log_dir).map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
-    let log_path = log_dir.join(format!("{}-{}.log", manifest.kind, manifest.name));
+    let log_path = log_path(log_dir, &manifest.kind, &manifest.name);
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -946,6 +980,20 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_tail_reads_only_the_end_and_drops_the_cut_line() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = log_path(folder.path(), "plugin", "fake");
+        assert_eq!(log_tail(&path, 10).unwrap(), Vec::<String>::new());
+        // 40,000 lines of 10 bytes: more than the 256 KiB read.
+        let text: String = (0..40_000).map(|i| format!("line {i:04}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(log_tail(&path, 2).unwrap(), ["line 39998", "line 39999"]);
+        let all = log_tail(&path, 1_000_000).unwrap();
+        assert_eq!(all.len(), (LOG_TAIL_BYTES / 11) as usize);
+        assert!(all[0].starts_with("line "), "{}", all[0]);
+    }
 
     fn policy() -> RestartPolicy {
         RestartPolicy {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+pub mod http;
+
 /// The binary under test.
 pub fn majordome() -> Command {
     Command::new(env!("CARGO_BIN_EXE_majordome"))

@@ -15,7 +15,8 @@
 //!
 //! Actions: `client.list.get`, `client.detail.get` (also the seed's
 //! `clients.*` spellings), `client.history.get`, `package.detail.get`,
-//! `device_types.get`, `plugin.start.do`, `plugin.stop.do`. Every change is
+//! `device_types.get`, `plugin.start.do`, `plugin.stop.do`,
+//! `plugin.log.get` (the end of a plugin's output). Every change is
 //! published as `client.list` and `client.detail`.
 
 //!
@@ -335,9 +336,23 @@ pub fn run(
         })?;
 
     let shared = registry.clone();
+    let log_dir = PathBuf::from(log_dir);
     let handler = domogik_handler(move |message: Message| match ManagerRequest::parse(&message) {
         Ok(ManagerRequest::PluginStart(target) | ManagerRequest::PluginStop(target)) => {
             supervise(&shared, &supervisor, &message.action, &target)
+        }
+        Ok(ManagerRequest::PluginLog { target, lines }) => {
+            let checked = take(&shared).check_target(&target);
+            match checked {
+                Ok((kind, name)) => match supervisor::log_tail(&supervisor::log_path(&log_dir, &kind, &name), lines) {
+                    Ok(tail) => Message::new(
+                        "plugin.log.result",
+                        json!({"status": true, "reason": "", "type": kind, "name": name, "lines": tail}),
+                    ),
+                    Err(reason) => Message::failure(&message.action, reason),
+                },
+                Err(reason) => Message::failure(&message.action, reason),
+            }
         }
         Ok(request) => take(&shared).answer(&message.action, request),
         Err(e) => Message::failure(&message.action, e.to_string()),

@@ -541,10 +541,12 @@ impl Registry {
                     .collect();
                 reply(json!({"device_types": types}))
             }
-            ManagerRequest::PluginStart(_) | ManagerRequest::PluginStop(_) => Message::failure(
-                action,
-                format!("{action} needs the manager's supervisor, which this registry runs without"),
-            ),
+            ManagerRequest::PluginStart(_) | ManagerRequest::PluginStop(_) | ManagerRequest::PluginLog { .. } => {
+                Message::failure(
+                    action,
+                    format!("{action} needs the manager's supervisor, which this registry runs without"),
+                )
+            }
         }
     }
 }
