@@ -455,11 +455,13 @@ fn running(client: Option<&Value>) -> bool {
 /// The start and stop buttons of a plugin this manager runs.
 fn start_stop(id: &str, client: Option<&Value>) -> Markup {
     html! {
-        form method="post" action=(format!("/ui/plugins/{id}/start")) data-async {
-            button type="submit" data-when="stopped" disabled[running(client)] { "Start" }
-        }
-        form method="post" action=(format!("/ui/plugins/{id}/stop")) data-async {
-            button.danger type="submit" data-when="running" disabled[!running(client)] { "Stop" }
+        div.buttons {
+            form method="post" action=(format!("/ui/plugins/{id}/start")) data-async {
+                button type="submit" data-when="stopped" disabled[running(client)] { "Start" }
+            }
+            form method="post" action=(format!("/ui/plugins/{id}/stop")) data-async {
+                button.danger type="submit" data-when="running" disabled[!running(client)] { "Stop" }
+            }
         }
     }
 }
@@ -499,7 +501,7 @@ pub fn plugins(clients: &Value, packages: &Value) -> Markup {
                                     time data-time=(format!("{seen:.0}")) { (format!("{seen:.0}")) }
                                 } @else { "never" }
                             }
-                            td { div.row { @if supervised { (start_stop(id, Some(client))) } } }
+                            td { @if supervised { (start_stop(id, Some(client))) } }
                         }
                     }
                 }
@@ -584,15 +586,16 @@ pub fn plugin(view: &PluginView) -> Markup {
                 h3 { "Status history" }
                 @if view.history.is_empty() {
                     p.lede { "Nothing yet." }
-                }
-                div.table-wrap {
-                    table {
-                        tbody {
-                            @for entry in view.history.iter().take(12) {
-                                tr {
-                                    td { span.badge.status data-status=(text(entry, "status")) { (text(entry, "status")) } }
-                                    td { @if let Some(time) = entry["time"].as_f64() { time data-time=(format!("{time:.0}")) { (format!("{time:.0}")) } } }
-                                    td.hide-small { (text(entry, "comment")) }
+                } @else {
+                    div.table-wrap {
+                        table {
+                            tbody {
+                                @for entry in view.history.iter().take(12) {
+                                    tr {
+                                        td { span.badge.status data-status=(text(entry, "status")) { (text(entry, "status")) } }
+                                        td { @if let Some(time) = entry["time"].as_f64() { time data-time=(format!("{time:.0}")) { (format!("{time:.0}")) } } }
+                                        td.hide-small { (text(entry, "comment")) }
+                                    }
                                 }
                             }
                         }
@@ -622,7 +625,7 @@ fn bounds_hint(key: &Value) -> String {
     if key["required"] == true {
         parts.push("required".into());
     }
-    if let Some(default) = key.get("default").filter(|d| !d.is_null()) {
+    if let Some(default) = key.get("default").filter(|d| !d.is_null() && d.as_str() != Some("")) {
         parts.push(format!("default {}", format_value(default, "")));
     }
     let description = text(key, "description");
