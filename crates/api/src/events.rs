@@ -8,7 +8,8 @@ use crate::client::{ClientId, ClientStatus};
 use crate::ApiError;
 
 /// `plugin.status`: what every client says of itself when it starts, then
-/// every 15 s, and when it stops. Domogik's clients name themselves with
+/// every 15 s (a supervised plugin: a third of the manager's `dead_after`,
+/// at most 15 s), and when it stops. Domogik's clients name themselves with
 /// `id` (the name), majordome's with `name` too; `type` defaults to
 /// `plugin`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,7 +5,8 @@
 //! Statuses are Domogik's: unknown, starting, not-configured, alive,
 //! stop-request, stopped, dead, invalid. They come from the
 //! `plugin.status` events every client publishes (on start, then every
-//! 15 s), from the supervisor (`supervisor.rs`) for the plugins it runs,
+//! 15 s; the plugins this manager starts, every third of `dead_after`, at
+//! most 15 s, so three can be missed), from the supervisor (`supervisor.rs`) for the plugins it runs,
 //! and from silence: a client not heard from for `dead_after` (30 s) while
 //! it should be running becomes dead. Every status change is kept in the
 //! `client_history` table of the one database (the last `history_limit`
