@@ -52,6 +52,8 @@ pub struct HubConfig {
     pub permissions: majordome_access::Policy,
     /// The HTTP gateway (JSON-RPC, REST, metrics).
     pub http: majordome_gateway::Settings,
+    /// The scenario service (the hub's place, history kept, a test clock).
+    pub scenario: majordome_scenario::ScenarioSettings,
 }
 
 /// Who must log in.
@@ -83,6 +85,7 @@ impl Default for HubConfig {
             security: Security::default(),
             permissions: Default::default(),
             http: Default::default(),
+            scenario: Default::default(),
         }
     }
 }
@@ -200,6 +203,8 @@ pub struct Parts {
     pub backup: bool,
     /// The HTTP gateway (see `[http]`).
     pub gateway: bool,
+    /// The scenario service (see `[scenario]`).
+    pub scenario: bool,
 }
 
 impl Default for Parts {
@@ -224,6 +229,7 @@ impl Parts {
             stats: true,
             backup: true,
             gateway: true,
+            scenario: true,
         }
     }
 
@@ -252,6 +258,7 @@ impl Parts {
             stats: false,
             backup: false,
             gateway: false,
+            scenario: false,
         }
     }
 }
@@ -259,7 +266,14 @@ impl Parts {
 impl Parts {
     /// Whether any of these parts opens the database.
     pub fn use_database(&self) -> bool {
-        self.state || self.titanic || self.config || self.manager || self.devices || self.history || self.backup
+        self.state
+            || self.titanic
+            || self.config
+            || self.manager
+            || self.devices
+            || self.history
+            || self.backup
+            || self.scenario
     }
 }
 

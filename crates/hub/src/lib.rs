@@ -91,6 +91,9 @@ fn own_services(parts: &Parts) -> Vec<String> {
     if parts.stats && parts.state {
         names.push("state");
     }
+    if parts.scenario {
+        names.push("scenario");
+    }
     names.into_iter().map(str::to_owned).collect()
 }
 
@@ -449,6 +452,9 @@ impl Hub {
             // No thread of its own: the one that waits in `join` makes them.
             self.backups = Some((database.clone(), config.data.clone(), config.backup.clone()));
         }
+        if parts.scenario {
+            self.start_scenario(config)?;
+        }
         if parts.gateway {
             self.start_gateway(config, policy.clone())?;
         }
@@ -579,6 +585,29 @@ impl Hub {
         };
         self.spawn("manager", move |stop| {
             Ok(majordome_services::manager::run(registry, &endpoints, &log_dir, stop)?)
+        })
+    }
+
+    /// The scenario service: it follows events and every Clone key, and
+    /// acts through the device service and the bus.
+    fn start_scenario(&mut self, config: &HubConfig) -> Result<(), HubError> {
+        self.needs_port("scenario", &config.listen.state, !config.parts.state)?;
+        let endpoints = majordome_scenario::Endpoints {
+            broker: self.local_broker.clone(),
+            publish: self.endpoints.publish.clone(),
+            subscribe: self.endpoints.subscribe.clone(),
+            state: self.endpoints.state.snapshot.clone(),
+            host: config.manager.host.clone(),
+        };
+        let (settings, database, durability) = (
+            config.scenario.clone(),
+            self.endpoints.database.clone(),
+            config.durability,
+        );
+        self.spawn("scenario", move |stop| {
+            Ok(majordome_scenario::run(
+                settings, &database, durability, endpoints, stop,
+            )?)
         })
     }
 

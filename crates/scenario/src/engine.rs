@@ -25,8 +25,12 @@ use crate::schedule::{self, Place};
 /// A run's number, unique while the engine lives.
 pub type RunId = u64;
 
-/// Evaluates a Lua condition with its context: true, false or why not.
-pub type ConditionScript = std::sync::Arc<dyn Fn(&str, &Value) -> Result<bool, String> + Send + Sync>;
+/// Reads a Clone key's current value, for a condition's script.
+pub type Read<'a> = &'a dyn Fn(&str) -> Option<Value>;
+
+/// Evaluates a Lua condition with its context and what it may read: true,
+/// false or why not.
+pub type ConditionScript = std::sync::Arc<dyn Fn(&str, &Value, Read) -> Result<bool, String> + Send + Sync>;
 
 /// What the engine needs to know of its world, fixed for its life.
 #[derive(Clone)]
@@ -922,7 +926,8 @@ impl Engine {
             }
             Condition::Script { lua } => {
                 let context = json!({"trigger": trigger, "now": now});
-                match (self.settings.condition_script)(lua, &context) {
+                let read = |key: &str| self.values.get(key).cloned();
+                match (self.settings.condition_script)(lua, &context, &read) {
                     Ok(holds) => (holds, Value::Bool(holds)),
                     Err(why) => (false, json!({"error": why})),
                 }

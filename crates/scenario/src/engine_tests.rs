@@ -12,7 +12,7 @@ fn engine() -> Engine {
     Engine::new(EngineSettings {
         zone: jiff::tz::TimeZone::UTC,
         place: None,
-        condition_script: Arc::new(|lua, _| match lua {
+        condition_script: Arc::new(|lua, _, _| match lua {
             "return true" => Ok(true),
             "return false" => Ok(false),
             other => Err(format!("no stand-in for {other}")),
