@@ -127,6 +127,14 @@ pub enum Command {
         #[command(subcommand)]
         action: TitanicAction,
     },
+    /// Scenarios (the `scenario` service): list, show, run, stop, enable,
+    /// disable, test (a dry run), history, import, export, delete.
+    Scenario {
+        #[command(subcommand)]
+        action: ScenarioAction,
+        #[arg(long, default_value = DEFAULT_BROKER, global = true)]
+        broker: String,
+    },
     /// Show the broker's services, workers, queues and counters.
     Status {
         #[arg(long, default_value = DEFAULT_BROKER)]
@@ -239,6 +247,59 @@ pub enum UserCommand {
     Remove { name: String },
     /// The users, and what `[permissions]` gives each.
     List,
+}
+
+/// What `majordome scenario` does.
+#[derive(Debug, Subcommand)]
+pub enum ScenarioAction {
+    /// Every scenario: enabled, mode, triggers, running, last result.
+    List,
+    /// One scenario's JSON and live state.
+    Show {
+        name: String,
+    },
+    /// Run it now (its conditions skipped, its mode kept).
+    Run {
+        name: String,
+    },
+    /// Stop its runs (and empty its queue).
+    Stop {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+    Disable {
+        name: String,
+    },
+    /// What it would do now, and why, without doing it: NAME, or a
+    /// scenario's JSON in FILE (checked first).
+    Test {
+        name: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Its last runs: when, what fired, how it ended, each action.
+    History {
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        last: u64,
+        /// The whole records, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scenarios from FILE (`{"scenarios": […]}` as export writes, a list,
+    /// or one scenario): all are checked, then all stored, or none.
+    Import {
+        file: PathBuf,
+    },
+    /// One scenario, or all, as JSON `import` takes.
+    Export {
+        name: Option<String>,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 /// What `majordome token` does.

@@ -21,6 +21,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Config { action } => config_command(&action),
         Command::State(command) => crate::state_cmd::run(command),
         Command::Titanic { action } => crate::titanic_cmd::run(action),
+        Command::Scenario { action, broker } => crate::scenario_cmd::run(action, &broker),
         Command::Forwarder { config, events } => forwarder_only(&config, &events),
         Command::Gateway { config, broker, http } => gateway_only(&config, broker, &http),
         Command::Pub {
@@ -166,7 +167,7 @@ fn up(args: &UpArgs) -> Result<ExitCode> {
     if let Some(address) = endpoints.http {
         println!("  HTTP: JSON-RPC, metrics, status                http://{address}");
     }
-    println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, echo, events, state, titanic.*, mmi.*");
+    println!("  services                                       config (dbmgr, admin, dbmanager), manager, devices, history, scenario, echo, events, state, titanic.*, mmi.*");
     let plugins = hub.plugins();
     println!(
         "  plugin manifests                               {} from {}, {} shipped (started: {})",

@@ -4,6 +4,7 @@
 mod backup_cmd;
 mod cli;
 mod commands;
+mod scenario_cmd;
 mod state_cmd;
 mod titanic_cmd;
 

@@ -273,6 +273,15 @@ impl Engine {
         true
     }
 
+    /// Sets every time trigger again from `now`: after the clock moved (the
+    /// test clock), what was due on the old one is not taken as missed.
+    pub fn rearm(&mut self, now: f64) {
+        let names: Vec<String> = self.scenarios.keys().cloned().collect();
+        for name in names {
+            self.arm(&name, now);
+        }
+    }
+
     /// Fires every enabled scenario's `startup` triggers.
     pub fn start(&mut self, now: f64) {
         let starting: Vec<String> = self

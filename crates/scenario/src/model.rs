@@ -110,7 +110,7 @@ pub enum Trigger {
         #[serde(default, skip_serializing_if = "is_zero")]
         offset: f64,
     },
-    /// When the scenario service starts (or the scenario is enabled).
+    /// When the scenario service starts (with the hub).
     Startup {},
 }
 

@@ -159,6 +159,8 @@ enum Ask {
     Stop(String),
     Test(Box<Scenario>),
     Stats,
+    /// The clock moved: time triggers from the new time.
+    Rearm,
 }
 
 /// The engine's thread, and a way to ask it.
@@ -418,6 +420,10 @@ fn answer(engine: &mut Engine, ask: Ask, now: f64) -> Value {
             json!({"status": true, "reason": "", "stopped": stopped})
         }
         Ask::Test(scenario) => engine.dry_run(&scenario, now),
+        Ask::Rearm => {
+            engine.rearm(now);
+            done(None)
+        }
         Ask::Stats => {
             let mut stats = serde_json::to_value(engine.counters()).unwrap_or(Value::Null);
             stats["scenarios"] = engine.scenarios().count().into();
@@ -544,6 +550,7 @@ impl Service {
                     .as_f64()
                     .ok_or("scenario.clock.do needs 'now' (unix seconds)")?;
                 self.clock.set(now);
+                self.engine.ask(Ask::Rearm);
                 Ok(reply(action, json!({"now": now})))
             }
             "stats.get" => Ok(reply(action, self.engine.ask(Ask::Stats))),

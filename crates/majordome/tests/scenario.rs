@@ -1,0 +1,474 @@
+//! Scenarios on a real `majordome up` with the fake plugin: a thermostat
+//! on the fake cyclic sensor, cron under the test clock, the modes, a
+//! restart and a `kill -9`, every bad input refused with its reason, and
+//! runaway scripts stopped while the rest keeps running. Everything goes
+//! through `majordome call` and `majordome scenario`, as a user would.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// `service action data` through `majordome call`: the reply's data,
+/// refusals included.
+fn call(broker: &str, service: &str, action: &str, data: &Value) -> Value {
+    let out = run(&[
+        "call",
+        service,
+        action,
+        &data.to_string(),
+        "--broker",
+        broker,
+        "--timeout",
+        "20",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.split_once('\n').map_or("", |(_, rest)| rest);
+    serde_json::from_str(json).unwrap_or_else(|_| panic!("no JSON from {service} {action}: {out:?}"))
+}
+
+fn scenario(broker: &str, action: &str, data: Value) -> Value {
+    call(broker, "scenario", action, &data)
+}
+
+/// `up` with `toml` as its configuration; the broker, once the scenario
+/// service is there.
+fn hub(toml: &str) -> (Process, String, tempfile::TempDir) {
+    let (up, broker, _state, data) = hub_with_state(toml);
+    (up, broker, data)
+}
+
+/// The same, with the Clone server's snapshot endpoint.
+fn hub_with_state(toml: &str) -> (Process, String, String, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("majordome.toml"), toml).unwrap();
+    let (up, lines) = Process::up(data.path(), &[], 9);
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "scenario", "200");
+    (up, broker, last_word(&lines[4]), data)
+}
+
+/// The same on an existing data folder.
+fn hub_again(data: &std::path::Path) -> (Process, String) {
+    let (up, lines) = Process::up(data, &[], 9);
+    let broker = last_word(&lines[0]);
+    wait_for_service(&broker, "scenario", "200");
+    (up, broker)
+}
+
+/// The fake plugin's devices by type, once all five are there.
+fn fake_devices(broker: &str) -> std::collections::HashMap<String, String> {
+    let start = Instant::now();
+    loop {
+        let found = call(broker, "devices", "devices.get", &json!({}));
+        let devices: std::collections::HashMap<String, String> = found["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["client"].as_str().is_some_and(|c| c.starts_with("plugin-fake.")))
+            .map(|d| {
+                (
+                    d["type"].as_str().unwrap().to_owned(),
+                    d["uuid"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        if devices.len() >= 5 {
+            return devices;
+        }
+        assert!(start.elapsed() < LIMIT, "the fake devices never came: {found}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `check` holds of the scenario's history, and returns it.
+fn history_until(broker: &str, name: &str, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let history = scenario(broker, "scenario.history.get", json!({"name": name, "last": 100}));
+        let runs = history["runs"].as_array().cloned().unwrap_or_default();
+        if check(&runs) {
+            return runs;
+        }
+        assert!(start.elapsed() < LIMIT, "{name}: {what} never came: {history}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_thermostat_switches_on_below_and_off_above_following_the_fake_sensor() {
+    let (_up, broker, state, _data) = hub_with_state("");
+    let devices = fake_devices(&broker);
+    let (thermometer, switch) = (&devices["temperaturesensor"], &devices["switch"]);
+    // The fake thermometer sweeps 15 to 25 °C and back every 4 s, read
+    // every 0.2 s.
+    let fast = json!({"type": "plugin", "name": "fake", "host": local_host(&broker),
+                      "data": {"interval": 0.2, "cycle_length": 4}});
+    assert_eq!(call(&broker, "config", "config.set", &fast)["status"], true);
+    let imported = scenario(
+        &broker,
+        "scenario.import.do",
+        json!({"scenarios": [
+            {"name": "heat-on",
+             "triggers": [{"trigger": "value", "device": thermometer, "quantity": "temperature", "below": 17}],
+             "actions": [{"action": "command", "device": switch, "command": "on"}]},
+            {"name": "heat-off",
+             "triggers": [{"trigger": "value", "device": thermometer, "quantity": "temperature", "above": 23}],
+             "actions": [{"action": "command", "device": switch, "command": "off"}]}]}),
+    );
+    assert_eq!(imported["imported"], json!(["heat-on", "heat-off"]), "{imported}");
+    // Each fires when the temperature crosses its bound, and its command
+    // succeeds.
+    let on = history_until(&broker, "heat-on", "a run", |runs| !runs.is_empty());
+    assert_eq!(on[0]["result"], "ok", "{}", on[0]);
+    assert!(on[0]["trigger"]["value"].as_f64().unwrap() < 17.0);
+    assert_eq!(on[0]["actions"][0]["result"]["identifier"], "success");
+    let off = history_until(&broker, "heat-off", "a run", |runs| !runs.is_empty());
+    assert!(off[0]["trigger"]["value"].as_f64().unwrap() > 23.0);
+    // The switch follows: on after heat-on, off after heat-off, as it says.
+    let start = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        let state = call(&broker, "devices", "device.get", &json!({"uuid": switch}));
+        seen.insert(state["devices"][0]["values"]["state"]["level"].as_i64().unwrap_or(-1));
+        seen.remove(&-1);
+        assert!(start.elapsed() < LIMIT, "the switch never went both ways: {seen:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), [0, 255]);
+    // Live state in Clone, and the scenario as a device.
+    let live = run(&["state", "/scenario/heat-on/", "--endpoint", &state]);
+    let said = String::from_utf8_lossy(&live.stdout);
+    assert!(said.contains("/scenario/heat-on/last_result \"ok\""), "{said}");
+}
+
+/// The hub's host, as the manager knows it (the fake's config is per host).
+fn local_host(broker: &str) -> String {
+    let clients = call(broker, "manager", "client.list.get", &json!({}));
+    clients
+        .as_object()
+        .unwrap()
+        .values()
+        .find_map(|c| (c["name"] == "fake").then(|| c["host"].as_str().unwrap().to_owned()))
+        .expect("the fake plugin is listed")
+}
+
+/// Unix seconds of a local wall time on this machine (the hub's zone).
+fn local(text: &str) -> f64 {
+    let civil: jiff::civil::DateTime = text.parse().unwrap();
+    civil
+        .to_zoned(jiff::tz::TimeZone::system())
+        .unwrap()
+        .timestamp()
+        .as_second() as f64
+}
+
+#[test]
+fn cron_fires_on_schedule_under_the_test_clock() {
+    let (_up, broker, _data) = hub("[scenario]\ntest_clock = true\n");
+    let new = scenario(
+        &broker,
+        "scenario.new.do",
+        json!({"scenario": {"name": "morning", "triggers": [{"trigger": "cron", "cron": "0 7 * * 1-5"}],
+                            "actions": [{"action": "log", "message": "good morning"}]}}),
+    );
+    assert_eq!(new["status"], true, "{new}");
+    // Friday 4 December 2026, two seconds before seven.
+    scenario(
+        &broker,
+        "scenario.clock.do",
+        json!({"now": local("2026-12-04T06:59:58")}),
+    );
+    let runs = history_until(&broker, "morning", "the 07:00 run", |runs| !runs.is_empty());
+    assert_eq!(runs[0]["trigger"]["scheduled"], local("2026-12-04T07:00:00"));
+    assert_eq!(runs[0]["result"], "ok");
+    // The next is Monday's: not Saturday, not Sunday.
+    let status = scenario(&broker, "scenario.get", json!({"name": "morning"}));
+    assert_eq!(
+        status["scenario"]["status"]["next"],
+        local("2026-12-07T07:00:00"),
+        "{status}"
+    );
+    // Without the test clock, the clock is not for setting.
+    let (_plain, plain_broker, _plain_data) = hub("");
+    let refused = scenario(&plain_broker, "scenario.clock.do", json!({"now": 0}));
+    assert_eq!(refused["status"], false);
+}
+
+#[test]
+fn modes_single_and_queued_behave_as_documented() {
+    let (_up, broker, _data) = hub("");
+    let slow = |name: &str, mode: &str| {
+        json!({"name": name, "mode": mode, "max_runs": 2,
+               "actions": [{"action": "delay", "seconds": 0.5}, {"action": "log", "message": "done"}]})
+    };
+    let imported = scenario(
+        &broker,
+        "scenario.import.do",
+        json!({"scenarios": [slow("one-at-a-time", "single"), slow("in-turn", "queued")]}),
+    );
+    assert_eq!(imported["status"], true, "{imported}");
+    for name in ["one-at-a-time", "in-turn"] {
+        for _ in 0..3 {
+            assert_eq!(
+                scenario(&broker, "scenario.run.do", json!({"name": name}))["status"],
+                true
+            );
+        }
+    }
+    // single: one run, the two others ignored.
+    let single = history_until(&broker, "one-at-a-time", "its run", |runs| !runs.is_empty());
+    // queued, at most 2: the first, then the second after it; the third
+    // dropped.
+    let queued = history_until(&broker, "in-turn", "two runs", |runs| runs.len() >= 2);
+    let stats = scenario(&broker, "stats.get", json!({}));
+    assert_eq!(single.len(), 1);
+    assert_eq!(stats["ignored_running"], 2, "{stats}");
+    assert_eq!(stats["dropped_max_runs"], 1, "{stats}");
+    let (first, second) = (&queued[1], &queued[0]);
+    assert!(
+        second["started"].as_f64() >= first["finished"].as_f64(),
+        "{first} then {second}"
+    );
+}
+
+#[test]
+fn scenarios_and_their_enabled_state_survive_a_restart_and_a_kill_9() {
+    let (mut up, broker, data) = hub("");
+    let make = |name: &str| json!({"name": name, "actions": [{"action": "log", "message": name}]});
+    scenario(
+        &broker,
+        "scenario.import.do",
+        json!({"scenarios": [make("kept"), make("off")]}),
+    );
+    assert_eq!(
+        scenario(&broker, "scenario.disable.do", json!({"name": "off"}))["status"],
+        true
+    );
+    assert_eq!(
+        scenario(&broker, "scenario.run.do", json!({"name": "kept"}))["status"],
+        true
+    );
+    history_until(&broker, "kept", "its run", |runs| !runs.is_empty());
+    let listed = |broker: &str| {
+        let list = scenario(broker, "scenario.list.get", json!({}));
+        list["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["name"].as_str().unwrap().to_owned(), s["enabled"].as_bool().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let before = listed(&broker);
+    assert_eq!(before, [("kept".to_owned(), true), ("off".to_owned(), false)]);
+    // A clean stop and start.
+    up.signal(libc::SIGTERM);
+    assert!(up.wait_exit(LIMIT).is_some_and(|s| s.success()));
+    let (mut again, broker) = hub_again(data.path());
+    assert_eq!(listed(&broker), before);
+    assert_eq!(
+        history_until(&broker, "kept", "its run", |runs| !runs.is_empty()).len(),
+        1
+    );
+    // An acknowledged change, then kill -9: still there.
+    assert_eq!(
+        scenario(&broker, "scenario.enable.do", json!({"name": "off"}))["status"],
+        true
+    );
+    again.signal(libc::SIGKILL);
+    again.wait_exit(LIMIT);
+    let (_third, broker) = hub_again(data.path());
+    assert_eq!(listed(&broker), [("kept".to_owned(), true), ("off".to_owned(), true)]);
+}
+
+#[test]
+fn every_bad_input_is_refused_with_a_reason_that_names_the_field() {
+    let (_up, broker, _data) = hub("");
+    let devices = fake_devices(&broker);
+    let (switch, thermometer) = (&devices["switch"], &devices["temperaturesensor"]);
+    let cases = [
+        (json!({"name": "Bad Name!"}), "name"),
+        (
+            json!({"name": "x", "triggers": [{"trigger": "moon"}]}),
+            "triggers[0].trigger",
+        ),
+        (
+            json!({"name": "x", "triggers": [{"trigger": "cron", "cron": "99 * * * *"}]}),
+            "triggers[0].cron",
+        ),
+        (
+            json!({"name": "x", "triggers": [{"trigger": "sun", "event": "sunset"}]}),
+            "triggers[0].event",
+        ),
+        (
+            json!({"name": "x", "triggers": [{"trigger": "value", "device": "no-such-device", "quantity": "t", "below": 1}]}),
+            "triggers[0].device",
+        ),
+        (
+            json!({"name": "x", "triggers": [{"trigger": "value", "device": thermometer, "quantity": "humidity", "below": 1}]}),
+            "triggers[0].quantity",
+        ),
+        (
+            json!({"name": "x", "actions": [{"action": "command", "device": switch, "command": "fly"}]}),
+            "actions[0].command",
+        ),
+        (
+            json!({"name": "x", "actions": [{"action": "run", "scenario": "nowhere"}]}),
+            "actions[0].scenario",
+        ),
+        (
+            json!({"name": "x", "actions": [{"action": "script", "lua": "if then"}]}),
+            "actions[0].lua",
+        ),
+        (
+            json!({"name": "x", "conditions": [{"condition": "script", "lua": "return ("}]}),
+            "conditions[0].lua",
+        ),
+    ];
+    for (body, field) in cases {
+        let refused = scenario(&broker, "scenario.new.do", json!({"scenario": body}));
+        assert_eq!(refused["status"], false, "{body}");
+        let reason = refused["reason"].as_str().unwrap();
+        assert!(reason.starts_with(&format!("{field}: ")), "{body}: {reason}");
+    }
+    // A name taken, an update of nothing, an import with one bad scenario
+    // (none is stored).
+    let ok = json!({"name": "fine", "actions": [{"action": "log", "message": "hi"}]});
+    assert_eq!(
+        scenario(&broker, "scenario.new.do", json!({"scenario": ok}))["status"],
+        true
+    );
+    assert!(scenario(&broker, "scenario.new.do", json!({"scenario": ok}))["reason"]
+        .as_str()
+        .unwrap()
+        .contains("exists"));
+    let missing = json!({"name": "ghost", "actions": []});
+    assert_eq!(
+        scenario(&broker, "scenario.update.do", json!({"scenario": missing}))["status"],
+        false
+    );
+    let import = scenario(
+        &broker,
+        "scenario.import.do",
+        json!({"scenarios": [{"name": "good"}, {"name": "bad", "mode": "sometimes"}]}),
+    );
+    assert!(
+        import["reason"].as_str().unwrap().starts_with("scenarios[1].mode"),
+        "{import}"
+    );
+    let names = scenario(&broker, "scenario.list.get", json!({}));
+    assert_eq!(names["scenarios"].as_array().unwrap().len(), 1, "{names}");
+    assert!(scenario(&broker, "scenario.frobnicate", json!({}))["reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown action"));
+}
+
+#[test]
+fn runaway_and_memory_hungry_scripts_are_stopped_while_other_scenarios_run() {
+    let (_up, broker, state, _data) = hub_with_state("");
+    let imported = scenario(
+        &broker,
+        "scenario.import.do",
+        json!({"scenarios": [
+            {"name": "spin", "actions": [{"action": "script", "lua": "while true do end"}]},
+            {"name": "hog", "actions": [{"action": "script", "lua": "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 4096) .. i end"}]},
+            {"name": "tick", "actions": [{"action": "script", "lua": "majordome.set('/test/tick', 1 + 1) return 'ticked'"}]}]}),
+    );
+    assert_eq!(imported["status"], true, "{imported}");
+    for name in ["spin", "hog", "tick"] {
+        scenario(&broker, "scenario.run.do", json!({"name": name}));
+    }
+    let tick = history_until(&broker, "tick", "its run", |runs| !runs.is_empty());
+    assert_eq!(tick[0]["result"], "ok", "{}", tick[0]);
+    assert_eq!(tick[0]["actions"][0]["result"], "ticked");
+    let spin = history_until(&broker, "spin", "its end", |runs| !runs.is_empty());
+    assert_eq!(spin[0]["result"], "failed");
+    assert!(
+        spin[0]["error"].as_str().unwrap().contains("instructions"),
+        "{}",
+        spin[0]
+    );
+    let hog = history_until(&broker, "hog", "its end", |runs| !runs.is_empty());
+    assert!(hog[0]["error"].as_str().unwrap().contains("memory"), "{}", hog[0]);
+    // The engine still serves, and the script's write is in Clone.
+    assert_eq!(
+        scenario(&broker, "scenario.run.do", json!({"name": "tick"}))["status"],
+        true
+    );
+    history_until(&broker, "tick", "a second run", |runs| runs.len() >= 2);
+    let written = run(&["state", "/test/", "--endpoint", &state]);
+    assert!(
+        String::from_utf8_lossy(&written.stdout).contains("/test/tick 2"),
+        "{written:?}"
+    );
+}
+
+#[test]
+fn a_scenario_is_a_device_whose_on_runs_it_and_the_cli_shows_it() {
+    let (_up, broker, data) = hub("");
+    let body = json!({"name": "lights-out", "description": "Everything off",
+                      "actions": [{"action": "delay", "seconds": 30}]});
+    assert_eq!(
+        scenario(&broker, "scenario.new.do", json!({"scenario": body}))["status"],
+        true
+    );
+    // Its device, through the device service like any other.
+    let start = Instant::now();
+    let uuid = loop {
+        let devices = call(&broker, "devices", "devices.get", &json!({}));
+        let found = devices["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["type"] == "scenario" && d["name"] == "lights-out")
+            .map(|d| d["uuid"].as_str().unwrap().to_owned());
+        if let Some(uuid) = found {
+            break uuid;
+        }
+        assert!(start.elapsed() < LIMIT, "no device for the scenario: {devices}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let on = call(
+        &broker,
+        "devices",
+        "device.command.do",
+        &json!({"uuid": uuid, "command": "on"}),
+    );
+    assert_eq!(on["result"]["identifier"], "success", "{on}");
+    let get = scenario(&broker, "scenario.get", json!({"name": "lights-out"}));
+    assert_eq!(get["scenario"]["status"]["running"], 1, "{get}");
+    let off = call(
+        &broker,
+        "devices",
+        "device.command.do",
+        &json!({"uuid": uuid, "command": "off"}),
+    );
+    assert_eq!(off["result"]["identifier"], "success", "{off}");
+    let runs = history_until(&broker, "lights-out", "the stopped run", |runs| !runs.is_empty());
+    assert_eq!(runs[0]["result"], "stopped");
+    // The CLI: list, test, history, export then import elsewhere.
+    let list = run(&["scenario", "list", "--broker", &broker]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(listed.contains("lights-out") && listed.contains("stopped"), "{listed}");
+    let test = run(&["scenario", "test", "lights-out", "--broker", &broker]);
+    assert!(
+        String::from_utf8_lossy(&test.stdout).starts_with("would run: yes"),
+        "{test:?}"
+    );
+    let export = run(&["scenario", "export", "--broker", &broker]);
+    let file = data.path().join("exported.json");
+    std::fs::write(&file, &export.stdout).unwrap();
+    let (_other, other_broker, _other_data) = hub("");
+    let import = run(&["scenario", "import", file.to_str().unwrap(), "--broker", &other_broker]);
+    assert!(import.status.success(), "{import:?}");
+    let shown = run(&["scenario", "show", "lights-out", "--broker", &other_broker]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("Everything off"));
+    let missing = run(&["scenario", "run", "nothing", "--broker", &other_broker]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no scenario 'nothing'"));
+}
