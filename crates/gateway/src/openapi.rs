@@ -22,7 +22,10 @@ pub fn document() -> Value {
     add("StateSnapshot", generator.subschema_for::<StateSnapshot>());
     add("ErrorBody", generator.subschema_for::<ErrorBody>());
     add("ConfigValues", generator.subschema_for::<ConfigValues>());
-    add("Scenario", generator.subschema_for::<Map<String, Value>>());
+    add(
+        "Scenario",
+        generator.subschema_for::<majordome_scenario::model::Scenario>(),
+    );
     let mut schemas: Map<String, Value> = generator
         .definitions()
         .iter()

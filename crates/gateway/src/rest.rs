@@ -247,6 +247,7 @@ fn rest_error(failure: RpcError) -> Response {
         (code::INVALID_PARAMS, _) => StatusCode::BAD_REQUEST,
         (_, Some("error.forbidden")) => StatusCode::FORBIDDEN,
         (_, Some("error.device.invalid" | "error.not.found" | "error.not_found")) => StatusCode::NOT_FOUND,
+        (_, Some("error.exists")) => StatusCode::CONFLICT,
         (_, Some("error.no_worker" | "error.evicted")) => StatusCode::SERVICE_UNAVAILABLE,
         (_, Some("error.no.reply" | "error.no_answer")) => StatusCode::GATEWAY_TIMEOUT,
         // The service refused the request (a bad value, a bad name).

@@ -27,6 +27,7 @@ pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
 
 /// One scenario, as stored and exchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// `[a-z0-9_-]{1,64}`, unique.
@@ -62,6 +63,7 @@ fn default_max_runs() -> u32 {
 
 /// What a trigger does while the scenario runs already.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Ignored, and counted.
@@ -77,6 +79,7 @@ pub enum Mode {
 
 /// What starts a scenario.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "trigger", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Trigger {
     /// An event whose category starts with `category`, and whose payload
@@ -119,6 +122,7 @@ fn is_zero(value: &f64) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SunEvent {
     Sunrise,
@@ -127,6 +131,7 @@ pub enum SunEvent {
 
 /// A comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     Eq,
@@ -143,6 +148,7 @@ pub enum Op {
 
 /// What must hold for a run to go on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "condition", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Condition {
     /// A device's current value.
@@ -193,6 +199,7 @@ pub enum Condition {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Weekday {
     Mon,
@@ -213,6 +220,7 @@ impl Weekday {
 
 /// One step of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Action {
     /// A device command through the device service; a failed result fails

@@ -457,8 +457,22 @@ fn reply(action: &str, mut data: Value) -> Message {
     Message::new(majordome_mdp::domogik::result_action(action), data)
 }
 
+/// A refusal; an unknown scenario is said `error: "not_found"` and a
+/// taken name `error: "exists"`, as the gateway maps them to 404 and 409.
 fn refuse(action: &str, reason: impl Into<String>) -> Message {
-    Message::failure(action, reason.into())
+    let reason = reason.into();
+    let word = if reason.starts_with("no scenario '") {
+        Some("not_found")
+    } else if reason.starts_with("name: a scenario '") {
+        Some("exists")
+    } else {
+        None
+    };
+    let mut message = Message::failure(action, reason);
+    if let (Some(word), Some(data)) = (word, message.data.as_object_mut()) {
+        data.insert("error".into(), word.into());
+    }
+    message
 }
 
 impl Service {
@@ -560,10 +574,11 @@ impl Service {
             )),
         })();
         match outcome {
-            Ok(message) => {
-                // The engine's own refusals come back as status false.
-                message
+            // The engine's own refusals come back as `status: false`.
+            Ok(message) if message.data["status"] == false => {
+                refuse(action, message.data["reason"].as_str().unwrap_or("refused").to_owned())
             }
+            Ok(message) => message,
             Err(reason) => refuse(action, reason),
         }
     }
