@@ -165,6 +165,33 @@ try {
   await desktop.locator("pre.log", { hasText: "majordome runs" }).waitFor({ timeout: WAIT });
   step("its log shows the start");
 
+  // A scenario, made through the API, run from its card: its last
+  // result shows up without a reload.
+  const made = await fetch(`${base}/api/scenarios`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({
+      name: "evening",
+      description: "The switch on, a second later off",
+      actions: [
+        { action: "command", device: uuid, command: "on" },
+        { action: "delay", seconds: 1 },
+        { action: "command", device: uuid, command: "off" },
+      ],
+    }),
+  });
+  if (!made.ok) throw new Error(`the scenario was not made: ${await made.text()}`);
+  await desktop.goto(`${base}/scenarios`);
+  await desktop.click('article[data-scenario="evening"] button.primary');
+  await toast(desktop, "Started evening");
+  await desktop
+    .locator('article[data-scenario="evening"] [data-field=last_result] .result[data-result=ok]')
+    .waitFor({ timeout: WAIT });
+  step("the scenario ran from its card and says ok");
+  await desktop.click('article[data-scenario="evening"] button.switch');
+  await desktop.locator('article[data-scenario="evening"] button.switch[aria-checked=false]').waitFor({ timeout: WAIT });
+  step("and was disabled from it");
+
   if (problems.length) throw new Error(`the page said: ${problems.join("; ")}`);
 
   // Screenshots of every page, desktop and phone.
@@ -174,6 +201,8 @@ try {
     ["device", `/devices/${thermometer}?range=1h`],
     ["plugins", "/plugins"],
     ["plugin", `/plugins/${fake}`],
+    ["scenarios", "/scenarios"],
+    ["scenario", "/scenarios/evening"],
     ["bus", "/bus"],
   ];
   const phone = await browser.newPage({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });

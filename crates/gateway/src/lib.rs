@@ -534,6 +534,7 @@ pub(crate) async fn status(bus: &AsyncClient, caller: &rpc::Caller) -> Result<Va
         ("state", "state", "stats.get"),
         ("devices", "devices", "stats.get"),
         ("history", "history", "stats.get"),
+        ("scenarios", "scenario", "stats.get"),
         ("clients", "manager", "client.list.get"),
     ] {
         // What the caller may not call, it does not see here either.

@@ -370,7 +370,7 @@ pub async fn scrape(bus: &Arc<AsyncClient>, caller: &crate::rpc::Caller) -> Stri
             scrape.broker(&stats);
         }
     }
-    for part in ["events", "state", "devices", "history"] {
+    for part in ["events", "state", "devices", "history", "scenario"] {
         // What the caller may not call, it does not see here either.
         if caller.may_call(part, "stats.get").is_err() {
             continue;

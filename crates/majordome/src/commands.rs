@@ -379,6 +379,9 @@ fn status(endpoint: &str, json: bool) -> Result<ExitCode> {
     if let Some(devices) = devices {
         print!("{}", render_devices(&devices, history.as_ref()));
     }
+    if let Some(scenarios) = ask(&mut client, "scenario", "stats.get") {
+        print!("{}", render_scenarios(&scenarios));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -400,6 +403,25 @@ fn render_clients(list: &Value) -> String {
         );
     }
     out
+}
+
+fn render_scenarios(stats: &Value) -> String {
+    let number = |key: &str| stats[key].as_u64().unwrap_or(0);
+    format!(
+        "scenarios: {} ({} enabled); {} triggers fired from {} events and {} state changes; runs: {} ok, {} failed, \
+         {} stopped, {} skipped by a condition; {} ignored while running, {} dropped past max_runs\n",
+        number("scenarios"),
+        number("enabled"),
+        number("triggers_fired"),
+        number("events"),
+        number("state_changes"),
+        number("runs_ok"),
+        number("runs_failed"),
+        number("runs_stopped"),
+        number("runs_skipped"),
+        number("ignored_running"),
+        number("dropped_max_runs"),
+    )
 }
 
 fn render_devices(devices: &Value, history: Option<&Value>) -> String {

@@ -93,6 +93,19 @@ fn every_page_renders_and_every_form_works_without_the_script() {
     assert_eq!(page("/plugins/not-an-id").0, 404);
     assert_eq!(page("/plugins/plugin-nothing.nowhere").0, 404);
 
+    let (status, _, scenarios) = page("/scenarios");
+    assert_eq!(status, 200);
+    assert!(scenarios.contains("No scenario yet.") && scenarios.contains(r#"href="/scenarios" aria-current="page""#));
+    let (status, _, missing) = page("/scenarios/nothing");
+    assert_eq!(status, 404);
+    assert!(
+        missing.contains("no scenario &#39;nothing&#39;") || missing.contains("no scenario 'nothing'"),
+        "{missing}"
+    );
+    let json = "Accept: application/json\r\n";
+    assert_eq!(form_post(&address, "/ui/scenarios/nothing/run", "", json).0, 404);
+    assert_eq!(form_post(&address, "/ui/scenarios/nothing/fly", "", json).0, 404);
+
     let (status, _, bus) = page("/bus");
     assert_eq!(status, 200);
     assert!(bus.contains(r#"data-stat="devices/requests""#), "{bus}");
@@ -119,7 +132,6 @@ fn every_page_renders_and_every_form_works_without_the_script() {
     assert!(said.contains(r#"<div class="notice" role="status">"#), "{said}");
 
     // The script's way: JSON, with the status that fits.
-    let json = "Accept: application/json\r\n";
     let (status, _, body) = form_post(&address, &format!("/ui/devices/{switch}/command"), "command=fly", json);
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, &answer["ok"]), (400, &Value::Bool(false)), "{answer}");
@@ -250,7 +262,7 @@ fn the_dashboard_in_a_real_chromium() {
     let said = String::from_utf8_lossy(&out.stdout);
     println!("{said}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the browser test failed:\n{said}");
-    for page in ["home", "device", "plugins", "plugin", "bus"] {
+    for page in ["home", "device", "plugins", "plugin", "scenarios", "scenario", "bus"] {
         for size in ["desktop", "phone"] {
             assert!(shots.join(format!("{page}-{size}.png")).exists(), "{page}-{size}.png");
         }

@@ -223,6 +223,40 @@
     return `${(us / 1e6).toFixed(2)} s`;
   }
 
+  // The scenarios page: each one's live state again every two seconds.
+  async function pollScenarios() {
+    try {
+      const response = await fetch("/api/scenarios", { headers: { Accept: "application/json" } });
+      if (!response.ok) return;
+      const answer = await response.json();
+      for (const scenario of answer.scenarios || []) {
+        const card = document.querySelector(`article[data-scenario="${CSS.escape(scenario.name)}"]`);
+        if (!card) continue;
+        const status = scenario.status || {};
+        const running = card.querySelector(".badge.running");
+        if (running) running.hidden = !status.running;
+        const lastRun = card.querySelector("[data-field=last_run]");
+        if (lastRun && status.last_run) {
+          lastRun.innerHTML = "";
+          const time = document.createElement("time");
+          time.dataset.time = Math.round(status.last_run);
+          lastRun.appendChild(time);
+        }
+        const lastResult = card.querySelector("[data-field=last_result]");
+        if (lastResult && status.last_result) {
+          const word = status.last_result.split(":")[0];
+          const badge = document.createElement("span");
+          badge.className = "badge result";
+          badge.dataset.result = word;
+          badge.title = status.last_result;
+          badge.textContent = word;
+          lastResult.replaceChildren(badge);
+        }
+      }
+      ago();
+    } catch (e) { /* the next poll tries again */ }
+  }
+
   // A plugin's log, again every three seconds, kept scrolled to its end.
   async function pollLog(pre) {
     try {
@@ -246,6 +280,7 @@
       pollStatus();
       setInterval(pollStatus, 2000);
     }
+    if (document.querySelector("article[data-scenario]")) setInterval(pollScenarios, 2000);
     for (const pre of $$("pre[data-log]")) {
       pre.scrollTop = pre.scrollHeight;
       setInterval(() => pollLog(pre), 3000);

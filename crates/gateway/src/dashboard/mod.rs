@@ -12,8 +12,10 @@
 //! come from a page of this site (`Origin`).
 //!
 //! Routes: pages `/`, `/devices/{uuid}`, `/plugins`, `/plugins/{id}`,
-//! `/bus`, `/login`; actions (form posts) under `/ui/`: a device's
-//! `command` and `update`, a plugin's `start`, `stop` and `config`;
+//! `/scenarios`, `/scenarios/{name}`, `/bus`, `/login`; actions (form
+//! posts) under `/ui/`: a device's `command` and `update`, a plugin's
+//! `start`, `stop` and `config`, a scenario's `run`, `stop`, `enable`
+//! and `disable`;
 //! `/ui/events`, `/ui/plugins/{id}/log`, and the assets.
 
 pub mod chart;
@@ -48,6 +50,8 @@ pub fn router() -> Router<Arc<Context>> {
         .route("/devices/{uuid}", get(device))
         .route("/plugins", get(plugins))
         .route("/plugins/{id}", get(plugin))
+        .route("/scenarios", get(scenarios))
+        .route("/scenarios/{name}", get(scenario))
         .route("/bus", get(bus))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
@@ -61,6 +65,7 @@ pub fn router() -> Router<Arc<Context>> {
         .route("/ui/plugins/{id}/stop", post(stop))
         .route("/ui/plugins/{id}/config", post(configure))
         .route("/ui/plugins/{id}/log", get(log))
+        .route("/ui/scenarios/{name}/{action}", post(scenario_action))
 }
 
 const ICON: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="8" fill="#2f6fde"/><path d="M7 16.5 16 8l9 8.5V24a1 1 0 0 1-1 1h-5v-6h-6v6H8a1 1 0 0 1-1-1z" fill="#fff"/></svg>"##;
@@ -360,6 +365,80 @@ async fn plugin(
     };
     let title = client.and_then(|c| c["name"].as_str()).unwrap_or(&id).to_owned();
     page(&context, &viewer, &query, &title, Page::Plugins, pages::plugin(&view))
+}
+
+async fn scenarios(State(context): State<Arc<Context>>, viewer: Viewer, Query(query): Query<PageQuery>) -> Response {
+    match rpc::call(
+        &context.bus,
+        &viewer.caller,
+        "scenario",
+        "scenario.list.get",
+        json!({}),
+        WAIT,
+    )
+    .await
+    {
+        Ok(list) => {
+            let body = pages::scenarios(&list["scenarios"]);
+            page(&context, &viewer, &query, "Scenarios", Page::Scenarios, body)
+        }
+        Err(e) => failed_page(&context, &viewer, &query, Page::Scenarios, "Scenarios", e.into()),
+    }
+}
+
+async fn scenario(
+    State(context): State<Arc<Context>>,
+    viewer: Viewer,
+    Path(name): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let (bus, caller) = (&context.bus, &viewer.caller);
+    let (found, history) = tokio::join!(
+        rpc::call(bus, caller, "scenario", "scenario.get", json!({"name": name}), WAIT),
+        rpc::call(
+            bus,
+            caller,
+            "scenario",
+            "scenario.history.get",
+            json!({"name": name, "last": 20}),
+            WAIT
+        ),
+    );
+    match found {
+        Ok(found) => {
+            let runs = history
+                .ok()
+                .and_then(|h| h["runs"].as_array().cloned())
+                .unwrap_or_default();
+            let body = pages::scenario(&found["scenario"], &runs);
+            page(&context, &viewer, &query, &name, Page::Scenarios, body)
+        }
+        Err(e) => failed_page(&context, &viewer, &query, Page::Scenarios, "No such scenario", e.into()),
+    }
+}
+
+/// A scenario's run, stop, enable or disable, from its buttons.
+async fn scenario_action(
+    State(context): State<Arc<Context>>,
+    caller: Caller,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (request, said_done) = match action.as_str() {
+        "run" => ("scenario.run.do", format!("Started {name}")),
+        "stop" => ("scenario.stop.do", format!("Stopped {name}")),
+        "enable" => ("scenario.enable.do", format!("Enabled {name}")),
+        "disable" => ("scenario.disable.do", format!("Disabled {name}")),
+        other => {
+            let outcome = Err((StatusCode::NOT_FOUND, format!("a scenario has no action '{other}'")));
+            return said(&headers, outcome, &back(&headers, "/scenarios"));
+        }
+    };
+    let outcome = rpc::call(&context.bus, &caller, "scenario", request, json!({"name": name}), WAIT)
+        .await
+        .map(|_| said_done)
+        .map_err(refusal);
+    said(&headers, outcome, &back(&headers, "/scenarios"))
 }
 
 async fn bus(State(context): State<Arc<Context>>, viewer: Viewer, Query(query): Query<PageQuery>) -> Response {

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 pub enum Page {
     Home,
     Plugins,
+    Scenarios,
     Bus,
     Login,
 }
@@ -19,6 +20,7 @@ impl Page {
         match self {
             Page::Home => "home",
             Page::Plugins => "plugins",
+            Page::Scenarios => "scenarios",
             Page::Bus => "bus",
             Page::Login => "login",
         }
@@ -45,6 +47,7 @@ pub fn layout(frame: &Frame, body: Markup) -> Markup {
     let nav = [
         (Page::Home, "/", "Home"),
         (Page::Plugins, "/plugins", "Plugins"),
+        (Page::Scenarios, "/scenarios", "Scenarios"),
         (Page::Bus, "/bus", "Bus"),
     ];
     html! {
@@ -749,6 +752,177 @@ fn counters(title: &str, part: &Value, path: &str) -> Markup {
             }
         }
     }
+}
+
+/// A unix time as the hub's clock shows it, or a dash.
+fn when(time: &Value) -> Markup {
+    match time.as_f64() {
+        Some(time) => html! { time data-time=(format!("{time:.0}")) { (format!("{time:.0}")) } },
+        None => html! { "never" },
+    }
+}
+
+/// A run's result as a badge: ok, failed, stopped, skipped.
+fn result_badge(result: &str) -> Markup {
+    let word = result.split(':').next().unwrap_or(result);
+    html! { span.badge.result data-result=(word) title=(result) { (word) } }
+}
+
+/// What starts a scenario, in a few words.
+fn triggers_text(scenario: &Value) -> String {
+    let kinds: Vec<String> = scenario["triggers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| match t["trigger"].as_str().unwrap_or("?") {
+            "cron" => format!("cron {}", t["cron"].as_str().unwrap_or("")),
+            "sun" => t["event"].as_str().unwrap_or("sun").to_owned(),
+            "event" => format!("event {}", t["category"].as_str().unwrap_or("")),
+            "state" => format!("state {}", t["key"].as_str().unwrap_or("")),
+            other => other.to_owned(),
+        })
+        .collect();
+    if kinds.is_empty() {
+        "by hand".into()
+    } else {
+        kinds.join(", ")
+    }
+}
+
+/// The run, stop and enable/disable buttons of a scenario.
+fn scenario_buttons(name: &str, enabled: bool) -> Markup {
+    html! {
+        div.buttons {
+            form method="post" action=(format!("/ui/scenarios/{name}/run")) data-async {
+                button.primary type="submit" { "Run" }
+            }
+            form method="post" action=(format!("/ui/scenarios/{name}/stop")) data-async {
+                button type="submit" { "Stop" }
+            }
+            form method="post" action=(format!("/ui/scenarios/{name}/{}", if enabled { "disable" } else { "enable" }))
+                data-async data-after="reload" {
+                button.switch type="submit" role="switch" aria-checked=(enabled)
+                    aria-label=(format!("{name} enabled")) title=(if enabled { "Enabled: disable it" } else { "Disabled: enable it" }) {}
+            }
+        }
+    }
+}
+
+/// The scenarios page: each with what starts it, whether it runs, its last
+/// result, and its buttons. `scenarios` is `scenario.list.get`'s list.
+pub fn scenarios(scenarios: &Value) -> Markup {
+    let list = scenarios.as_array().cloned().unwrap_or_default();
+    html! {
+        h1 { "Scenarios" }
+        p.lede { "Automations of the scenario service: what starts them, how their last run went. Make them with "
+            code { "majordome scenario import" } " or " code { "POST /api/scenarios" } "." }
+        @if list.is_empty() {
+            p.empty { "No scenario yet." }
+        }
+        div.grid {
+            @for scenario in &list {
+                @let name = text(scenario, "name");
+                @let status = &scenario["status"];
+                article.card data-scenario=(name) {
+                    header {
+                        a.name href=(format!("/scenarios/{name}")) { (name) }
+                        span.badge.running hidden[status["running"].as_u64().unwrap_or(0) == 0] { "running" }
+                        span.kind { (triggers_text(scenario)) " · " (text(scenario, "mode")) }
+                    }
+                    @if !text(scenario, "description").is_empty() {
+                        p.lede { (text(scenario, "description")) }
+                    }
+                    dl.kv {
+                        dt { "last run" } dd data-field="last_run" { (when(&status["last_run"])) }
+                        dt { "result" } dd data-field="last_result" {
+                            @match status["last_result"].as_str() {
+                                Some(result) => (result_badge(result)),
+                                None => "–",
+                            }
+                        }
+                        @if let Some(next) = status["next"].as_f64() {
+                            dt { "next" } dd { (when(&Value::from(next))) }
+                        }
+                    }
+                    (scenario_buttons(name, scenario["enabled"].as_bool().unwrap_or(false)))
+                }
+            }
+        }
+    }
+}
+
+/// One scenario's page: its buttons, its definition, and its last runs
+/// with each condition and action.
+pub fn scenario(scenario: &Value, runs: &[Value]) -> Markup {
+    let name = text(scenario, "name");
+    html! {
+        p { a href="/scenarios" { "← Scenarios" } }
+        div.row data-scenario=(name) {
+            h1 { (name) }
+            span.spacer {}
+            (scenario_buttons(name, scenario["enabled"].as_bool().unwrap_or(false)))
+        }
+        p.lede { (text(scenario, "description")) " " (triggers_text(scenario)) " · mode " (text(scenario, "mode")) }
+        h2 { "Last runs" }
+        @if runs.is_empty() {
+            p.empty { "No run yet." }
+        } @else {
+            div.table-wrap {
+                table {
+                    thead { tr { th { "Started" } th { "Result" } th { "By" } th.num { "Seconds" } th { "What happened" } } }
+                    tbody {
+                        @for run in runs {
+                            tr {
+                                td { (when(&run["started"])) }
+                                td { (result_badge(text(run, "result"))) }
+                                td { (run["trigger"]["trigger"].as_str().unwrap_or("?")) }
+                                td.num { (format!("{:.3}", run["duration"].as_f64().unwrap_or(0.0))) }
+                                td.steps {
+                                    @if let Some(error) = run["error"].as_str() { div.error { (error) } }
+                                    @for condition in run["conditions"].as_array().into_iter().flatten() {
+                                        div { "condition " (condition["condition"]["condition"].as_str().unwrap_or("?"))
+                                            ": " (if condition["passed"] == true { "held" } else { "did not hold" }) }
+                                    }
+                                    @for action in run["actions"].as_array().into_iter().flatten() {
+                                        div { (action["index"]) ". " (text(action, "action")) ": "
+                                            @match action.get("error") {
+                                                Some(error) => span.error { (error.as_str().unwrap_or("?")) },
+                                                None => (compact(&action["result"])),
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Definition" }
+        pre.log { (serde_json::to_string_pretty(&without_status(scenario)).unwrap_or_default()) }
+    }
+}
+
+/// A value in one short line.
+fn compact(value: &Value) -> String {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "done".into(),
+        other => other.to_string(),
+    };
+    if text.chars().count() > 120 {
+        format!("{}…", text.chars().take(120).collect::<String>())
+    } else {
+        text
+    }
+}
+
+fn without_status(scenario: &Value) -> Value {
+    let mut scenario = scenario.clone();
+    if let Some(map) = scenario.as_object_mut() {
+        map.remove("status");
+    }
+    scenario
 }
 
 /// The sign-in page, for a gateway that needs tokens.
