@@ -4,6 +4,7 @@ pub mod devices;
 pub mod events;
 pub mod http;
 pub mod reqrep;
+pub mod scenario;
 pub mod state;
 pub mod titanic;
 

@@ -418,6 +418,28 @@ pub enum Bench {
         #[arg(long, default_value = "full")]
         durability: DurabilityArg,
     },
+    /// The scenario engine: event to device command against the same
+    /// command sent directly, and events evaluated per second with many
+    /// scenarios enabled against none; in this process.
+    Scenario {
+        /// Reactions timed per run, one at a time.
+        #[arg(long, default_value_t = 500)]
+        samples: usize,
+        /// Scenarios enabled for the evaluation.
+        #[arg(long, default_value_t = 1_000)]
+        scenarios: usize,
+        /// Events per evaluation.
+        #[arg(long, default_value_t = 50_000)]
+        events: usize,
+        /// Events published ahead of what the engine has evaluated, at most.
+        #[arg(long, default_value_t = 2_000)]
+        window: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Folder for the bench's database (default: a temporary one).
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+    },
     /// Titanic end to end: request, dispatch to an echo service, reply,
     /// close; in this process, on a fresh database.
     Titanic {

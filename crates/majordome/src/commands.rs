@@ -654,6 +654,24 @@ fn bench_command(bench: Bench) -> Result<ExitCode> {
             };
             majordome_bench::devices::run(&options, &mut std::io::stdout())?;
         }
+        Bench::Scenario {
+            samples,
+            scenarios,
+            events,
+            window,
+            runs,
+            data,
+        } => {
+            let options = majordome_bench::scenario::ScenarioOptions {
+                samples,
+                scenarios,
+                events,
+                window,
+                runs,
+                data,
+            };
+            majordome_bench::scenario::run(&options, &mut std::io::stdout())?;
+        }
         Bench::Titanic {
             clients,
             requests,

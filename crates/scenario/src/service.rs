@@ -656,9 +656,10 @@ impl Service {
             read.push(scenario);
         }
         let names: Vec<String> = read.iter().map(|s| s.name.clone()).collect();
+        // One look at the devices for the whole import.
+        let catalog = self.catalog(bus, &names).map_err(|why| format!("devices: {why}"))?;
         for (index, scenario) in read.iter().enumerate() {
-            self.check(bus, scenario, &names)
-                .map_err(|e| format!("scenarios[{index}].{e}"))?;
+            model::check(scenario, &catalog, &lua::compile).map_err(|e| format!("scenarios[{index}].{e}"))?;
         }
         store::save(&self.committer, read.clone(), unix_now()).map_err(|e| e.to_string())?;
         self.engine.ask(Ask::Upsert(read));
@@ -860,6 +861,14 @@ fn output(
             Err(mpsc::RecvTimeoutError::Timeout) if !shutdown.is_triggered() => continue,
             Err(_) => return,
         };
+        // At a stop the Clone server and the device service may be gone
+        // already: the live state is of no use then, the records are.
+        if shutdown.is_triggered() {
+            if let Effect::Record(record) = effect {
+                store::record(&committer, record, keep);
+            }
+            continue;
+        }
         match effect {
             Effect::Record(record) => store::record(&committer, record, keep),
             Effect::Live { name, field, value } => {
