@@ -15,8 +15,9 @@
 //! run is recorded ([`Effect::Record`]) with what fired it, each condition
 //! and its value, and each action with its result.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use crate::model::{self, Action, Condition, Mode, Scenario, Trigger};
@@ -149,9 +150,15 @@ pub struct Engine {
     scenarios: BTreeMap<String, Loaded>,
     runs: BTreeMap<RunId, Run>,
     next_run: RunId,
-    /// Every Clone key's value, and the one before it.
-    values: BTreeMap<String, Value>,
-    previous: BTreeMap<String, Value>,
+    /// Every Clone key's value as it came (its bytes are shared with the
+    /// service's mirror, so this map costs keys and pointers, not a copy),
+    /// decoded when a trigger or a condition looks at it.
+    values: BTreeMap<String, Bytes>,
+    /// The value before the last change, only for the keys that a
+    /// `changed` comparison names ([`Engine::watch_changes`]): keeping it
+    /// for every key would hold a second copy of the whole state.
+    previous: BTreeMap<String, Bytes>,
+    changed_keys: BTreeSet<String>,
     outbox: Vec<Effect>,
     counters: Counters,
 }
@@ -185,6 +192,7 @@ impl Engine {
             next_run: 1,
             values: BTreeMap::new(),
             previous: BTreeMap::new(),
+            changed_keys: BTreeSet::new(),
             outbox: Vec::new(),
             counters: Counters::default(),
         }
@@ -248,6 +256,7 @@ impl Engine {
                 last_result,
             },
         );
+        self.watch_changes();
         self.arm(&name, now);
         self.live(&name, "enabled", Value::Bool(enabled));
         self.live(&name, "running", json!(0));
@@ -256,7 +265,35 @@ impl Engine {
     /// Removes a scenario, stopping its runs. Whether it was there.
     pub fn remove(&mut self, name: &str, now: f64) -> bool {
         self.stop_all(name, now, "the scenario was deleted");
-        self.scenarios.remove(name).is_some()
+        let removed = self.scenarios.remove(name).is_some();
+        self.watch_changes();
+        removed
+    }
+
+    /// Recomputes the keys whose previous value is kept: those a `changed`
+    /// comparison names, anywhere in a scenario. A key newly watched starts
+    /// with its current value as its previous one (nothing changed yet).
+    fn watch_changes(&mut self) {
+        let mut keys = BTreeSet::new();
+        for loaded in self.scenarios.values() {
+            let scenario = &loaded.scenario;
+            let waits = scenario.actions.iter().filter_map(|action| match action {
+                Action::Wait { until, .. } => Some(until.as_ref()),
+                _ => None,
+            });
+            for condition in scenario.conditions.iter().chain(waits) {
+                changed_keys_of(condition, &mut keys);
+            }
+        }
+        self.previous.retain(|key, _| keys.contains(key));
+        for key in &keys {
+            if !self.previous.contains_key(key) {
+                if let Some(value) = self.values.get(key) {
+                    self.previous.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        self.changed_keys = keys;
     }
 
     /// Enables or disables a scenario; disabling stops its runs.
@@ -326,7 +363,7 @@ impl Engine {
                 } => {
                     // Known now: only a crossing into the range fires.
                     let key = format!("/device/{device}/{quantity}");
-                    state.in_range = level(values.get(&key)).map(|l| in_range(l, *above, *below));
+                    state.in_range = level(decoded(values.get(&key)).as_ref()).map(|l| in_range(l, *above, *below));
                 }
                 _ => {}
             }
@@ -363,23 +400,30 @@ impl Engine {
         }
     }
 
-    /// A Clone key changed (`None`: deleted).
-    pub fn state(&mut self, key: &str, value: Option<Value>, now: f64) {
+    /// A Clone key changed (`None`: deleted), its value as it came.
+    pub fn state(&mut self, key: &str, value: Option<Bytes>, now: f64) {
         self.counters.state_changes += 1;
         let before = match &value {
             Some(value) => self.values.insert(key.to_owned(), value.clone()),
             None => self.values.remove(key),
         };
-        match &before {
-            Some(before) => {
-                self.previous.insert(key.to_owned(), before.clone());
-            }
-            None => {
-                self.previous.remove(key);
+        if self.changed_keys.contains(key) {
+            match &before {
+                Some(before) => {
+                    self.previous.insert(key.to_owned(), before.clone());
+                }
+                None => {
+                    self.previous.remove(key);
+                }
             }
         }
+        if before == value {
+            return;
+        }
+        // Decoded once, and only if a trigger looks at this key.
+        let decoded_pair = std::cell::OnceCell::new();
+        let pair = || decoded_pair.get_or_init(|| (decoded(value.as_ref()), decoded(before.as_ref())));
         let mut fired = Vec::new();
-        let new_level = level(value.as_ref());
         for loaded in self.scenarios.values_mut().filter(|l| l.scenario.enabled) {
             let name = loaded.scenario.name.clone();
             for (trigger, state) in loaded.scenario.triggers.iter().zip(loaded.triggers.iter_mut()) {
@@ -390,7 +434,8 @@ impl Engine {
                         } else {
                             key == watched
                         };
-                        if hit && before.as_ref() != value.as_ref() {
+                        if hit {
+                            let (value, before) = pair();
                             fired.push((
                                 name.clone(),
                                 json!({"trigger": "state", "key": key, "value": value, "previous": before}),
@@ -406,7 +451,8 @@ impl Engine {
                     } if key.len() == 8 + device.len() + 1 + quantity.len()
                         && key == format!("/device/{device}/{quantity}") =>
                     {
-                        let Some(level) = new_level else { continue };
+                        let (value, before) = pair();
+                        let Some(level) = level(value.as_ref()) else { continue };
                         let inside = in_range(level, *above, *below);
                         let was = state.in_range.replace(inside);
                         if !inside {
@@ -872,21 +918,17 @@ impl Engine {
                 value,
             } => {
                 let key = format!("/device/{device}/{quantity}");
-                let current = self
-                    .values
-                    .get(&key)
-                    .map(|v| v.get("level").cloned().unwrap_or(v.clone()));
-                let before = self
-                    .previous
-                    .get(&key)
-                    .map(|v| v.get("level").cloned().unwrap_or(v.clone()));
+                let level_or_all = |v: Value| v.get("level").cloned().unwrap_or(v);
+                let current = decoded(self.values.get(&key)).map(level_or_all);
+                let before = decoded(self.previous.get(&key)).map(level_or_all);
                 let holds = model::compare(current.as_ref(), *op, value, before.as_ref());
                 (holds, current.unwrap_or(Value::Null))
             }
             Condition::State { key, op, value } => {
-                let current = self.values.get(key);
-                let holds = model::compare(current, *op, value, self.previous.get(key));
-                (holds, current.cloned().unwrap_or(Value::Null))
+                let current = decoded(self.values.get(key));
+                let before = decoded(self.previous.get(key));
+                let holds = model::compare(current.as_ref(), *op, value, before.as_ref());
+                (holds, current.unwrap_or(Value::Null))
             }
             Condition::Time {
                 after,
@@ -935,7 +977,7 @@ impl Engine {
             }
             Condition::Script { lua } => {
                 let context = json!({"trigger": trigger, "now": now});
-                let read = |key: &str| self.values.get(key).cloned();
+                let read = |key: &str| decoded(self.values.get(key));
                 match (self.settings.condition_script)(lua, &context, &read) {
                     Ok(holds) => (holds, Value::Bool(holds)),
                     Err(why) => (false, json!({"error": why})),
@@ -945,8 +987,8 @@ impl Engine {
     }
 
     /// A Clone key's current value, for scripts.
-    pub fn value(&self, key: &str) -> Option<&Value> {
-        self.values.get(key)
+    pub fn value(&self, key: &str) -> Option<Value> {
+        decoded(self.values.get(key))
     }
 
     /// What `scenario` would do now, and why, without doing it: each
@@ -984,7 +1026,7 @@ impl Engine {
                     below,
                     ..
                 } => {
-                    let current = level(self.values.get(&format!("/device/{device}/{quantity}")));
+                    let current = level(decoded(self.values.get(&format!("/device/{device}/{quantity}"))).as_ref());
                     json!({"trigger": trigger, "value": current,
                            "in_range": current.map(|l| in_range(l, *above, *below))})
                 }
@@ -1027,6 +1069,36 @@ fn action_kind(action: &Action) -> &'static str {
 
 /// A device value's level: the `level` of Clone's `{"level", "unit",
 /// "timestamp"}`, or a bare number.
+/// A Clone value as JSON; one that is not JSON is taken as a string.
+pub fn decode(value: &[u8]) -> Value {
+    serde_json::from_slice(value).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into()))
+}
+
+fn decoded(value: Option<&Bytes>) -> Option<Value> {
+    value.map(|v| decode(v))
+}
+
+/// Adds to `keys` the Clone keys a `changed` comparison in `condition`
+/// looks at.
+fn changed_keys_of(condition: &Condition, keys: &mut BTreeSet<String>) {
+    match condition {
+        Condition::Value {
+            device, quantity, op, ..
+        } if *op == model::Op::Changed => {
+            keys.insert(format!("/device/{device}/{quantity}"));
+        }
+        Condition::State { key, op, .. } if *op == model::Op::Changed => {
+            keys.insert(key.clone());
+        }
+        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
+            for condition in conditions {
+                changed_keys_of(condition, keys);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn level(value: Option<&Value>) -> Option<f64> {
     let value = value?;
     let level = value.get("level").unwrap_or(value);

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::engine::{Effect, Engine, EngineSettings};
@@ -49,10 +50,15 @@ fn records(effects: &[Effect]) -> Vec<Value> {
         .collect()
 }
 
+/// A value as the Clone server carries it: JSON text.
+fn clone_value(value: Value) -> Option<Bytes> {
+    Some(Bytes::from(value.to_string()))
+}
+
 fn temperature(engine: &mut Engine, level: f64, now: f64) {
     engine.state(
         "/device/thermo/temperature",
-        Some(json!({"level": level, "unit": "degC"})),
+        clone_value(json!({"level": level, "unit": "degC"})),
         now,
     );
 }
@@ -265,11 +271,11 @@ fn a_wait_goes_on_when_its_condition_holds_and_fails_at_its_timeout() {
         0.0,
     );
     engine.run_by_hand("door", 0.0).unwrap();
-    engine.state("/door", Some(json!("open")), 5.0);
+    engine.state("/door", clone_value(json!("open")), 5.0);
     assert_eq!(engine.running("door"), 1);
-    engine.state("/door", Some(json!("closed")), 6.0);
+    engine.state("/door", clone_value(json!("closed")), 6.0);
     assert_eq!(records(&engine.take_effects())[0]["result"], "ok");
-    engine.state("/door", Some(json!("open")), 7.0);
+    engine.state("/door", clone_value(json!("open")), 7.0);
     engine.run_by_hand("door", 10.0).unwrap();
     assert_eq!(engine.next_wakeup(), Some(40.0));
     engine.tick(40.0);
@@ -329,4 +335,36 @@ fn stop_run_and_changes_stop_runs_and_say_so_in_the_live_state() {
     assert_eq!(engine.running("long"), 0);
     assert_eq!(engine.counters().runs_stopped, 2);
     assert!(engine.run_by_hand("missing", 4.0).is_err());
+}
+
+#[test]
+fn a_changed_condition_compares_with_the_value_before_the_last_change() {
+    let mut engine = engine();
+    // Known before the scenario exists: nothing has changed yet for it.
+    engine.state("/mode", clone_value(json!("home")), 0.0);
+    add(
+        &mut engine,
+        json!({"name": "moved", "triggers": [{"trigger": "event", "category": "go"}],
+               "conditions": [{"condition": "state", "key": "/mode", "op": "changed", "value": null}],
+               "actions": [{"action": "log", "message": "it moved"}]}),
+        0.0,
+    );
+    engine.event("go", &json!({}), 1.0);
+    assert_eq!(records(&engine.take_effects())[0]["result"], "skipped");
+    engine.state("/mode", clone_value(json!("away")), 2.0);
+    engine.event("go", &json!({}), 3.0);
+    assert_eq!(records(&engine.take_effects())[0]["result"], "ok");
+    // The same value again: the last change is no change.
+    engine.state("/mode", clone_value(json!("away")), 4.0);
+    engine.event("go", &json!({}), 5.0);
+    assert_eq!(records(&engine.take_effects())[0]["result"], "skipped");
+}
+
+#[test]
+fn a_value_that_is_not_json_reads_as_a_string() {
+    let mut engine = engine();
+    engine.state("/note", Some(Bytes::from_static(b"plain words")), 0.0);
+    assert_eq!(engine.value("/note"), Some(json!("plain words")));
+    engine.state("/note", None, 1.0);
+    assert_eq!(engine.value("/note"), None);
 }

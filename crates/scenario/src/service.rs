@@ -23,6 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use bytes::Bytes;
 use majordome_client::{
     domogik_handler, unix_now, Client, ClientError, ClientOptions, Message, Publisher, Shutdown, Subscriber, Worker,
     WorkerOptions,
@@ -101,6 +102,17 @@ pub fn client_id(host: &str) -> String {
 }
 
 /// The actions, for the error that lists them.
+/// Inputs (events, Clone changes, answers, requests) waiting for the
+/// engine, past which their senders wait.
+const INPUT_QUEUE: usize = 1024;
+
+/// Clone updates queued unread in the mirror's socket, and kept while a
+/// snapshot arrives, past which the mirror resyncs (a snapshot, then the
+/// differences): the engine sees every key's latest value, if not every
+/// step between. With values of at most 64 KiB, this bounds what a flood
+/// of changes can hold here to a few MiB.
+const MIRROR_QUEUE: usize = 100;
+
 const ACTIONS: &str = "scenario.list.get, scenario.get, scenario.new.do, scenario.update.do, scenario.delete.do, \
                        scenario.enable.do, scenario.disable.do, scenario.run.do, scenario.stop.do, scenario.test.do, \
                        scenario.history.get, scenario.export.get, scenario.import.do, stats.get";
@@ -130,7 +142,7 @@ enum Input {
     },
     State {
         key: String,
-        value: Option<Value>,
+        value: Option<Bytes>,
     },
     Done {
         run: RunId,
@@ -166,7 +178,7 @@ enum Ask {
 /// The engine's thread, and a way to ask it.
 #[derive(Clone)]
 struct EngineHandle {
-    inputs: mpsc::Sender<Input>,
+    inputs: mpsc::SyncSender<Input>,
 }
 
 impl EngineHandle {
@@ -208,7 +220,10 @@ pub fn run(
     let stored = store::load(&connection)?;
     let committer = majordome_store::shared_committer(database, durability)?;
     let clock = Arc::new(Clock::default());
-    let (inputs, received) = mpsc::channel();
+    // Bounded: a flood of events or Clone changes waits in the sockets
+    // (whose own bounds drop and count, or make the mirror resync), not in
+    // this process's memory.
+    let (inputs, received) = mpsc::sync_channel(INPUT_QUEUE);
     let engine = EngineHandle { inputs: inputs.clone() };
     let stops: Arc<Mutex<HashMap<RunId, Arc<AtomicBool>>>> = Arc::default();
 
@@ -380,7 +395,7 @@ fn handle(engine: &mut Engine, input: Input, now: f64) {
         Input::Event { category, data } => engine.event(&category, &data, now),
         Input::State { key, value } => engine.state(&key, value, now),
         Input::Done { run, outcome } => engine.done(run, outcome, now),
-        Input::Read { key, reply } => drop(reply.send(engine.value(&key).cloned())),
+        Input::Read { key, reply } => drop(reply.send(engine.value(&key))),
         Input::Ask { ask, reply } => drop(reply.send(answer(engine, ask, now))),
     }
 }
@@ -691,7 +706,7 @@ impl Service {
 /// An executor: takes effects the runs wait on and reports what they did.
 fn execute(
     jobs: Arc<Mutex<mpsc::Receiver<Effect>>>,
-    inputs: mpsc::Sender<Input>,
+    inputs: mpsc::SyncSender<Input>,
     endpoints: Endpoints,
     stops: Arc<Mutex<HashMap<RunId, Arc<AtomicBool>>>>,
     shutdown: Shutdown,
@@ -758,7 +773,7 @@ struct Tools<'a> {
     publisher: &'a mut Option<Publisher>,
     writer: &'a mut Option<Writer>,
     endpoints: &'a Endpoints,
-    inputs: &'a mpsc::Sender<Input>,
+    inputs: &'a mpsc::SyncSender<Input>,
 }
 
 /// A reply's error, as a run records it: ago's `error` map, or the
@@ -922,7 +937,7 @@ fn output(
 }
 
 /// Every event on the bus, to the engine.
-fn follow_events(endpoint: &str, inputs: mpsc::Sender<Input>, shutdown: &Shutdown) {
+fn follow_events(endpoint: &str, inputs: mpsc::SyncSender<Input>, shutdown: &Shutdown) {
     let mut subscriber = match Subscriber::connect_with_high_water_mark(endpoint, &[], 10_000) {
         Ok(subscriber) => subscriber,
         Err(e) => {
@@ -951,12 +966,15 @@ fn follow_events(endpoint: &str, inputs: mpsc::Sender<Input>, shutdown: &Shutdow
 }
 
 /// Every Clone key, to the engine: the snapshot first, then each change.
-fn follow_state(endpoint: &str, inputs: mpsc::Sender<Input>, shutdown: &Shutdown) {
-    let parse = |value: &[u8]| {
-        serde_json::from_slice::<Value>(value).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into()))
+/// The values go as the mirror holds them (shared bytes, not copies).
+fn follow_state(endpoint: &str, inputs: mpsc::SyncSender<Input>, shutdown: &Shutdown) {
+    let options = MirrorOptions {
+        receive_high_water_mark: MIRROR_QUEUE as i32,
+        max_buffered_updates: MIRROR_QUEUE,
+        ..MirrorOptions::default()
     };
     let mut mirror = loop {
-        match Mirror::connect(endpoint, "", MirrorOptions::default()) {
+        match Mirror::connect(endpoint, "", options.clone()) {
             Ok(mirror) => break mirror,
             Err(e) if !shutdown.is_triggered() => {
                 tracing::warn!(error = %e, "the scenario service waits for Clone");
@@ -968,7 +986,7 @@ fn follow_state(endpoint: &str, inputs: mpsc::Sender<Input>, shutdown: &Shutdown
     for (key, entry) in mirror.entries() {
         let input = Input::State {
             key: key.to_owned(),
-            value: Some(parse(&entry.value)),
+            value: Some(entry.value.clone()),
         };
         if inputs.send(input).is_err() {
             return;
@@ -986,7 +1004,7 @@ fn follow_state(endpoint: &str, inputs: mpsc::Sender<Input>, shutdown: &Shutdown
             let input = match change {
                 Change::Set { key, value, .. } => Input::State {
                     key,
-                    value: Some(parse(&value)),
+                    value: Some(value),
                 },
                 Change::Deleted { key, .. } => Input::State { key, value: None },
                 _ => continue,

@@ -114,10 +114,12 @@ impl Drop for Process {
 type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
 /// Starts `majordome ARGS…` with its output readable line by line.
+/// The child logs errors only; `TEST_LOG=info` (any `MAJORDOME_LOG`
+/// filter) shows more while a test is being looked into.
 fn spawn_reading(args: &[&str]) -> (Child, Lines) {
     let mut child = majordome()
         .args(args)
-        .env("MAJORDOME_LOG", "error")
+        .env("MAJORDOME_LOG", std::env::var("TEST_LOG").unwrap_or("error".into()))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
