@@ -224,7 +224,9 @@ fn switch_all(client: &mut Client, count: usize, enabled: bool) -> Result<()> {
 /// engine's count of Clone changes not moving for half a second.
 fn settle(client: &mut Client) -> Result<()> {
     let changes = |client: &mut Client| -> Result<u64> {
-        Ok(ask(client, "stats.get", json!({}))?["state_changes"].as_u64().unwrap_or(0))
+        Ok(ask(client, "stats.get", json!({}))?["state_changes"]
+            .as_u64()
+            .unwrap_or(0))
     };
     let started = Instant::now();
     let mut last = changes(client)?;

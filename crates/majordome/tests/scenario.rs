@@ -1,5 +1,6 @@
 //! Scenarios on a real `majordome up` with the fake plugin: a thermostat
-//! on the fake cyclic sensor, cron under the test clock, the modes, a
+//! on the fake cyclic sensor, cron, sunset and a held value under the test
+//! clock, the four modes, a
 //! restart and a `kill -9`, every bad input refused with its reason, and
 //! runaway scripts stopped while the rest keeps running. Everything goes
 //! through `majordome call` and `majordome scenario`, as a user would.
@@ -199,41 +200,183 @@ fn cron_fires_on_schedule_under_the_test_clock() {
     assert_eq!(refused["status"], false);
 }
 
+/// Sets a Clone key as a user does.
+fn state_set(state: &str, key: &str, value: &str) {
+    let out = run(&["state", "set", key, value, "--endpoint", state]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Waits until the scenario's live status says `what`.
+fn status_until(broker: &str, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let status = scenario(broker, "scenario.get", json!({"name": name}))["scenario"]["status"].clone();
+        if check(&status) {
+            return status;
+        }
+        assert!(start.elapsed() < LIMIT, "{name}: never {what}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn modes_single_and_queued_behave_as_documented() {
-    let (_up, broker, _data) = hub("");
-    let slow = |name: &str, mode: &str| {
+fn modes_single_restart_queued_and_parallel_behave_as_documented() {
+    let (_up, broker, state, _data) = hub_with_state("");
+    // Each run waits for a gate in Clone, so that runs overlap for as long
+    // as the test needs, however slow the machine.
+    let gated = |name: &str, mode: &str| {
         json!({"name": name, "mode": mode, "max_runs": 2,
-               "actions": [{"action": "delay", "seconds": 0.5}, {"action": "log", "message": "done"}]})
+               "actions": [{"action": "wait", "timeout": 120,
+                            "until": {"condition": "state", "key": "/test/gate", "op": "eq", "value": "open"}},
+                           {"action": "log", "message": "through"}]})
     };
+    let names = ["one-at-a-time", "latest", "in-turn", "side-by-side"];
     let imported = scenario(
         &broker,
         "scenario.import.do",
-        json!({"scenarios": [slow("one-at-a-time", "single"), slow("in-turn", "queued")]}),
+        json!({"scenarios": [gated(names[0], "single"), gated(names[1], "restart"),
+                             gated(names[2], "queued"), gated(names[3], "parallel")]}),
     );
     assert_eq!(imported["status"], true, "{imported}");
-    for name in ["one-at-a-time", "in-turn"] {
+    for name in names {
         for _ in 0..3 {
-            assert_eq!(
-                scenario(&broker, "scenario.run.do", json!({"name": name}))["status"],
-                true
-            );
+            let ran = scenario(&broker, "scenario.run.do", json!({"name": name}));
+            assert_eq!(ran["status"], true, "{ran}");
         }
     }
-    // single: one run, the two others ignored.
-    let single = history_until(&broker, "one-at-a-time", "its run", |runs| !runs.is_empty());
-    // queued, at most 2: the first, then the second after it; the third
-    // dropped.
-    let queued = history_until(&broker, "in-turn", "two runs", |runs| runs.len() >= 2);
+    // single: the first runs, the two others are ignored.
+    status_until(&broker, names[0], "one running", |s| s["running"] == 1);
+    // restart: each new trigger stops the run before it.
+    status_until(&broker, names[1], "one running", |s| s["running"] == 1);
+    // queued, at most 2: one runs, one waits its turn, the third is dropped.
+    status_until(&broker, names[2], "one running, one queued", |s| {
+        s["running"] == 1 && s["queued"] == 1
+    });
+    // parallel, at most 2: two run at once, the third is dropped.
+    status_until(&broker, names[3], "two running", |s| s["running"] == 2);
     let stats = scenario(&broker, "stats.get", json!({}));
-    assert_eq!(single.len(), 1);
     assert_eq!(stats["ignored_running"], 2, "{stats}");
-    assert_eq!(stats["dropped_max_runs"], 1, "{stats}");
+    assert_eq!(stats["dropped_max_runs"], 2, "{stats}");
+
+    state_set(&state, "/test/gate", "open");
+    let single = history_until(&broker, names[0], "its run", |runs| !runs.is_empty());
+    let restarted = history_until(&broker, names[1], "three runs", |runs| runs.len() >= 3);
+    let queued = history_until(&broker, names[2], "two runs", |runs| runs.len() >= 2);
+    let parallel = history_until(&broker, names[3], "two runs", |runs| runs.len() >= 2);
+    // Newest first.
+    let results = |runs: &[Value]| {
+        runs.iter()
+            .map(|r| r["result"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(results(&single), ["ok"]);
+    assert_eq!(results(&restarted), ["ok", "stopped", "stopped"]);
+    assert!(restarted[1].to_string().contains("restarted"), "{}", restarted[1]);
+    assert_eq!(results(&queued), ["ok", "ok"]);
     let (first, second) = (&queued[1], &queued[0]);
     assert!(
         second["started"].as_f64() >= first["finished"].as_f64(),
-        "{first} then {second}"
+        "queued runs one after the other: {first} then {second}"
     );
+    assert_eq!(results(&parallel), ["ok", "ok"]);
+    let (first, second) = (&parallel[1], &parallel[0]);
+    assert!(
+        second["started"].as_f64() < first["finished"].as_f64(),
+        "parallel runs overlap: {first} and {second}"
+    );
+}
+
+#[test]
+fn a_sunset_trigger_fires_at_the_published_time_under_the_test_clock() {
+    // Paris; a news story on the 2025 winter solstice gave 16:56 CET
+    // (15:56 UTC) for the sunset of 21 December.
+    let (_up, broker, _data) = hub("[scenario]\nlatitude = 48.8566\nlongitude = 2.3522\ntest_clock = true\n");
+    let new = scenario(
+        &broker,
+        "scenario.new.do",
+        json!({"scenario": {"name": "dusk", "triggers": [{"trigger": "sun", "event": "sunset"}],
+                            "actions": [{"action": "log", "message": "lights on"}]}}),
+    );
+    assert_eq!(new["status"], true, "{new}");
+    let published = 1_766_332_560.0; // 2025-12-21T15:56:00Z
+    scenario(&broker, "scenario.clock.do", json!({"now": published - 300.0}));
+    let status = status_until(&broker, "dusk", "armed for the sunset", |s| {
+        s["next"].as_f64().is_some_and(|n| n < published + 3600.0)
+    });
+    let next = status["next"].as_f64().unwrap();
+    assert!(
+        (next - published).abs() <= 60.0,
+        "sunset at {next}, published {published}"
+    );
+    // A second before it (a jump past it would set the next day's).
+    scenario(&broker, "scenario.clock.do", json!({"now": next - 1.0}));
+    let runs = history_until(&broker, "dusk", "the sunset run", |runs| !runs.is_empty());
+    assert_eq!(runs[0]["trigger"]["trigger"], "sun");
+    assert_eq!(runs[0]["trigger"]["scheduled"], next);
+    assert_eq!(runs[0]["result"], "ok");
+}
+
+#[test]
+fn a_value_trigger_with_for_fires_once_the_value_has_held_that_long() {
+    let (_up, broker, state, _data) = hub_with_state("[scenario]\ntest_clock = true\n");
+    let created = call(
+        &broker,
+        "devices",
+        "device.create.do",
+        &json!({"client": "plugin-test.local", "id": "attic", "type": "temperaturesensor"}),
+    );
+    let uuid = created["uuid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{created}"))
+        .to_owned();
+    let new = scenario(
+        &broker,
+        "scenario.new.do",
+        json!({"scenario": {"name": "attic-fan",
+                            "triggers": [{"trigger": "value", "device": uuid, "quantity": "temperature",
+                                          "above": 25, "for": 600}],
+                            "actions": [{"action": "log", "message": "too warm for ten minutes"}]}}),
+    );
+    assert_eq!(new["status"], true, "{new}");
+    let key = format!("/device/{uuid}/temperature");
+    // The engine has seen `level` when a dry run reports it.
+    let seen = |level: f64| {
+        let start = Instant::now();
+        loop {
+            let test = scenario(&broker, "scenario.test.do", json!({"name": "attic-fan"}));
+            if test["test"]["triggers"][0]["value"] == level {
+                return;
+            }
+            assert!(start.elapsed() < LIMIT, "the engine never saw {level}: {test}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let t0 = 1_900_000_000.0;
+    scenario(&broker, "scenario.clock.do", json!({"now": t0}));
+    state_set(&state, &key, r#"{"level": 20, "unit": "degC"}"#);
+    seen(20.0);
+    // Into the range at t0; out of it at t0 + 300, before the 600 s.
+    state_set(&state, &key, r#"{"level": 30, "unit": "degC"}"#);
+    seen(30.0);
+    scenario(&broker, "scenario.clock.do", json!({"now": t0 + 300.0}));
+    state_set(&state, &key, r#"{"level": 22, "unit": "degC"}"#);
+    seen(22.0);
+    // In again at t0 + 300: due at t0 + 900, not at t0 + 600.
+    state_set(&state, &key, r#"{"level": 28, "unit": "degC"}"#);
+    seen(28.0);
+    scenario(&broker, "scenario.clock.do", json!({"now": t0 + 700.0}));
+    scenario(&broker, "scenario.clock.do", json!({"now": t0 + 1000.0}));
+    let runs = history_until(&broker, "attic-fan", "the held run", |runs| !runs.is_empty());
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let due = runs[0]["trigger"]["scheduled"].as_f64().unwrap();
+    // Due 600 s after it went in again (the clock runs on between the
+    // steps: a few seconds at most), not 600 s after it first went in.
+    assert!(
+        (t0 + 900.0..t0 + 960.0).contains(&due),
+        "due {due}, in again at {}",
+        t0 + 300.0
+    );
+    assert_eq!(runs[0]["trigger"]["for"], 600.0);
 }
 
 #[test]

@@ -310,12 +310,16 @@ impl Engine {
         true
     }
 
-    /// Sets every time trigger again from `now`: after the clock moved (the
-    /// test clock), what was due on the old one is not taken as missed.
+    /// Sets every cron and sun trigger again from `now`: after the clock
+    /// moved (the test clock), the times it jumped over are not taken as
+    /// missed. A value held for `for` seconds keeps its time: a jump past
+    /// it fires it, as if the time had passed.
     pub fn rearm(&mut self, now: f64) {
-        let names: Vec<String> = self.scenarios.keys().cloned().collect();
-        for name in names {
-            self.arm(&name, now);
+        let (zone, place) = (self.settings.zone.clone(), self.settings.place);
+        for loaded in self.scenarios.values_mut().filter(|l| l.scenario.enabled) {
+            for (trigger, state) in loaded.scenario.triggers.iter().zip(loaded.triggers.iter_mut()) {
+                schedule_next(trigger, state, now, &zone, place);
+            }
         }
     }
 
@@ -346,14 +350,8 @@ impl Engine {
             if !enabled {
                 continue;
             }
+            schedule_next(trigger, state, now, &zone, place);
             match trigger {
-                Trigger::Cron { cron } => {
-                    state.cron = schedule::parse_cron(cron).ok();
-                    state.next = state.cron.as_ref().and_then(|c| schedule::next_cron(c, now, &zone));
-                }
-                Trigger::Sun { event, offset } => {
-                    state.next = place.and_then(|p| schedule::next_sun(p, *event, *offset, now));
-                }
                 Trigger::Value {
                     device,
                     quantity,
@@ -504,7 +502,7 @@ impl Engine {
         for loaded in self.scenarios.values_mut().filter(|l| l.scenario.enabled) {
             let name = loaded.scenario.name.clone();
             for (trigger, state) in loaded.scenario.triggers.iter().zip(loaded.triggers.iter_mut()) {
-                if state.hold_until.is_some_and(|at| at <= now) {
+                if let Some(due) = state.hold_until.filter(|at| *at <= now) {
                     state.hold_until = None;
                     if let Trigger::Value {
                         device, quantity, hold, ..
@@ -512,7 +510,8 @@ impl Engine {
                     {
                         fired.push((
                             name.clone(),
-                            json!({"trigger": "value", "device": device, "quantity": quantity, "for": hold}),
+                            json!({"trigger": "value", "device": device, "quantity": quantity, "for": hold,
+                                   "scheduled": due}),
                         ));
                     }
                 }
@@ -1069,6 +1068,28 @@ fn action_kind(action: &Action) -> &'static str {
 
 /// A device value's level: the `level` of Clone's `{"level", "unit",
 /// "timestamp"}`, or a bare number.
+/// When a cron or sun trigger is next due after `now`.
+fn schedule_next(
+    trigger: &Trigger,
+    state: &mut TriggerState,
+    now: f64,
+    zone: &jiff::tz::TimeZone,
+    place: Option<Place>,
+) {
+    match trigger {
+        Trigger::Cron { cron } => {
+            if state.cron.is_none() {
+                state.cron = schedule::parse_cron(cron).ok();
+            }
+            state.next = state.cron.as_ref().and_then(|c| schedule::next_cron(c, now, zone));
+        }
+        Trigger::Sun { event, offset } => {
+            state.next = place.and_then(|p| schedule::next_sun(p, *event, *offset, now));
+        }
+        _ => {}
+    }
+}
+
 /// A Clone value as JSON; one that is not JSON is taken as a string.
 pub fn decode(value: &[u8]) -> Value {
     serde_json::from_slice(value).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into()))
