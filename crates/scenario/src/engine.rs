@@ -351,19 +351,17 @@ impl Engine {
                 continue;
             }
             schedule_next(trigger, state, now, &zone, place);
-            match trigger {
-                Trigger::Value {
-                    device,
-                    quantity,
-                    above,
-                    below,
-                    ..
-                } => {
-                    // Known now: only a crossing into the range fires.
-                    let key = format!("/device/{device}/{quantity}");
-                    state.in_range = level(decoded(values.get(&key)).as_ref()).map(|l| in_range(l, *above, *below));
-                }
-                _ => {}
+            if let Trigger::Value {
+                device,
+                quantity,
+                above,
+                below,
+                ..
+            } = trigger
+            {
+                // Known now: only a crossing into the range fires.
+                let key = format!("/device/{device}/{quantity}");
+                state.in_range = level(decoded(values.get(&key)).as_ref()).map(|l| in_range(l, *above, *below));
             }
         }
     }
