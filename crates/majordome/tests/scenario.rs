@@ -86,6 +86,12 @@ fn fake_devices(broker: &str) -> std::collections::HashMap<String, String> {
     }
 }
 
+/// Adds a scenario, which must be accepted.
+fn add(broker: &str, definition: Value) {
+    let new = scenario(broker, "scenario.new.do", json!({"scenario": definition}));
+    assert_eq!(new["status"], true, "{new}");
+}
+
 /// Waits until `check` holds of the scenario's history, and returns it.
 fn history_until(broker: &str, name: &str, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let start = Instant::now();
@@ -171,13 +177,11 @@ fn local(text: &str) -> f64 {
 #[test]
 fn cron_fires_on_schedule_under_the_test_clock() {
     let (_up, broker, _data) = hub("[scenario]\ntest_clock = true\n");
-    let new = scenario(
+    add(
         &broker,
-        "scenario.new.do",
-        json!({"scenario": {"name": "morning", "triggers": [{"trigger": "cron", "cron": "0 7 * * 1-5"}],
-                            "actions": [{"action": "log", "message": "good morning"}]}}),
+        json!({"name": "morning", "triggers": [{"trigger": "cron", "cron": "0 7 * * 1-5"}],
+               "actions": [{"action": "log", "message": "good morning"}]}),
     );
-    assert_eq!(new["status"], true, "{new}");
     // Friday 4 December 2026, two seconds before seven.
     scenario(
         &broker,
@@ -291,13 +295,11 @@ fn a_sunset_trigger_fires_at_the_published_time_under_the_test_clock() {
     // Paris; a news story on the 2025 winter solstice gave 16:56 CET
     // (15:56 UTC) for the sunset of 21 December.
     let (_up, broker, _data) = hub("[scenario]\nlatitude = 48.8566\nlongitude = 2.3522\ntest_clock = true\n");
-    let new = scenario(
+    add(
         &broker,
-        "scenario.new.do",
-        json!({"scenario": {"name": "dusk", "triggers": [{"trigger": "sun", "event": "sunset"}],
-                            "actions": [{"action": "log", "message": "lights on"}]}}),
+        json!({"name": "dusk", "triggers": [{"trigger": "sun", "event": "sunset"}],
+               "actions": [{"action": "log", "message": "lights on"}]}),
     );
-    assert_eq!(new["status"], true, "{new}");
     let published = 1_766_332_560.0; // 2025-12-21T15:56:00Z
     scenario(&broker, "scenario.clock.do", json!({"now": published - 300.0}));
     let status = status_until(&broker, "dusk", "armed for the sunset", |s| {
@@ -329,15 +331,13 @@ fn a_value_trigger_with_for_fires_once_the_value_has_held_that_long() {
         .as_str()
         .unwrap_or_else(|| panic!("{created}"))
         .to_owned();
-    let new = scenario(
+    add(
         &broker,
-        "scenario.new.do",
-        json!({"scenario": {"name": "attic-fan",
-                            "triggers": [{"trigger": "value", "device": uuid, "quantity": "temperature",
-                                          "above": 25, "for": 600}],
-                            "actions": [{"action": "log", "message": "too warm for ten minutes"}]}}),
+        json!({"name": "attic-fan",
+               "triggers": [{"trigger": "value", "device": uuid, "quantity": "temperature",
+                             "above": 25, "for": 600}],
+               "actions": [{"action": "log", "message": "too warm for ten minutes"}]}),
     );
-    assert_eq!(new["status"], true, "{new}");
     let key = format!("/device/{uuid}/temperature");
     // The engine has seen `level` when a dry run reports it.
     let seen = |level: f64| {
