@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use majordome_client::{domogik_handler, Client, Message, Publisher, Worker, WorkerOptions};
-use majordome_hub::{Hub, HubConfig, Parts};
+use majordome_client::{Client, Message, Publisher};
+use majordome_hub::{HubConfig, Parts};
 use majordome_services::history::HistoryCounters;
 
 use serde_json::json;
@@ -62,7 +62,7 @@ pub struct DeviceFigures {
     pub values_per_second: f64,
 }
 
-const PLUGIN: &str = "plugin-bench.local";
+use crate::PLUGIN;
 
 /// One run: commands/s, p50, p99, direct p50, values/s.
 type RunRow = (f64, f64, f64, Option<f64>, f64);
@@ -91,30 +91,18 @@ impl Stack {
             },
         );
         config.durability = options.durability;
-        let mut background = crate::Background::new()?;
-        let hub = Hub::start(&config, &background.shutdown)?;
-        let counters = hub.counters().clone();
+        let (mut background, endpoints) = crate::Background::start_hub(&config)?;
+        let counters = background.hub().context("the bench started a hub")?.counters().clone();
         let (history, commits) = (
             counters.history.context("the device service keeps history counters")?,
             counters
                 .history_commits
                 .context("the device service keeps commit stats")?,
         );
-        let endpoints = hub.endpoints().clone();
-        background.hub = Some(hub);
         // The plugin: as quick as a plugin can be, so the figure is the
         // bus's and the device service's.
         for _ in 0..2 {
-            let at = endpoints.broker.clone();
-            background.spawn("bench-plugin", move |stop| {
-                let handler = domogik_handler(|_message: Message| {
-                    Message::new(
-                        "device.command.result",
-                        json!({"status": true, "reason": "", "result": {"identifier": "success"}}),
-                    )
-                });
-                Worker::new(&at, PLUGIN, WorkerOptions::default()).run(handler, stop)
-            })?;
+            background.spawn_plugin(&endpoints.broker, || {})?;
         }
         Ok(Stack {
             broker: endpoints.broker,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use majordome_client::{Message, Publisher, Subscriber};
-use majordome_hub::{Hub, HubConfig, Parts};
+use majordome_hub::{HubConfig, Parts};
 use serde_json::{json, Value};
 
 use crate::reqrep::{median, percentile};
@@ -83,10 +83,7 @@ impl Stack {
                 ..Parts::none()
             },
         );
-        let mut background = crate::Background::new()?;
-        let hub = Hub::start(&config, &background.shutdown)?;
-        let endpoints = hub.endpoints().clone();
-        background.hub = Some(hub);
+        let (background, endpoints) = crate::Background::start_hub(&config)?;
         let http = endpoints.http.context("the gateway runs")?.to_string();
         let mut client = crate::client(&endpoints.broker);
         for n in 0..devices {

@@ -64,6 +64,45 @@ impl Background {
     }
 }
 
+/// The plugin client id the benches' answering plugin serves.
+pub(crate) const PLUGIN: &str = "plugin-bench.local";
+
+impl Background {
+    /// Starts the hub of `config` in this process, stopped with the rest;
+    /// its endpoints.
+    pub(crate) fn start_hub(
+        config: &majordome_hub::HubConfig,
+    ) -> anyhow::Result<(Background, majordome_hub::Endpoints)> {
+        let mut background = Background::new()?;
+        let hub = majordome_hub::Hub::start(config, &background.shutdown)?;
+        let endpoints = hub.endpoints().clone();
+        background.hub = Some(hub);
+        Ok((background, endpoints))
+    }
+
+    /// The hub it started.
+    pub(crate) fn hub(&self) -> Option<&majordome_hub::Hub> {
+        self.hub.as_ref()
+    }
+
+    /// A plugin ([`PLUGIN`]) as quick as a plugin can be: it answers every
+    /// command at once with success, and calls `arrived` as each comes.
+    pub(crate) fn spawn_plugin(&mut self, broker: &str, arrived: impl Fn() + Send + 'static) -> std::io::Result<()> {
+        use majordome_client::{domogik_handler, Message, Worker, WorkerOptions};
+        let broker = broker.to_owned();
+        self.spawn("bench-plugin", move |stop| {
+            let handler = domogik_handler(move |_message: Message| {
+                arrived();
+                Message::new(
+                    "device.command.result",
+                    serde_json::json!({"status": true, "reason": "", "result": {"identifier": "success"}}),
+                )
+            });
+            Worker::new(&broker, PLUGIN, WorkerOptions::default()).run(handler, stop)
+        })
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         self.shutdown.trigger();

@@ -35,8 +35,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use majordome_client::{domogik_handler, Client, Message, Publisher, Worker, WorkerOptions};
-use majordome_hub::{Hub, HubConfig, Parts};
+use majordome_client::{Client, Message, Publisher};
+use majordome_hub::{HubConfig, Parts};
 use serde_json::{json, Value};
 
 use crate::reqrep::{median, percentile};
@@ -67,7 +67,7 @@ pub struct ScenarioFigures {
     pub plumbing_per_second: f64,
 }
 
-const PLUGIN: &str = "plugin-bench.local";
+use crate::PLUGIN;
 
 struct Stack {
     broker: String,
@@ -92,21 +92,10 @@ impl Stack {
                 ..Parts::none()
             },
         );
-        let mut background = crate::Background::new()?;
-        let hub = Hub::start(&config, &background.shutdown)?;
-        let endpoints = hub.endpoints().clone();
-        background.hub = Some(hub);
+        let (mut background, endpoints) = crate::Background::start_hub(&config)?;
         let (arrived, received) = mpsc::channel();
-        let at = endpoints.broker.clone();
-        background.spawn("bench-plugin", move |stop| {
-            let handler = domogik_handler(move |_message: Message| {
-                let _ = arrived.send(Instant::now());
-                Message::new(
-                    "device.command.result",
-                    json!({"status": true, "reason": "", "result": {"identifier": "success"}}),
-                )
-            });
-            Worker::new(&at, PLUGIN, WorkerOptions::default()).run(handler, stop)
+        background.spawn_plugin(&endpoints.broker, move || {
+            let _ = arrived.send(Instant::now());
         })?;
         Ok(Stack {
             broker: endpoints.broker,

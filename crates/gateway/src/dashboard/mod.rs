@@ -434,10 +434,14 @@ async fn scenario_action(
             return said(&headers, outcome, &back(&headers, "/scenarios"));
         }
     };
-    let outcome = rpc::call(&context.bus, &caller, "scenario", request, json!({"name": name}), WAIT)
-        .await
-        .map(|_| said_done)
-        .map_err(refusal);
+    let outcome = ask(
+        &context,
+        &caller,
+        ("scenario", request),
+        json!({"name": name}),
+        said_done,
+    )
+    .await;
     said(&headers, outcome, &back(&headers, "/scenarios"))
 }
 
@@ -558,6 +562,21 @@ fn said(headers: &HeaderMap, outcome: Result<String, (StatusCode, String)>, back
     Redirect::to(&format!("{back}?{notice}")).into_response()
 }
 
+/// What a form asks of a service, as its sender: `done` when it is done,
+/// or why not.
+async fn ask(
+    context: &Context,
+    caller: &Caller,
+    (service, action): (&str, &str),
+    request: Value,
+    done: String,
+) -> Result<String, (StatusCode, String)> {
+    rpc::call(&context.bus, caller, service, action, request, WAIT)
+        .await
+        .map(|_| done)
+        .map_err(refusal)
+}
+
 fn refusal(error: crate::jsonrpc::RpcError) -> (StatusCode, String) {
     let failure: rpc_error::Failure = error.into();
     let status = if failure.status == StatusCode::BAD_GATEWAY {
@@ -632,10 +651,14 @@ async fn update_device(
             request[key] = Value::String(value.trim().to_owned());
         }
     }
-    let outcome = rpc::call(&context.bus, &caller, "devices", "device.update.do", request, WAIT)
-        .await
-        .map(|_| "Saved".to_owned())
-        .map_err(refusal);
+    let outcome = ask(
+        &context,
+        &caller,
+        ("devices", "device.update.do"),
+        request,
+        "Saved".into(),
+    )
+    .await;
     said(&headers, outcome, &back(&headers, &format!("/devices/{uuid}")))
 }
 
@@ -656,16 +679,14 @@ async fn supervise(
 ) -> Response {
     let outcome = match target(&id) {
         None => Err((StatusCode::NOT_FOUND, format!("'{id}' is not a client id"))),
-        Some(target) => rpc::call(&context.bus, &caller, "manager", action, target, WAIT)
-            .await
-            .map(|_| {
-                if action == "plugin.start.do" {
-                    format!("Starting {id}")
-                } else {
-                    format!("Stopping {id}")
-                }
-            })
-            .map_err(refusal),
+        Some(target) => {
+            let doing = if action == "plugin.start.do" {
+                "Starting"
+            } else {
+                "Stopping"
+            };
+            ask(&context, &caller, ("manager", action), target, format!("{doing} {id}")).await
+        }
     };
     said(&headers, outcome, &back(&headers, "/plugins"))
 }
@@ -691,10 +712,8 @@ async fn configure(
                 Err((StatusCode::BAD_REQUEST, "the form sent no value".to_owned()))
             } else {
                 request["data"] = Value::Object(values);
-                rpc::call(&context.bus, &caller, "config", "config.set", request, WAIT)
-                    .await
-                    .map(|_| "Saved: the plugin is told at once".to_owned())
-                    .map_err(refusal)
+                let done = "Saved: the plugin is told at once".to_owned();
+                ask(&context, &caller, ("config", "config.set"), request, done).await
             }
         }
     };
