@@ -792,17 +792,18 @@ fn triggers_text(scenario: &Value) -> String {
 /// The run, stop and enable/disable buttons of a scenario.
 fn scenario_buttons(name: &str, enabled: bool) -> Markup {
     html! {
-        div.buttons {
+        div.buttons.wrapping {
             form method="post" action=(format!("/ui/scenarios/{name}/run")) data-async {
                 button.primary type="submit" { "Run" }
             }
             form method="post" action=(format!("/ui/scenarios/{name}/stop")) data-async {
                 button type="submit" { "Stop" }
             }
-            form method="post" action=(format!("/ui/scenarios/{name}/{}", if enabled { "disable" } else { "enable" }))
+            form.switch-form method="post" action=(format!("/ui/scenarios/{name}/{}", if enabled { "disable" } else { "enable" }))
                 data-async data-after="reload" {
                 button.switch type="submit" role="switch" aria-checked=(enabled)
                     aria-label=(format!("{name} enabled")) title=(if enabled { "Enabled: disable it" } else { "Disabled: enable it" }) {}
+                span.switch-state { (if enabled { "enabled" } else { "disabled" }) }
             }
         }
     }
@@ -862,7 +863,10 @@ pub fn scenario(scenario: &Value, runs: &[Value]) -> Markup {
             span.spacer {}
             (scenario_buttons(name, scenario["enabled"].as_bool().unwrap_or(false)))
         }
-        p.lede { (text(scenario, "description")) " " (triggers_text(scenario)) " · mode " (text(scenario, "mode")) }
+        @if !text(scenario, "description").is_empty() {
+            p.lede { (text(scenario, "description")) }
+        }
+        p.kind { "Starts " (triggers_text(scenario)) " · mode " (text(scenario, "mode")) }
         h2 { "Last runs" }
         @if runs.is_empty() {
             p.empty { "No run yet." }
