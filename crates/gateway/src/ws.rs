@@ -30,6 +30,10 @@ pub const QUEUE: usize = 256;
 const AUTH_WAIT: Duration = Duration::from_secs(10);
 const COMMAND_WAIT: Duration = Duration::from_secs(10);
 
+/// How often a session's token is checked again while no command comes
+/// (each command checks it too): a revoked token ends its sessions.
+const RECHECK: Duration = Duration::from_secs(2);
+
 /// How long one message may take to go out before the client is taken
 /// for gone (it reads nothing at all).
 const SEND_WAIT: Duration = Duration::from_secs(30);
@@ -103,10 +107,12 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
     if socket.send(text_message(&hello)).await.is_err() {
         return;
     }
-    let caller = match authenticate(&mut socket, &context).await {
-        Some(caller) => caller,
-        None => return,
+    let Some((caller, token)) = authenticate(&mut socket, &context).await else {
+        return;
     };
+    let revoked = || crate::token_caller(&context.access, &token).is_none();
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (queue, mut queued) = mpsc::channel::<Message>(QUEUE);
     let out = Out {
         queue,
@@ -129,6 +135,12 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
         }
         tokio::select! {
             () = out.slow.notify.notified() => {}
+            _ = recheck.tick() => {
+                if revoked() {
+                    end_revoked(&mut socket).await;
+                    break;
+                }
+            }
             outgoing = queued.recv() => {
                 let Some(message) = outgoing else { break };
                 match tokio::time::timeout(SEND_WAIT, socket.send(message)).await {
@@ -142,6 +154,10 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => continue,
                     _ => break,
                 };
+                if revoked() {
+                    end_revoked(&mut socket).await;
+                    break;
+                }
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let (caller, context, out, subscriptions) =
                     (caller.clone(), context.clone(), out.clone(), subscriptions.clone());
@@ -167,8 +183,24 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
     }
 }
 
-/// The auth phase: a token, or `auth_invalid` and the end.
-async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<Caller> {
+/// Tells a client its token was revoked, and closes.
+async fn end_revoked(socket: &mut WebSocket) {
+    tracing::info!("closed a WebSocket session whose token was revoked");
+    let said = json!({"type": "auth_invalid", "message": "the token was revoked"});
+    let close = Message::Close(Some(CloseFrame {
+        code: CLOSE_POLICY,
+        reason: Utf8Bytes::from_static("the token was revoked"),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        socket.send(text_message(&said)).await?;
+        socket.send(close).await
+    })
+    .await;
+}
+
+/// The auth phase: the caller a token stands for, and the token (checked
+/// again while the session lasts); or `auth_invalid` and the end.
+async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<(Caller, String)> {
     let message = match tokio::time::timeout(AUTH_WAIT, socket.recv()).await {
         Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Value>(&text).ok(),
         _ => None,
@@ -183,7 +215,7 @@ async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<Calle
         Some(caller) => {
             let ok = json!({"type": "auth_ok", "majordome_version": env!("CARGO_PKG_VERSION")});
             socket.send(text_message(&ok)).await.ok()?;
-            Some(caller)
+            Some((caller, token?.to_owned()))
         }
         None => {
             let why = if token.is_some() {

@@ -453,6 +453,46 @@ fn a_websocket_session_in_home_assistant_s_shape() {
     assert_eq!(denied["error"]["code"], "unauthorized", "{denied}");
 }
 
+/// Was: a session kept its identity after its token was revoked, for as
+/// long as it stayed open.
+#[test]
+fn a_websocket_session_ends_when_its_token_is_revoked() {
+    let (_up, http, _broker, data) = hub();
+    let watcher = token(data.path(), "watcher", &[]);
+    let mut socket = ws_connect(&http);
+    assert_eq!(ws_next(&mut socket)["type"], "auth_required");
+    ws_send(&mut socket, &json!({"type": "auth", "access_token": watcher}));
+    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    ws_send(
+        &mut socket,
+        &json!({"id": 1, "type": "subscribe_events", "event_type": "event."}),
+    );
+    assert_eq!(ws_result(&mut socket, 1)["success"], true);
+    let id = watcher.split_once('.').unwrap().0;
+    let out = run(&["token", "revoke", id, "--data", data.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // Events may still be on their way; then the session says why it ends.
+    let revoked = Instant::now();
+    loop {
+        match socket.read().expect("the session ends with a close frame") {
+            tungstenite::Message::Text(text) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                if message["type"] == "event" {
+                    assert!(revoked.elapsed() < LIMIT, "events still come after the revoke");
+                    continue;
+                }
+                assert_eq!(message["type"], "auth_invalid", "{message}");
+                assert_eq!(message["message"], "the token was revoked");
+            }
+            tungstenite::Message::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), 1008);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_websocket_client_that_does_not_read_is_closed_with_a_reason() {
     let (_up, lines, data) = hub_lines("");
