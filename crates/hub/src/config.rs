@@ -530,7 +530,7 @@ impl Loaded {
     fn check(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let zero = Duration::ZERO;
-        let rules: [(&str, bool, &str); 20] = [
+        let rules: [(&str, bool, &str); 21] = [
             (
                 "broker.heartbeat_interval",
                 c.broker.heartbeat_interval > zero,
@@ -594,6 +594,11 @@ impl Loaded {
                 "manager.reap_interval",
                 c.manager.reap_interval > zero,
                 "must be above 0",
+            ),
+            (
+                "manager.max_log_bytes",
+                c.manager.max_log_bytes >= 4096,
+                "must be at least 4096",
             ),
         ];
         for (key, ok, why) in rules {

@@ -63,6 +63,9 @@ pub struct SupervisorSettings {
     pub restart_window: Duration,
     /// How often it looks for children that exited.
     pub reap_interval: Duration,
+    /// The most a plugin's log may hold; past it, what it holds moves to
+    /// `<log>.1` (the one before is dropped) and the log starts again.
+    pub max_log_bytes: u64,
 }
 
 /// What the supervisor saw happen to a plugin it runs.
@@ -225,6 +228,44 @@ pub fn log_path(log_dir: &Path, kind: &str, name: &str) -> PathBuf {
     log_dir.join(format!("{kind}-{name}.log"))
 }
 
+/// How often the logs of running plugins are measured.
+const LOG_CHECK: Duration = Duration::from_secs(5);
+
+/// Keeps the log at `path` within `max` bytes: past it, its content moves
+/// to `<path>.1` (replacing the one before) and the log is emptied, with a
+/// line saying so. A running plugin writes on: its output was opened to
+/// append, so it goes on at the new end. (A line it writes between the
+/// copy and the emptying is lost: the price of not stopping it.) Whether
+/// it was over.
+pub fn keep_log_within(path: &Path, max: u64) -> std::io::Result<bool> {
+    let length = match std::fs::metadata(path) {
+        Ok(metadata) => metadata.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if length <= max {
+        return Ok(false);
+    }
+    let mut older = path.as_os_str().to_owned();
+    older.push(".1");
+    std::fs::copy(path, &older)?;
+    let mut log = OpenOptions::new().append(true).open(path)?;
+    log.set_len(0)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    writeln!(
+        log,
+        "--- {} the log went over {max} bytes: what it held is in {}",
+        utc(now),
+        Path::new(&older)
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    )?;
+    Ok(true)
+}
+
 /// The most of a log's end `log_tail` reads, whatever the lines asked.
 const LOG_TAIL_BYTES: u64 = 256 * 1024;
 
@@ -256,10 +297,17 @@ pub fn log_tail(path: &Path, lines: usize) -> Result<Vec<String>, String> {
 
 /// Starts `manifest`'s command with `environment`, its output appended to
 /// `<log_dir>/<type>-<name>.log` after a line marking the start.
-fn spawn(manifest: &Manifest, environment: &[(String, String)], log_dir: &Path) -> Result<Child, String> {
+fn spawn(
+    manifest: &Manifest,
+    environment: &[(String, String)],
+    log_dir: &Path,
+    max_log_bytes: u64,
+) -> Result<Child, String> {
     let (program, args) = resolve_command(&manifest.command)?;
     std::fs::create_dir_all(log_dir).map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
     let log_path = log_path(log_dir, &manifest.kind, &manifest.name);
+    keep_log_within(&log_path, max_log_bytes)
+        .map_err(|e| format!("cannot keep the log {} within bounds: {e}", log_path.display()))?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -497,6 +545,7 @@ pub(crate) fn start(
         wiring,
         plugins,
         bus: None,
+        logs_checked: now,
     };
     let shutdown = shutdown.clone();
     let thread = thread::Builder::new()
@@ -516,6 +565,8 @@ struct Supervisor {
     /// The bus, while a `plugin.stop.do` it sent is unanswered: many stops
     /// in flight share it, and it goes (with its I/O thread) once none is.
     bus: Option<AsyncClient>,
+    /// When the running plugins' logs were last measured.
+    logs_checked: Instant,
 }
 
 impl Supervisor {
@@ -648,7 +699,12 @@ impl Supervisor {
             environment.push((majordome_net::zap::USER_VARIABLE.to_owned(), id.to_owned()));
             environment.push((majordome_net::zap::PASSWORD_VARIABLE.to_owned(), logins.issue(id)));
         }
-        match spawn(&plugin.manifest, &environment, &self.wiring.log_dir) {
+        match spawn(
+            &plugin.manifest,
+            &environment,
+            &self.wiring.log_dir,
+            self.settings.max_log_bytes,
+        ) {
             Ok(child) => {
                 let pid = child.id();
                 plugin.process = Some(child);
@@ -826,9 +882,21 @@ impl Supervisor {
         }
     }
 
-    /// Reaps what exited, escalates stops, restarts what is due.
+    /// Reaps what exited, escalates stops, restarts what is due, keeps the
+    /// logs within bounds.
     fn poll(&mut self, now: Instant) {
         self.take_stop_answers(now);
+        if now.saturating_duration_since(self.logs_checked) >= LOG_CHECK {
+            self.logs_checked = now;
+            for plugin in self.plugins.values().filter(|p| p.process.is_some()) {
+                let path = log_path(&self.wiring.log_dir, &plugin.manifest.kind, &plugin.manifest.name);
+                match keep_log_within(&path, self.settings.max_log_bytes) {
+                    Ok(true) => tracing::info!(plugin = %plugin.id, "its log went over its bound; it starts again"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(plugin = %plugin.id, error = %e, "could not keep its log within bounds"),
+                }
+            }
+        }
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
             let Some(plugin) = self.plugins.get_mut(&id) else {

@@ -251,6 +251,52 @@ fn a_plugin_starts_with_its_log_dies_restarts_and_its_history_survives_the_manag
     bus.stop();
 }
 
+/// Was: a plugin's log grew for as long as the plugin wrote, on the box's
+/// one disk. Now past `max_log_bytes` it moves to `.log.1` and starts
+/// again, the plugin writing on.
+#[test]
+fn a_plugin_log_past_its_bound_moves_aside_and_starts_again() {
+    let data = tempfile::tempdir().unwrap();
+    let bus = Bus::start();
+    // 200,000 bytes at once, then a line every 50 ms for as long as it runs.
+    let script = r#"head -c 200000 /dev/zero | tr '\0' x; echo; n=0;
+        while :; do n=$((n+1)); echo "tick $n"; sleep 0.05; done"#;
+    let manifests = vec![plugin("chatty", script, false, false)];
+    let limit = 64 * 1024;
+    let manager = Manager::start(
+        &bus,
+        data.path(),
+        manifests,
+        ManagerSettings {
+            max_log_bytes: limit,
+            ..settings()
+        },
+    );
+    let mut c = bus.client(Duration::from_secs(10));
+    let started = ask(&mut c, "plugin.start.do", json!({"name": "chatty"}));
+    assert_eq!(started.status(), Some(true), "{:?}", started.data);
+    let older = log_dir(data.path()).join("plugin-chatty.log.1");
+    let moved = eventually("the log to move aside", || std::fs::read_to_string(&older).ok());
+    assert!(moved.len() > 200_000, "{} bytes moved", moved.len());
+    assert!(moved.starts_with("--- "), "the older log starts with the start's line");
+    // The log starts again with a line that says where the rest went, and
+    // the plugin's next lines come after it.
+    let log = eventually("the plugin to write on", || {
+        let log = log_of(data.path(), "chatty");
+        (log.lines().filter(|l| l.starts_with("tick ")).count() >= 3).then_some(log)
+    });
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("--- ")
+            && first.contains(&format!("went over {limit} bytes"))
+            && first.ends_with("plugin-chatty.log.1"),
+        "{first}"
+    );
+    assert!((log.len() as u64) < limit, "{} bytes", log.len());
+    assert!(!log.contains("xxxx"), "the old content is gone from the log");
+    drop(manager);
+}
+
 #[test]
 fn a_plugin_that_keeps_dying_is_given_up_on() {
     let data = tempfile::tempdir().unwrap();

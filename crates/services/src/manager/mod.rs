@@ -94,6 +94,9 @@ pub struct ManagerSettings {
     /// How often the supervisor looks for children that exited (250 ms).
     #[serde(with = "majordome_net::duration_text")]
     pub reap_interval: Duration,
+    /// The most a plugin's log (`<data>/logs/<type>-<name>.log`) holds
+    /// (8 MiB); past it, it moves to `<…>.log.1` and starts again.
+    pub max_log_bytes: u64,
     /// How long one `config.get` (for `configured`) may take (2 s).
     #[serde(with = "majordome_net::duration_text")]
     pub config_timeout: Duration,
@@ -124,6 +127,7 @@ impl Default for ManagerSettings {
             restart_limit: 5,
             restart_window: Duration::from_secs(600),
             reap_interval: Duration::from_millis(250),
+            max_log_bytes: 8 * 1024 * 1024,
             config_timeout: Duration::from_secs(2),
             config_wait: Duration::from_secs(60),
             plugin_environment: Vec::new(),
@@ -146,6 +150,7 @@ impl ManagerSettings {
             restart_limit: self.restart_limit,
             restart_window: self.restart_window,
             reap_interval: self.reap_interval,
+            max_log_bytes: self.max_log_bytes,
         }
     }
 }
