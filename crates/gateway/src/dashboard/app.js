@@ -95,8 +95,21 @@
     const live = document.querySelector(".live");
     if (!window.EventSource) return;
     const source = new EventSource("/ui/events");
-    source.onopen = () => { if (live) { live.dataset.state = "on"; live.title = "Live: following the bus"; } };
-    source.onerror = () => { if (live) { live.dataset.state = "off"; live.title = "Not live: reconnecting"; } };
+    // Events this page did not get (it fell behind, or the stream broke
+    // off) leave it showing old values: it is drawn again.
+    let broken = false;
+    const catchUp = (why) => { toast(why); setTimeout(() => location.reload(), 800); };
+    source.onopen = () => {
+      if (live) { live.dataset.state = "on"; live.title = "Live: following the bus"; }
+      if (broken) catchUp("Live again: drawing the page afresh");
+    };
+    source.onerror = () => {
+      broken = true;
+      if (live) { live.dataset.state = "off"; live.title = "Not live: reconnecting"; }
+    };
+    source.addEventListener("overflow", (message) => {
+      catchUp(`This page missed ${message.data} updates: drawing it afresh`);
+    });
     source.onmessage = (message) => {
       let event;
       try { event = JSON.parse(message.data); } catch (e) { return; }
