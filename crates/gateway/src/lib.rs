@@ -285,6 +285,10 @@ fn router(context: Arc<rpc::Context>, settings: &Settings) -> Router {
         .route("/api/status", get(status_handler))
         .route("/api/websocket", get(websocket_handler))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            let message = "this route does not take that method (its Allow header lists those it takes)";
+            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+        })
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .with_state(context)
 }

@@ -202,6 +202,14 @@ fn metrics_status_and_http_errors() {
     let (status, _, body) = self::http(&http, "GET", "/no/such/route", b"");
     let error: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, error["error"]["code"].as_str()), (404, Some("not_found")));
+    // Was: a known route with another method answered 405 with no body.
+    let (status, head, body) = self::http(&http, "DELETE", "/api/status", b"");
+    let error: Value = serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{head}"));
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
     let big = vec![b' '; 2 * 1024 * 1024];
     let (status, _, _) = self::http(&http, "POST", "/jsonrpc", &big);
     assert_eq!(status, 413);
