@@ -251,10 +251,7 @@ pub fn keep_log_within(path: &Path, max: u64) -> std::io::Result<bool> {
     std::fs::copy(path, &older)?;
     let mut log = OpenOptions::new().append(true).open(path)?;
     log.set_len(0)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default();
+    let now = majordome_client::unix_now();
     writeln!(
         log,
         "--- {} the log went over {max} bytes: what it held is in {}",
@@ -313,10 +310,7 @@ fn spawn(
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("cannot open the log {}: {e}", log_path.display()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default();
+    let now = majordome_client::unix_now();
     writeln!(
         log,
         "--- {} majordome runs {}: {:?}",
