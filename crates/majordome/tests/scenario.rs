@@ -1,9 +1,9 @@
 //! Scenarios on a real `majordome up` with the fake plugin: a thermostat
 //! on the fake cyclic sensor, cron, sunset and a held value under the test
-//! clock, the four modes, a
-//! restart and a `kill -9`, every bad input refused with its reason, and
-//! runaway scripts stopped while the rest keeps running. Everything goes
-//! through `majordome call` and `majordome scenario`, as a user would.
+//! clock, the four modes, a restart and a `kill -9`, every bad input
+//! refused with its reason, and runaway scripts and scenarios that start
+//! each other stopped while the rest keeps running. Everything goes through
+//! `majordome call` and `majordome scenario`, as a user would.
 
 mod common;
 
@@ -512,7 +512,7 @@ fn every_bad_input_is_refused_with_a_reason_that_names_the_field() {
 }
 
 #[test]
-fn runaway_and_memory_hungry_scripts_are_stopped_while_other_scenarios_run() {
+fn runaway_scripts_and_scenarios_that_start_each_other_are_stopped_while_others_run() {
     let (_up, broker, state, _data) = hub_with_state("");
     let imported = scenario(
         &broker,
@@ -520,10 +520,14 @@ fn runaway_and_memory_hungry_scripts_are_stopped_while_other_scenarios_run() {
         json!({"scenarios": [
             {"name": "spin", "actions": [{"action": "script", "lua": "while true do end"}]},
             {"name": "hog", "actions": [{"action": "script", "lua": "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 4096) .. i end"}]},
-            {"name": "tick", "actions": [{"action": "script", "lua": "majordome.set('/test/tick', 1 + 1) return 'ticked'"}]}]}),
+            {"name": "tick", "actions": [{"action": "script", "lua": "majordome.set('/test/tick', 1 + 1) return 'ticked'"}]},
+            // Was: the engine thread overflowed its stack and took `up`
+            // down with it.
+            {"name": "ping", "mode": "parallel", "max_runs": 100, "actions": [{"action": "run", "scenario": "pong"}]},
+            {"name": "pong", "mode": "restart", "actions": [{"action": "run", "scenario": "ping"}]}]}),
     );
     assert_eq!(imported["status"], true, "{imported}");
-    for name in ["spin", "hog", "tick"] {
+    for name in ["ping", "spin", "hog", "tick"] {
         scenario(&broker, "scenario.run.do", json!({"name": name}));
     }
     let tick = history_until(&broker, "tick", "its run", |runs| !runs.is_empty());
@@ -536,6 +540,10 @@ fn runaway_and_memory_hungry_scripts_are_stopped_while_other_scenarios_run() {
         "{}",
         spin[0]
     );
+    let cut = |runs: &[Value]| runs.iter().any(|r| r.to_string().contains("started each other"));
+    let ping = history_until(&broker, "ping", "the chain cut", |runs| runs.len() >= 8);
+    let pong = history_until(&broker, "pong", "its runs", |runs| !runs.is_empty());
+    assert!(cut(&ping) || cut(&pong), "{ping:?} {pong:?}");
     let hog = history_until(&broker, "hog", "its end", |runs| !runs.is_empty());
     assert!(hog[0]["error"].as_str().unwrap().contains("memory"), "{}", hog[0]);
     // The engine still serves, and the script's write is in Clone.

@@ -23,6 +23,10 @@ use serde_json::{json, Map, Value};
 use crate::model::{self, Action, Condition, Mode, Scenario, Trigger};
 use crate::schedule::{self, Place};
 
+/// How many scenarios may start one another (`run` actions) with no time
+/// passing, before the next `run` fails.
+pub const MAX_CHAIN: u64 = 16;
+
 /// A run's number, unique while the engine lives.
 pub type RunId = u64;
 
@@ -747,11 +751,33 @@ impl Engine {
                     self.record_step(id, Ok(json!(message)), now);
                 }
                 Action::Run { scenario } => {
-                    let outcome = if self.scenarios.contains_key(&scenario) {
-                        self.start_or_queue(&scenario, json!({"trigger": "scenario", "by": id}), true, now);
-                        Ok(json!(format!("ran {scenario}")))
-                    } else {
+                    // Scenarios that start each other with no time passing
+                    // (a scenario that runs itself, two that run each
+                    // other) would go on for ever, deeper and deeper: the
+                    // chain is counted, and cut.
+                    let depth = self.runs.get(&id).map_or(1, |run| {
+                        let parent = run.trigger["depth"].as_u64().unwrap_or(0);
+                        if run.started == now {
+                            parent + 1
+                        } else {
+                            1
+                        }
+                    });
+                    let outcome = if !self.scenarios.contains_key(&scenario) {
                         Err(format!("no scenario '{scenario}'"))
+                    } else if depth > MAX_CHAIN {
+                        Err(format!(
+                            "{MAX_CHAIN} scenarios started each other with no time passing: \
+                             {scenario} is not started again (a delay between them lets a loop go on)"
+                        ))
+                    } else {
+                        let trigger = json!({"trigger": "scenario", "by": id, "depth": depth});
+                        self.start_or_queue(&scenario, trigger, true, now);
+                        if !self.runs.contains_key(&id) {
+                            // It restarted itself: this run is over.
+                            return;
+                        }
+                        Ok(json!(format!("ran {scenario}")))
                     };
                     let failed = outcome.is_err();
                     self.record_step(id, outcome, now);
@@ -1064,8 +1090,6 @@ fn action_kind(action: &Action) -> &'static str {
     }
 }
 
-/// A device value's level: the `level` of Clone's `{"level", "unit",
-/// "timestamp"}`, or a bare number.
 /// When a cron or sun trigger is next due after `now`.
 fn schedule_next(
     trigger: &Trigger,
@@ -1118,6 +1142,8 @@ fn changed_keys_of(condition: &Condition, keys: &mut BTreeSet<String>) {
     }
 }
 
+/// A device value's level: the `level` of Clone's `{"level", "unit",
+/// "timestamp"}`, or a bare number.
 fn level(value: Option<&Value>) -> Option<f64> {
     let value = value?;
     let level = value.get("level").unwrap_or(value);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::engine::{Effect, Engine, EngineSettings};
+use crate::engine::{Effect, Engine, EngineSettings, MAX_CHAIN};
 use crate::model::read;
 
 fn engine() -> Engine {
@@ -367,4 +367,61 @@ fn a_value_that_is_not_json_reads_as_a_string() {
     assert_eq!(engine.value("/note"), Some(json!("plain words")));
     engine.state("/note", None, 1.0);
     assert_eq!(engine.value("/note"), None);
+}
+
+#[test]
+fn a_scenario_that_runs_itself_does_not_loop_for_ever() {
+    for mode in ["single", "restart", "queued", "parallel"] {
+        let mut engine = engine();
+        add(
+            &mut engine,
+            json!({"name": "again", "mode": mode, "max_runs": 10,
+                   "actions": [{"action": "run", "scenario": "again"}, {"action": "log", "message": "after"}]}),
+            0.0,
+        );
+        engine.run_by_hand("again", 0.0).unwrap();
+        for step in 1..200 {
+            engine.tick(step as f64);
+        }
+        let effects = engine.take_effects();
+        assert!(
+            records(&effects).len() < 1000,
+            "{mode}: {} runs",
+            records(&effects).len()
+        );
+    }
+    // The chain is cut with a reason that says what to do.
+    let mut chain = engine();
+    add(
+        &mut chain,
+        json!({"name": "again", "mode": "queued", "max_runs": 100,
+               "actions": [{"action": "run", "scenario": "again"}]}),
+        0.0,
+    );
+    chain.run_by_hand("again", 0.0).unwrap();
+    let runs = records(&chain.take_effects());
+    assert_eq!(runs.len() as u64, MAX_CHAIN + 1, "{runs:?}");
+    let last = runs.last().unwrap();
+    assert_eq!(last["result"], "failed");
+    assert!(
+        last.to_string().contains("started each other with no time passing"),
+        "{last}"
+    );
+    // With time between them, a scenario may run itself for as long as it
+    // is left to.
+    let mut blinking = engine();
+    add(
+        &mut blinking,
+        json!({"name": "blink", "mode": "restart",
+               "actions": [{"action": "delay", "seconds": 1}, {"action": "run", "scenario": "blink"}]}),
+        0.0,
+    );
+    blinking.run_by_hand("blink", 0.0).unwrap();
+    for second in 1..=40 {
+        blinking.tick(second as f64);
+    }
+    let runs = records(&blinking.take_effects());
+    assert!(runs.len() >= 39, "{} runs", runs.len());
+    assert!(runs.iter().all(|r| r["result"] == "stopped"), "{runs:?}");
+    assert_eq!(blinking.running("blink"), 1);
 }
