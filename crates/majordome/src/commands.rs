@@ -409,7 +409,8 @@ fn render_scenarios(stats: &Value) -> String {
     let number = |key: &str| stats[key].as_u64().unwrap_or(0);
     format!(
         "scenarios: {} ({} enabled); {} triggers fired from {} events and {} state changes; runs: {} ok, {} failed, \
-         {} stopped, {} skipped by a condition; {} ignored while running, {} dropped past max_runs\n",
+         {} stopped, {} skipped by a condition; {} ignored while running, {} dropped past max_runs, \
+         {} ignored as too fast (a loop?)\n",
         number("scenarios"),
         number("enabled"),
         number("triggers_fired"),
@@ -421,6 +422,7 @@ fn render_scenarios(stats: &Value) -> String {
         number("runs_skipped"),
         number("ignored_running"),
         number("dropped_max_runs"),
+        number("throttled"),
     )
 }
 

@@ -524,10 +524,14 @@ fn runaway_scripts_and_scenarios_that_start_each_other_are_stopped_while_others_
             // Was: the engine thread overflowed its stack and took `up`
             // down with it.
             {"name": "ping", "mode": "parallel", "max_runs": 100, "actions": [{"action": "run", "scenario": "pong"}]},
-            {"name": "pong", "mode": "restart", "actions": [{"action": "run", "scenario": "ping"}]}]}),
+            {"name": "pong", "mode": "restart", "actions": [{"action": "run", "scenario": "ping"}]},
+            // Fired by its own publish, through the bus, for ever.
+            {"name": "echo", "mode": "parallel", "max_runs": 100,
+             "triggers": [{"trigger": "event", "category": "test.echo"}],
+             "actions": [{"action": "publish", "category": "test.echo", "data": {}}]}]}),
     );
     assert_eq!(imported["status"], true, "{imported}");
-    for name in ["ping", "spin", "hog", "tick"] {
+    for name in ["ping", "echo", "spin", "hog", "tick"] {
         scenario(&broker, "scenario.run.do", json!({"name": name}));
     }
     let tick = history_until(&broker, "tick", "its run", |runs| !runs.is_empty());
@@ -544,6 +548,13 @@ fn runaway_scripts_and_scenarios_that_start_each_other_are_stopped_while_others_
     let ping = history_until(&broker, "ping", "the chain cut", |runs| runs.len() >= 8);
     let pong = history_until(&broker, "pong", "its runs", |runs| !runs.is_empty());
     assert!(cut(&ping) || cut(&pong), "{ping:?} {pong:?}");
+    let echo = history_until(&broker, "echo", "the loop cut", |runs| {
+        runs.iter()
+            .any(|r| r["result"] == "skipped" && r["error"].as_str().is_some_and(|e| e.contains("a loop")))
+    });
+    assert!(echo.len() > 1, "it ran before it was cut");
+    let throttled = scenario(&broker, "stats.get", json!({}))["throttled"].clone();
+    assert!(throttled.as_u64() >= Some(1), "{throttled}");
     let hog = history_until(&broker, "hog", "its end", |runs| !runs.is_empty());
     assert!(hog[0]["error"].as_str().unwrap().contains("memory"), "{}", hog[0]);
     // The engine still serves, and the script's write is in Clone.

@@ -27,6 +27,13 @@ use crate::schedule::{self, Place};
 /// passing, before the next `run` fails.
 pub const MAX_CHAIN: u64 = 16;
 
+/// Triggers one scenario may take at once, and a second after that: a
+/// scenario fired faster for long is taken for a loop (its own publish or
+/// set that fires it again, through the bus) and what fires it is ignored
+/// until it slows down. Runs by hand are not counted.
+pub const TRIGGER_BURST: f64 = 1000.0;
+pub const TRIGGER_RATE: f64 = 100.0;
+
 /// A run's number, unique while the engine lives.
 pub type RunId = u64;
 
@@ -99,6 +106,8 @@ pub struct Counters {
     pub ignored_running: u64,
     /// Triggers dropped because `max_runs` were running or waiting.
     pub dropped_max_runs: u64,
+    /// Triggers ignored because their scenario fired too fast (a loop?).
+    pub throttled: u64,
 }
 
 /// A scenario as the engine keeps it: what it is, and its triggers' state.
@@ -113,6 +122,11 @@ struct Loaded {
     queue: VecDeque<Value>,
     last_run: Option<f64>,
     last_result: Option<String>,
+    /// What its triggers may still start ([`TRIGGER_BURST`] at most), as
+    /// of `budget_at`; and whether they are being ignored.
+    budget: f64,
+    budget_at: f64,
+    throttled: bool,
 }
 
 #[derive(Default)]
@@ -258,6 +272,9 @@ impl Engine {
                 queue: VecDeque::new(),
                 last_run,
                 last_result,
+                budget: TRIGGER_BURST,
+                budget_at: now,
+                throttled: false,
             },
         );
         self.watch_changes();
@@ -596,6 +613,33 @@ impl Engine {
     /// A trigger fired: a run, if the scenario's mode lets it.
     fn fire(&mut self, name: &str, trigger: Value, now: f64) {
         self.counters.triggers_fired += 1;
+        let Some(loaded) = self.scenarios.get_mut(name) else {
+            return;
+        };
+        // A token bucket: TRIGGER_BURST at once, TRIGGER_RATE a second.
+        let refill = (now - loaded.budget_at).max(0.0) * TRIGGER_RATE;
+        loaded.budget = (loaded.budget + refill).min(TRIGGER_BURST);
+        loaded.budget_at = now;
+        if loaded.budget < 1.0 {
+            self.counters.throttled += 1;
+            if !std::mem::replace(&mut loaded.throttled, true) {
+                let why = format!(
+                    "fired more than {TRIGGER_BURST} times, {TRIGGER_RATE} a second or faster: a loop (its own \
+                     publish or set firing it again)? What fires it is ignored until it slows down"
+                );
+                tracing::warn!(scenario = %name, "{why}");
+                let id = self.next_run;
+                self.next_run += 1;
+                self.outbox.push(Effect::Record(json!({
+                    "run": id, "scenario": name, "trigger": trigger, "by_hand": false,
+                    "started": now, "finished": now, "duration": 0.0, "result": "skipped",
+                    "error": why, "conditions": [], "actions": [],
+                })));
+            }
+            return;
+        }
+        loaded.budget -= 1.0;
+        loaded.throttled = false;
         self.start_or_queue(name, trigger, false, now);
     }
 

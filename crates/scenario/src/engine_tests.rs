@@ -425,3 +425,48 @@ fn a_scenario_that_runs_itself_does_not_loop_for_ever() {
     assert!(runs.iter().all(|r| r["result"] == "stopped"), "{runs:?}");
     assert_eq!(blinking.running("blink"), 1);
 }
+
+#[test]
+fn a_scenario_fired_by_its_own_publish_is_throttled_not_run_for_ever() {
+    let mut engine = engine();
+    add(
+        &mut engine,
+        json!({"name": "echo", "mode": "parallel", "max_runs": 100,
+               "triggers": [{"trigger": "event", "category": "echo.again"}],
+               "actions": [{"action": "publish", "category": "echo.again", "data": {}}]}),
+        0.0,
+    );
+    // The bus brings each publish back as an event, 1 ms later.
+    let mut now = 0.0;
+    let mut published = 0;
+    engine.event("echo.again", &json!({}), now);
+    for _ in 0..5000 {
+        let effects = engine.take_effects();
+        let mut publishes = 0;
+        for effect in &effects {
+            if let Effect::Publish { run, .. } = effect {
+                publishes += 1;
+                engine.done(*run, Ok(Value::Null), now);
+            }
+        }
+        if publishes == 0 {
+            break;
+        }
+        published += publishes;
+        now += 0.001;
+        for _ in 0..publishes {
+            engine.event("echo.again", &json!({}), now);
+        }
+    }
+    // 1,000 at once, and 100 a second on top (about 0.1 per step of 1 ms):
+    // then the loop is cut.
+    assert!((1000..1200).contains(&published), "{published} publishes");
+    assert!(engine.counters().throttled >= 1);
+    // It fires again once it has slowed down.
+    engine.take_effects();
+    engine.event("echo.again", &json!({}), now + 60.0);
+    assert!(engine
+        .take_effects()
+        .iter()
+        .any(|e| matches!(e, Effect::Publish { .. })));
+}

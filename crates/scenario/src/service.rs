@@ -833,7 +833,7 @@ impl lua::Api for Tools<'_> {
 
     fn publish(&mut self, category: &str, data: Value) -> Result<(), String> {
         if self.publisher.is_none() {
-            *self.publisher = Some(Publisher::connect(&self.endpoints.publish).map_err(|e| e.to_string())?);
+            *self.publisher = Some(connect_publisher(&self.endpoints.publish, category).map_err(|e| e.to_string())?);
         }
         let publisher = self.publisher.as_mut().expect("connected above");
         publisher.publish(category, &data).map_err(|e| e.to_string())
@@ -923,7 +923,7 @@ fn output(
             Effect::Running { name, running } => {
                 let Some(uuid) = devices.get(&name) else { continue };
                 if publisher.is_none() {
-                    publisher = Publisher::connect(&endpoints.publish).ok();
+                    publisher = connect_publisher(&endpoints.publish, "event.device.statechanged").ok();
                 }
                 if let Some(p) = publisher.as_mut() {
                     let event = json!({"uuid": uuid, "event": "event.device.statechanged",
@@ -934,6 +934,17 @@ fn output(
             _ => {}
         }
     }
+}
+
+/// A publisher to the forwarder, once the forwarder has told it what is
+/// wanted: until then ZeroMQ drops what it publishes, and a scenario's
+/// first `publish` was lost. The service's own event follower wants
+/// everything, so this is quick; with no subscriber at all it gives up
+/// after two seconds (what it publishes then is wanted by nobody).
+fn connect_publisher(endpoint: &str, category: &str) -> Result<Publisher, ClientError> {
+    let mut publisher = Publisher::connect(endpoint)?;
+    publisher.wait_for_subscriber(category, Duration::from_secs(2))?;
+    Ok(publisher)
 }
 
 /// Every event on the bus, to the engine.
