@@ -110,13 +110,24 @@ fn check(value: Value) -> Result<Call, (Value, RpcError)> {
     };
     // The id, when it is a valid one, is echoed even in an error.
     let id = object.remove("id");
+    // An integer past 64 bits reads as a float that is not the number
+    // sent: it could not be echoed as it came, and a client matches its
+    // answers by id.
+    let overflowed = id
+        .as_ref()
+        .and_then(Value::as_number)
+        .and_then(|n| n.as_f64().filter(|_| n.is_f64()))
+        .is_some_and(|f| f.fract() == 0.0 && f.abs() >= 9.2e18);
     let echo = match &id {
-        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => v.clone(),
+        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) if !overflowed => v.clone(),
         _ => Value::Null,
     };
     let invalid = |message: &str| Err((echo.clone(), RpcError::new(code::INVALID_REQUEST, message)));
     if let Some(Value::Array(_) | Value::Object(_) | Value::Bool(_)) = id {
         return invalid("`id` is a string, a number or null");
+    }
+    if overflowed {
+        return invalid("`id` is an integer past 64 bits, which cannot be echoed exactly: send it as a string");
     }
     if object.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return invalid("`jsonrpc` must be \"2.0\"");
@@ -168,6 +179,11 @@ mod tests {
         assert_eq!((call.id, call.method.as_str()), (Some(json!(7)), "message"));
         let note = single(r#"{"jsonrpc": "2.0", "method": "call"}"#).unwrap();
         assert_eq!((note.id, note.params), (None, Value::Null));
+        // Every 64-bit integer, and a fraction, come back as they were sent.
+        for id in ["18446744073709551615", "-9223372036854775808", "1.5"] {
+            let call = single(&format!(r#"{{"jsonrpc": "2.0", "method": "m", "id": {id}}}"#)).unwrap();
+            assert_eq!(call.id.unwrap().to_string(), id);
+        }
     }
 
     #[test]
@@ -181,6 +197,11 @@ mod tests {
             (r#"{"jsonrpc": "2.0", "method": 5, "id": 2}"#, json!(2)),
             (r#"{"jsonrpc": "2.0", "method": "x", "params": 3, "id": 3}"#, json!(3)),
             (r#"{"jsonrpc": "2.0", "method": "x", "id": [1]}"#, Value::Null),
+            // Was: answered with id 1.2345678901234568e22, not the id sent.
+            (
+                r#"{"jsonrpc": "2.0", "method": "x", "id": 12345678901234567890123}"#,
+                Value::Null,
+            ),
         ] {
             let (echo, error) = single(body).unwrap_err();
             assert_eq!((echo, error.code), (id, code::INVALID_REQUEST), "{body}");
