@@ -493,7 +493,7 @@ impl Engine {
         for (name, trigger) in fired {
             self.fire(&name, trigger, now);
         }
-        self.recheck_waits(now);
+        self.recheck_waits(now, |condition| reads_key(condition, key));
     }
 
     /// The earliest time something is due: a delay, a wait's deadline, a
@@ -559,6 +559,8 @@ impl Engine {
         for (name, trigger) in fired {
             self.fire(&name, trigger, now);
         }
+        // Waits for a time of day: the time moved.
+        self.recheck_waits(now, reads_the_time);
         // Delays and waits that are over.
         let due: Vec<RunId> = self
             .runs
@@ -887,13 +889,16 @@ impl Engine {
         }
     }
 
-    /// Waits whose condition now holds go on.
-    fn recheck_waits(&mut self, now: f64) {
+    /// Waits whose condition now holds go on; only those whose condition
+    /// `may_have_changed` are looked at again.
+    fn recheck_waits(&mut self, now: f64, may_have_changed: impl Fn(&Condition) -> bool) {
         let waiting: Vec<(RunId, Condition, Value)> = self
             .runs
             .iter()
             .filter_map(|(id, run)| match &run.waiting {
-                Waiting::Condition(condition, _) => Some((*id, (**condition).clone(), run.trigger.clone())),
+                Waiting::Condition(condition, _) if may_have_changed(condition) => {
+                    Some((*id, (**condition).clone(), run.trigger.clone()))
+                }
                 _ => None,
             })
             .collect();
@@ -1163,6 +1168,33 @@ pub fn decode(value: &[u8]) -> Value {
 
 fn decoded(value: Option<&Bytes>) -> Option<Value> {
     value.map(|v| decode(v))
+}
+
+/// Whether `condition` may hold differently once `key` changed. A script
+/// may read any key.
+fn reads_key(condition: &Condition, key: &str) -> bool {
+    match condition {
+        Condition::State { key: read, .. } => read == key,
+        Condition::Value { device, quantity, .. } => {
+            key.len() == 8 + device.len() + 1 + quantity.len() && key == format!("/device/{device}/{quantity}")
+        }
+        Condition::Script { .. } => true,
+        Condition::Time { .. } | Condition::Trigger { .. } => false,
+        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
+            conditions.iter().any(|c| reads_key(c, key))
+        }
+    }
+}
+
+/// Whether `condition` looks at the time of day.
+fn reads_the_time(condition: &Condition) -> bool {
+    match condition {
+        Condition::Time { .. } => true,
+        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
+            conditions.iter().any(reads_the_time)
+        }
+        _ => false,
+    }
 }
 
 /// Adds to `keys` the Clone keys a `changed` comparison in `condition`

@@ -470,3 +470,29 @@ fn a_scenario_fired_by_its_own_publish_is_throttled_not_run_for_ever() {
         .iter()
         .any(|e| matches!(e, Effect::Publish { .. })));
 }
+
+#[test]
+fn a_wait_for_a_time_of_day_goes_on_at_that_time_with_nothing_else_happening() {
+    let mut engine = engine();
+    add(
+        &mut engine,
+        json!({"name": "morning", "actions": [
+            {"action": "wait", "timeout": 86400, "until": {"condition": "time", "after": "07:00"}},
+            {"action": "log", "message": "it is seven"}]}),
+        0.0,
+    );
+    // 1970-01-01 06:59:00 UTC (the engine's zone in these tests).
+    let start = 6.0 * 3600.0 + 59.0 * 60.0;
+    engine.run_by_hand("morning", start).unwrap();
+    engine.take_effects();
+    assert_eq!(engine.running("morning"), 1);
+    // Nothing changes in Clone; the engine is only woken by its timers.
+    let mut now = start;
+    while now < start + 120.0 {
+        now = engine.next_wakeup().unwrap_or(now + 1.0).min(now + 1.0).max(now + 0.25);
+        engine.tick(now);
+    }
+    let runs = records(&engine.take_effects());
+    assert_eq!(runs.len(), 1, "the wait went on at seven: {runs:?}");
+    assert_eq!(runs[0]["result"], "ok");
+}
