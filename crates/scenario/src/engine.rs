@@ -27,12 +27,25 @@ use crate::schedule::{self, Place};
 /// passing, before the next `run` fails.
 pub const MAX_CHAIN: u64 = 16;
 
-/// Triggers one scenario may take at once, and a second after that: a
-/// scenario fired faster for long is taken for a loop (its own publish or
-/// set that fires it again, through the bus) and what fires it is ignored
-/// until it slows down. Runs by hand are not counted.
-pub const TRIGGER_BURST: f64 = 1000.0;
-pub const TRIGGER_RATE: f64 = 100.0;
+/// Triggers one scenario may take at once (`burst`), and a second after
+/// that (`per_second`): a scenario fired faster for long is taken for a
+/// loop (its own publish or set that fires it again, through the bus) and
+/// what fires it is ignored until it slows down. Runs by hand are not
+/// counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TriggerBudget {
+    pub burst: f64,
+    pub per_second: f64,
+}
+
+impl Default for TriggerBudget {
+    fn default() -> Self {
+        TriggerBudget {
+            burst: 1000.0,
+            per_second: 100.0,
+        }
+    }
+}
 
 /// A run's number, unique while the engine lives.
 pub type RunId = u64;
@@ -54,6 +67,8 @@ pub struct EngineSettings {
     /// Evaluates a Lua condition (`script`): true, false or why not. Given
     /// by the service (with its limits), or a stand-in by tests.
     pub condition_script: ConditionScript,
+    /// How fast one scenario's triggers may start runs.
+    pub trigger_budget: TriggerBudget,
 }
 
 /// Something the engine needs done outside.
@@ -122,8 +137,8 @@ struct Loaded {
     queue: VecDeque<Value>,
     last_run: Option<f64>,
     last_result: Option<String>,
-    /// What its triggers may still start ([`TRIGGER_BURST`] at most), as
-    /// of `budget_at`; and whether they are being ignored.
+    /// What its triggers may still start (the [`TriggerBudget`]'s burst at
+    /// most), as of `budget_at`; and whether they are being ignored.
     budget: f64,
     budget_at: f64,
     throttled: bool,
@@ -272,7 +287,7 @@ impl Engine {
                 queue: VecDeque::new(),
                 last_run,
                 last_result,
-                budget: TRIGGER_BURST,
+                budget: self.settings.trigger_budget.burst,
                 budget_at: now,
                 throttled: false,
             },
@@ -618,16 +633,18 @@ impl Engine {
         let Some(loaded) = self.scenarios.get_mut(name) else {
             return;
         };
-        // A token bucket: TRIGGER_BURST at once, TRIGGER_RATE a second.
-        let refill = (now - loaded.budget_at).max(0.0) * TRIGGER_RATE;
-        loaded.budget = (loaded.budget + refill).min(TRIGGER_BURST);
+        // A token bucket: `burst` at once, `per_second` after that.
+        let TriggerBudget { burst, per_second } = self.settings.trigger_budget;
+        let refill = (now - loaded.budget_at).max(0.0) * per_second;
+        loaded.budget = (loaded.budget + refill).min(burst);
         loaded.budget_at = now;
         if loaded.budget < 1.0 {
             self.counters.throttled += 1;
             if !std::mem::replace(&mut loaded.throttled, true) {
                 let why = format!(
-                    "fired more than {TRIGGER_BURST} times, {TRIGGER_RATE} a second or faster: a loop (its own \
-                     publish or set firing it again)? What fires it is ignored until it slows down"
+                    "fired more than {burst} times, {per_second} a second or faster: a loop (its own \
+                     publish or set firing it again)? What fires it is ignored until it slows down \
+                     ([scenario] trigger_burst, triggers_per_second)"
                 );
                 tracing::warn!(scenario = %name, "{why}");
                 let id = self.next_run;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::engine::{Effect, Engine, EngineSettings, MAX_CHAIN};
+use crate::engine::{Effect, Engine, EngineSettings, TriggerBudget, MAX_CHAIN};
 use crate::model::read;
 
 fn engine() -> Engine {
@@ -18,6 +18,7 @@ fn engine() -> Engine {
             "return false" => Ok(false),
             other => Err(format!("no stand-in for {other}")),
         }),
+        trigger_budget: TriggerBudget::default(),
     })
 }
 

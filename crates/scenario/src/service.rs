@@ -32,7 +32,7 @@ use majordome_state::{Change, Mirror, MirrorOptions, Writer, WriterOptions};
 use majordome_store::{Committer, Durability, StoreError};
 use serde_json::{json, Value};
 
-use crate::engine::{Effect, Engine, EngineSettings, RunId};
+use crate::engine::{Effect, Engine, EngineSettings, RunId, TriggerBudget};
 use crate::lua;
 use crate::model::{self, Catalog, Refusal, Scenario};
 use crate::schedule::Place;
@@ -52,6 +52,11 @@ pub struct ScenarioSettings {
     pub executors: usize,
     /// A clock that `scenario.clock.do {now}` can set, for tests (off).
     pub test_clock: bool,
+    /// Runs one scenario's triggers may start at once (1,000), and a
+    /// second after that (100): one fired faster for long is taken for a
+    /// loop, and what fires it is ignored until it slows down.
+    pub trigger_burst: f64,
+    pub triggers_per_second: f64,
 }
 
 impl Default for ScenarioSettings {
@@ -62,6 +67,8 @@ impl Default for ScenarioSettings {
             history_limit: 100,
             executors: 4,
             test_clock: false,
+            trigger_burst: 1000.0,
+            triggers_per_second: 100.0,
         }
     }
 }
@@ -215,6 +222,12 @@ pub fn run(
         (None, None) => None,
         _ => return Err(ScenarioError::Settings("latitude and longitude go together".into())),
     };
+    if !(settings.trigger_burst >= 1.0 && settings.triggers_per_second > 0.0) {
+        return Err(ScenarioError::Settings(format!(
+            "trigger_burst {} and triggers_per_second {}: at least 1, and above 0",
+            settings.trigger_burst, settings.triggers_per_second
+        )));
+    }
     let connection = majordome_store::open(database, durability)?;
     connection.execute_batch(store::SCHEMA)?;
     let stored = store::load(&connection)?;
@@ -279,6 +292,10 @@ pub fn run(
             zone: jiff::tz::TimeZone::system(),
             place,
             condition_script: Arc::new(|source, context, read| lua::condition(source, context, read)),
+            trigger_budget: TriggerBudget {
+                burst: settings.trigger_burst,
+                per_second: settings.triggers_per_second,
+            },
         };
         thread::Builder::new().name("scenario-engine".into()).spawn(move || {
             drive(
