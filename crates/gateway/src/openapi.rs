@@ -47,7 +47,7 @@ pub fn document() -> Value {
         let mut operation = json!({
             "summary": route.summary,
             "operationId": operation_id(route.method, route.path),
-            "responses": responses(route.answer),
+            "responses": responses(route.answer, route.method == "post" && !route.path.contains('{')),
         });
         if !parameters.is_empty() {
             operation["parameters"] = Value::Array(parameters);
@@ -115,13 +115,14 @@ fn error_response(description: &str) -> Value {
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
 }
 
-/// Every answer a route may give.
-fn responses(answer: Option<&str>) -> Value {
+/// Every answer a route may give; a POST to a collection (`makes`) makes
+/// an item whose name may be taken.
+fn responses(answer: Option<&str>, makes: bool) -> Value {
     let schema = match answer {
         Some(name) => json!({"$ref": format!("#/components/schemas/{name}")}),
         None => json!({}),
     };
-    json!({
+    let mut responses = json!({
         "200": {"description": "The service's answer", "content": {"application/json": {"schema": schema}}},
         "400": error_response("A bad request, or one the service refused, with why"),
         "401": error_response("No valid token where one is needed"),
@@ -131,7 +132,11 @@ fn responses(answer: Option<&str>) -> Value {
         "502": error_response("The bus could not be reached"),
         "503": error_response("The service does not run"),
         "504": error_response("The service did not answer in time"),
-    })
+    });
+    if makes {
+        responses["409"] = error_response("The name is taken: update that item instead");
+    }
+    responses
 }
 
 /// `{uuid}` and the like, each a required string.
