@@ -946,7 +946,11 @@ impl Writer {
 
     /// Waits until the update with this uuid is published; returns its
     /// sequence number. Writes from one writer are applied in order, so
-    /// confirming the last one confirms those before it.
+    /// confirming the last one confirms those before it. Confirm at most
+    /// half the server's `publish_high_water_mark` writes at a time: the
+    /// server publishes a commit's updates at once, and libzmq counts one
+    /// as gone only when its I/O thread acknowledges it, so a larger burst
+    /// can drop the very update that confirms (the write itself is stored).
     pub fn confirm(&mut self, uuid: &[u8], timeout: Duration) -> Result<i64, StateError> {
         let deadline = Instant::now() + timeout;
         loop {
