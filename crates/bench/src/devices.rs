@@ -13,8 +13,10 @@
 //! History: one publisher sends V temperature values spread over S
 //! sensors as `event.environment.temperaturechanged` events, never more
 //! than `window` ahead of what history has committed (so nothing is
-//! dropped at a high-water mark); the figure is values committed per
-//! second, each also applied to the inventory and mirrored into Clone.
+//! dropped at a high-water mark: the forwarder keeps 500 events per
+//! subscriber, fewer in a burst, see `scenario.rs`); the figure is values
+//! committed per second, each also applied to the inventory and mirrored
+//! into Clone.
 
 use std::io::Write;
 use std::path::PathBuf;
