@@ -838,6 +838,14 @@ pub struct WriterOptions {
     /// (and to HUGZ, which carries refusals), so that other updates do not
     /// pile up unread between its writes. Empty: every key.
     pub subtree: String,
+    /// Writes sent without a confirmation, past which a send first waits
+    /// (up to `connect_timeout`) for the last one to be published. The
+    /// server publishes a commit's updates at once, and libzmq counts one
+    /// as gone only when its I/O thread acknowledges it: a burst larger
+    /// than about half the server's `publish_high_water_mark` (1,000) now
+    /// and then dropped the very update a writer waited for (the write
+    /// itself was stored).
+    pub max_unconfirmed: usize,
 }
 
 impl Default for WriterOptions {
@@ -847,6 +855,7 @@ impl Default for WriterOptions {
             send_high_water_mark: 100_000,
             receive_high_water_mark: 10_000,
             subtree: String::new(),
+            max_unconfirmed: 500,
         }
     }
 }
@@ -860,6 +869,10 @@ pub struct Writer {
     collector: Collector,
     updates: zmq::Socket,
     scratch: zmq::Message,
+    /// The last write sent, and how many were sent since the last
+    /// confirmation (see [`WriterOptions::max_unconfirmed`]).
+    last_sent: Bytes,
+    unconfirmed: usize,
 }
 
 impl Writer {
@@ -917,6 +930,8 @@ impl Writer {
             collector,
             updates,
             scratch: zmq::Message::new(),
+            last_sent: Bytes::new(),
+            unconfirmed: 0,
         })
     }
 
@@ -939,18 +954,22 @@ impl Writer {
         if message.uuid.is_empty() {
             message.uuid = Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         }
+        if self.unconfirmed >= self.options.max_unconfirmed.max(1) {
+            let last = self.last_sent.clone();
+            self.confirm(&last, self.options.connect_timeout)?;
+        }
         self.collector.wait_ready(self.options.connect_timeout)?;
         self.collector.send(&message)?;
+        self.last_sent = message.uuid.clone();
+        self.unconfirmed += 1;
         Ok(message.uuid)
     }
 
     /// Waits until the update with this uuid is published; returns its
     /// sequence number. Writes from one writer are applied in order, so
-    /// confirming the last one confirms those before it. Confirm at most
-    /// half the server's `publish_high_water_mark` writes at a time: the
-    /// server publishes a commit's updates at once, and libzmq counts one
-    /// as gone only when its I/O thread acknowledges it, so a larger burst
-    /// can drop the very update that confirms (the write itself is stored).
+    /// confirming the last one confirms those before it. (However many are
+    /// sent, a send waits for a confirmation every
+    /// [`WriterOptions::max_unconfirmed`].)
     pub fn confirm(&mut self, uuid: &[u8], timeout: Duration) -> Result<i64, StateError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -958,6 +977,9 @@ impl Writer {
                 if let Received::Message(frames) = received {
                     match chp::parse_update(&frames) {
                         Ok(Update::Publish(message)) if message.uuid.as_ref() == uuid => {
+                            if uuid == self.last_sent.as_ref() {
+                                self.unconfirmed = 0;
+                            }
                             return Ok(message.sequence);
                         }
                         Ok(Update::Refused { uuid: refused, reason }) if refused.as_ref() == uuid => {

@@ -15,12 +15,6 @@ use crate::schema::valid_name;
 use super::model::{device_unit, Device, Reading, Registry, Stats};
 use super::{DeviceError, Shared, CLIENT_SENSOR, OWN_SUBJECTS};
 
-/// Clone writes sent before waiting for the last one's update: half the
-/// state server's default `publish_high_water_mark` (see
-/// `Writer::confirm`: a larger burst can drop the confirming update, and
-/// this thread would then wait 5 s for it).
-const CONFIRM_EVERY: usize = 500;
-
 /// What a batch of events gave.
 #[derive(Default)]
 pub(crate) struct Applied {
@@ -126,8 +120,7 @@ impl Shared {
     }
 
     /// Writes keys to Clone and waits until the last one is published, so
-    /// the writer's update socket is drained and failures are seen; in
-    /// chunks of [`CONFIRM_EVERY`], as `Writer::confirm` asks.
+    /// the writer's update socket is drained and failures are seen.
     pub(crate) fn mirror(&self, entries: Vec<(String, Value)>) {
         let Some(writer) = &self.writer else {
             return;
@@ -137,7 +130,7 @@ impl Shared {
         }
         let mut writer = lock(writer);
         let mut last = None;
-        for (index, (key, value)) in entries.into_iter().enumerate() {
+        for (key, value) in entries {
             let body = if value.is_null() {
                 Vec::new()
             } else {
@@ -150,21 +143,12 @@ impl Shared {
                     tracing::warn!(error = %e, key, "could not write to Clone");
                 }
             }
-            if (index + 1) % CONFIRM_EVERY == 0 {
-                if let Some(uuid) = last.take() {
-                    self.confirm(&mut writer, &uuid);
-                }
-            }
         }
         if let Some(uuid) = last {
-            self.confirm(&mut writer, &uuid);
-        }
-    }
-
-    fn confirm(&self, writer: &mut majordome_state::Writer, uuid: &[u8]) {
-        if let Err(e) = writer.confirm(uuid, Duration::from_secs(5)) {
-            lock(&self.stats).clone_failures += 1;
-            tracing::warn!(error = %e, "Clone did not confirm device values");
+            if let Err(e) = writer.confirm(&uuid, Duration::from_secs(5)) {
+                lock(&self.stats).clone_failures += 1;
+                tracing::warn!(error = %e, "Clone did not confirm device values");
+            }
         }
     }
 
