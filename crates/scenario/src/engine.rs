@@ -177,6 +177,31 @@ struct Run {
     actions: Vec<Value>,
 }
 
+impl Run {
+    fn new(name: &str, trigger: Value, by_hand: bool, now: f64) -> Run {
+        Run {
+            name: name.to_owned(),
+            trigger,
+            by_hand,
+            started: now,
+            step: 0,
+            step_started: now,
+            waiting: Waiting::Nothing,
+            conditions: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    /// What the history keeps of it, ended at `now`.
+    fn record(&self, id: RunId, ending: Ending, error: Option<String>, now: f64) -> Value {
+        json!({
+            "run": id, "scenario": self.name, "trigger": self.trigger, "by_hand": self.by_hand,
+            "started": self.started, "finished": now, "duration": (now - self.started).max(0.0),
+            "result": ending.word(), "error": error, "conditions": self.conditions, "actions": self.actions,
+        })
+    }
+}
+
 /// The engine. See the module's documentation.
 pub struct Engine {
     settings: EngineSettings,
@@ -396,8 +421,8 @@ impl Engine {
             } = trigger
             {
                 // Known now: only a crossing into the range fires.
-                let key = format!("/device/{device}/{quantity}");
-                state.in_range = level(decoded(values.get(&key)).as_ref()).map(|l| in_range(l, *above, *below));
+                let current = values.get(&value_key(device, quantity)).map(|v| decode(v));
+                state.in_range = level(current.as_ref()).map(|l| in_range(l, *above, *below));
             }
         }
     }
@@ -454,7 +479,8 @@ impl Engine {
         }
         // Decoded once, and only if a trigger looks at this key.
         let decoded_pair = std::cell::OnceCell::new();
-        let pair = || decoded_pair.get_or_init(|| (decoded(value.as_ref()), decoded(before.as_ref())));
+        let decode_one = |v: Option<&Bytes>| v.map(|v| decode(v));
+        let pair = || decoded_pair.get_or_init(|| (decode_one(value.as_ref()), decode_one(before.as_ref())));
         let mut fired = Vec::new();
         for loaded in self.scenarios.values_mut().filter(|l| l.scenario.enabled) {
             let name = loaded.scenario.name.clone();
@@ -480,9 +506,7 @@ impl Engine {
                         above,
                         below,
                         hold,
-                    } if key.len() == 8 + device.len() + 1 + quantity.len()
-                        && key == format!("/device/{device}/{quantity}") =>
-                    {
+                    } if is_value_key(key, device, quantity) => {
                         let (value, before) = pair();
                         let Some(level) = level(value.as_ref()) else { continue };
                         let inside = in_range(level, *above, *below);
@@ -649,11 +673,8 @@ impl Engine {
                 tracing::warn!(scenario = %name, "{why}");
                 let id = self.next_run;
                 self.next_run += 1;
-                self.outbox.push(Effect::Record(json!({
-                    "run": id, "scenario": name, "trigger": trigger, "by_hand": false,
-                    "started": now, "finished": now, "duration": 0.0, "result": "skipped",
-                    "error": why, "conditions": [], "actions": [],
-                })));
+                let record = Run::new(name, trigger, false, now).record(id, Ending::Skipped, Some(why), now);
+                self.outbox.push(Effect::Record(record));
             }
             return;
         }
@@ -703,17 +724,7 @@ impl Engine {
         let id = self.next_run;
         self.next_run += 1;
         self.counters.runs_started += 1;
-        let mut run = Run {
-            name: name.to_owned(),
-            trigger,
-            by_hand,
-            started: now,
-            step: 0,
-            step_started: now,
-            waiting: Waiting::Nothing,
-            conditions: Vec::new(),
-            actions: Vec::new(),
-        };
+        let mut run = Run::new(name, trigger, by_hand, now);
         let mut passed = true;
         if !by_hand {
             for condition in &loaded.scenario.conditions {
@@ -953,12 +964,7 @@ impl Engine {
             Some(why) => format!("{}: {why}", ending.word()),
             None => ending.word().to_owned(),
         };
-        let record = json!({
-            "run": id, "scenario": run.name, "trigger": run.trigger, "by_hand": run.by_hand,
-            "started": run.started, "finished": now, "duration": (now - run.started).max(0.0),
-            "result": ending.word(), "error": error, "conditions": run.conditions, "actions": run.actions,
-        });
-        self.outbox.push(Effect::Record(record));
+        self.outbox.push(Effect::Record(run.record(id, ending, error, now)));
         let name = run.name;
         let Some(loaded) = self.scenarios.get_mut(&name) else {
             return;
@@ -1006,16 +1012,14 @@ impl Engine {
                 op,
                 value,
             } => {
-                let key = format!("/device/{device}/{quantity}");
                 let level_or_all = |v: Value| v.get("level").cloned().unwrap_or(v);
-                let current = decoded(self.values.get(&key)).map(level_or_all);
-                let before = decoded(self.previous.get(&key)).map(level_or_all);
+                let (current, before) = self.observed(&value_key(device, quantity), *op);
+                let (current, before) = (current.map(level_or_all), before.map(level_or_all));
                 let holds = model::compare(current.as_ref(), *op, value, before.as_ref());
                 (holds, current.unwrap_or(Value::Null))
             }
             Condition::State { key, op, value } => {
-                let current = decoded(self.values.get(key));
-                let before = decoded(self.previous.get(key));
+                let (current, before) = self.observed(key, *op);
                 let holds = model::compare(current.as_ref(), *op, value, before.as_ref());
                 (holds, current.unwrap_or(Value::Null))
             }
@@ -1066,7 +1070,7 @@ impl Engine {
             }
             Condition::Script { lua } => {
                 let context = json!({"trigger": trigger, "now": now});
-                let read = |key: &str| decoded(self.values.get(key));
+                let read = |key: &str| self.value(key);
                 match (self.settings.condition_script)(lua, &context, &read) {
                     Ok(holds) => (holds, Value::Bool(holds)),
                     Err(why) => (false, json!({"error": why})),
@@ -1077,7 +1081,17 @@ impl Engine {
 
     /// A Clone key's current value, for scripts.
     pub fn value(&self, key: &str) -> Option<Value> {
-        decoded(self.values.get(key))
+        self.values.get(key).map(|v| decode(v))
+    }
+
+    /// A key's value, and the one before it where `op` compares with it
+    /// (`changed`; only then is it decoded).
+    fn observed(&self, key: &str, op: model::Op) -> (Option<Value>, Option<Value>) {
+        let before = match op {
+            model::Op::Changed => self.previous.get(key).map(|v| decode(v)),
+            _ => None,
+        };
+        (self.value(key), before)
     }
 
     /// What `scenario` would do now, and why, without doing it: each
@@ -1115,7 +1129,7 @@ impl Engine {
                     below,
                     ..
                 } => {
-                    let current = level(decoded(self.values.get(&format!("/device/{device}/{quantity}"))).as_ref());
+                    let current = level(self.value(&value_key(device, quantity)).as_ref());
                     json!({"trigger": trigger, "value": current,
                            "in_range": current.map(|l| in_range(l, *above, *below))})
                 }
@@ -1183,56 +1197,66 @@ pub fn decode(value: &[u8]) -> Value {
     serde_json::from_slice(value).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into()))
 }
 
-fn decoded(value: Option<&Bytes>) -> Option<Value> {
-    value.map(|v| decode(v))
+/// A device value's Clone key.
+fn value_key(device: &str, quantity: &str) -> String {
+    format!("/device/{device}/{quantity}")
+}
+
+/// Whether `key` is [`value_key`]`(device, quantity)`, without building it
+/// for every key that is not.
+fn is_value_key(key: &str, device: &str, quantity: &str) -> bool {
+    key.len() == "/device/".len() + device.len() + 1 + quantity.len() && key == value_key(device, quantity)
+}
+
+/// Calls `visit` on each condition in `condition` that is not `and`, `or`
+/// or `not`.
+fn visit_leaves(condition: &Condition, visit: &mut impl FnMut(&Condition)) {
+    match condition {
+        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
+            for condition in conditions {
+                visit_leaves(condition, visit);
+            }
+        }
+        leaf => visit(leaf),
+    }
 }
 
 /// Whether `condition` may hold differently once `key` changed. A script
 /// may read any key.
 fn reads_key(condition: &Condition, key: &str) -> bool {
-    match condition {
-        Condition::State { key: read, .. } => read == key,
-        Condition::Value { device, quantity, .. } => {
-            key.len() == 8 + device.len() + 1 + quantity.len() && key == format!("/device/{device}/{quantity}")
+    let mut reads = false;
+    visit_leaves(condition, &mut |leaf| {
+        reads |= match leaf {
+            Condition::State { key: read, .. } => read == key,
+            Condition::Value { device, quantity, .. } => is_value_key(key, device, quantity),
+            Condition::Script { .. } => true,
+            _ => false,
         }
-        Condition::Script { .. } => true,
-        Condition::Time { .. } | Condition::Trigger { .. } => false,
-        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
-            conditions.iter().any(|c| reads_key(c, key))
-        }
-    }
+    });
+    reads
 }
 
 /// Whether `condition` looks at the time of day.
 fn reads_the_time(condition: &Condition) -> bool {
-    match condition {
-        Condition::Time { .. } => true,
-        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
-            conditions.iter().any(reads_the_time)
-        }
-        _ => false,
-    }
+    let mut reads = false;
+    visit_leaves(condition, &mut |leaf| reads |= matches!(leaf, Condition::Time { .. }));
+    reads
 }
 
 /// Adds to `keys` the Clone keys a `changed` comparison in `condition`
 /// looks at.
 fn changed_keys_of(condition: &Condition, keys: &mut BTreeSet<String>) {
-    match condition {
+    visit_leaves(condition, &mut |leaf| match leaf {
         Condition::Value {
             device, quantity, op, ..
         } if *op == model::Op::Changed => {
-            keys.insert(format!("/device/{device}/{quantity}"));
+            keys.insert(value_key(device, quantity));
         }
         Condition::State { key, op, .. } if *op == model::Op::Changed => {
             keys.insert(key.clone());
         }
-        Condition::And { conditions } | Condition::Or { conditions } | Condition::Not { conditions } => {
-            for condition in conditions {
-                changed_keys_of(condition, keys);
-            }
-        }
         _ => {}
-    }
+    });
 }
 
 /// A device value's level: the `level` of Clone's `{"level", "unit",
