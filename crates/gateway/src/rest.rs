@@ -345,8 +345,7 @@ async fn state(
             let keys = entries
                 .into_iter()
                 .map(|kv| {
-                    let value = serde_json::from_slice(&kv.value)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&kv.value).into_owned()));
+                    let value = majordome_state::json_value(&kv.value);
                     (kv.key, value)
                 })
                 .collect();

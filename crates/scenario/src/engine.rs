@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::model::{self, Action, Condition, Mode, Scenario, Trigger};
 use crate::schedule::{self, Place};
+use majordome_state::json_value;
 
 /// How many scenarios may start one another (`run` actions) with no time
 /// passing, before the next `run` fails.
@@ -421,7 +422,7 @@ impl Engine {
             } = trigger
             {
                 // Known now: only a crossing into the range fires.
-                let current = values.get(&value_key(device, quantity)).map(|v| decode(v));
+                let current = values.get(&value_key(device, quantity)).map(|v| json_value(v));
                 state.in_range = level(current.as_ref()).map(|l| in_range(l, *above, *below));
             }
         }
@@ -479,7 +480,7 @@ impl Engine {
         }
         // Decoded once, and only if a trigger looks at this key.
         let decoded_pair = std::cell::OnceCell::new();
-        let decode_one = |v: Option<&Bytes>| v.map(|v| decode(v));
+        let decode_one = |v: Option<&Bytes>| v.map(|v| json_value(v));
         let pair = || decoded_pair.get_or_init(|| (decode_one(value.as_ref()), decode_one(before.as_ref())));
         let mut fired = Vec::new();
         for loaded in self.scenarios.values_mut().filter(|l| l.scenario.enabled) {
@@ -1081,14 +1082,14 @@ impl Engine {
 
     /// A Clone key's current value, for scripts.
     pub fn value(&self, key: &str) -> Option<Value> {
-        self.values.get(key).map(|v| decode(v))
+        self.values.get(key).map(|v| json_value(v))
     }
 
     /// A key's value, and the one before it where `op` compares with it
     /// (`changed`; only then is it decoded).
     fn observed(&self, key: &str, op: model::Op) -> (Option<Value>, Option<Value>) {
         let before = match op {
-            model::Op::Changed => self.previous.get(key).map(|v| decode(v)),
+            model::Op::Changed => self.previous.get(key).map(|v| json_value(v)),
             _ => None,
         };
         (self.value(key), before)
@@ -1190,11 +1191,6 @@ fn schedule_next(
         }
         _ => {}
     }
-}
-
-/// A Clone value as JSON; one that is not JSON is taken as a string.
-pub fn decode(value: &[u8]) -> Value {
-    serde_json::from_slice(value).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into()))
 }
 
 /// A device value's Clone key.

@@ -33,6 +33,13 @@ pub mod server;
 mod socket_tests;
 
 pub use chp::{ChpError, KvMsg, Limits};
+
+/// A Clone value as JSON, the way majordome's own clients read values: a
+/// value that is not JSON is taken as a string.
+pub fn json_value(value: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(value)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned()))
+}
 pub use mirror::{
     set_and_confirm, snapshot, Change, Mirror, MirrorEntry, MirrorOptions, ToEndpoints, Writer, WriterOptions,
 };
