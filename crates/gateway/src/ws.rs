@@ -110,7 +110,7 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
     let Some((caller, token)) = authenticate(&mut socket, &context).await else {
         return;
     };
-    let revoked = || crate::token_caller(&context.access, &token).is_none();
+    let revoked = || context.access.tokens.verify(&token).is_none();
     let mut recheck = tokio::time::interval(RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (queue, mut queued) = mpsc::channel::<Message>(QUEUE);
@@ -186,10 +186,16 @@ async fn session(mut socket: WebSocket, context: Arc<Context>) {
 /// Tells a client its token was revoked, and closes.
 async fn end_revoked(socket: &mut WebSocket) {
     tracing::info!("closed a WebSocket session whose token was revoked");
-    let said = json!({"type": "auth_invalid", "message": "the token was revoked"});
+    refuse(socket, "the token was revoked", "the token was revoked").await;
+}
+
+/// `auth_invalid` with `why`, then the close (`reason` in its frame): at
+/// login, or once the token is revoked.
+async fn refuse(socket: &mut WebSocket, why: &str, reason: &'static str) {
+    let said = json!({"type": "auth_invalid", "message": why});
     let close = Message::Close(Some(CloseFrame {
         code: CLOSE_POLICY,
-        reason: Utf8Bytes::from_static("the token was revoked"),
+        reason: Utf8Bytes::from_static(reason),
     }));
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         socket.send(text_message(&said)).await?;
@@ -223,15 +229,7 @@ async fn authenticate(socket: &mut WebSocket, context: &Context) -> Option<(Call
             } else {
                 "send {\"type\": \"auth\", \"access_token\": <a token from `majordome token create`>} first"
             };
-            let _ = socket
-                .send(text_message(&json!({"type": "auth_invalid", "message": why})))
-                .await;
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code: CLOSE_POLICY,
-                    reason: Utf8Bytes::from_static("authentication failed"),
-                })))
-                .await;
+            refuse(socket, why, "authentication failed").await;
             None
         }
     }

@@ -357,6 +357,15 @@ fn ws_connect(http: &str) -> Ws {
     socket
 }
 
+/// A WebSocket session past its login with `token`.
+fn ws_login(http: &str, token: &str) -> Ws {
+    let mut socket = ws_connect(http);
+    assert_eq!(ws_next(&mut socket)["type"], "auth_required");
+    ws_send(&mut socket, &json!({"type": "auth", "access_token": token}));
+    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    socket
+}
+
 fn ws_send(socket: &mut Ws, value: &Value) {
     socket.send(tungstenite::Message::text(value.to_string())).unwrap();
 }
@@ -393,10 +402,7 @@ fn a_websocket_session_in_home_assistant_s_shape() {
     assert!(matches!(refused.read(), Ok(tungstenite::Message::Close(Some(frame))) if u16::from(frame.code) == 1008));
 
     let switch = fake_switch(&http);
-    let mut socket = ws_connect(&http);
-    assert_eq!(ws_next(&mut socket)["type"], "auth_required");
-    ws_send(&mut socket, &json!({"type": "auth", "access_token": admin}));
-    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    let mut socket = ws_login(&http, &admin);
     ws_send(&mut socket, &json!({"id": 1, "type": "ping"}));
     assert_eq!(ws_next(&mut socket), json!({"id": 1, "type": "pong"}));
     ws_send(&mut socket, &json!({"id": 2, "type": "get_states"}));
@@ -452,10 +458,7 @@ fn a_websocket_session_in_home_assistant_s_shape() {
     );
     // A token without the permission is refused per command.
     let echo_only = token(data.path(), "panel", &["call=echo"]);
-    let mut limited = ws_connect(&http);
-    ws_next(&mut limited);
-    ws_send(&mut limited, &json!({"type": "auth", "access_token": echo_only}));
-    assert_eq!(ws_next(&mut limited)["type"], "auth_ok");
+    let mut limited = ws_login(&http, &echo_only);
     ws_send(&mut limited, &json!({"id": 1, "type": "get_states"}));
     let denied = ws_result(&mut limited, 1);
     assert_eq!(denied["error"]["code"], "unauthorized", "{denied}");
@@ -467,10 +470,7 @@ fn a_websocket_session_in_home_assistant_s_shape() {
 fn a_websocket_session_ends_when_its_token_is_revoked() {
     let (_up, http, _broker, data) = hub();
     let watcher = token(data.path(), "watcher", &[]);
-    let mut socket = ws_connect(&http);
-    assert_eq!(ws_next(&mut socket)["type"], "auth_required");
-    ws_send(&mut socket, &json!({"type": "auth", "access_token": watcher}));
-    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    let mut socket = ws_login(&http, &watcher);
     ws_send(
         &mut socket,
         &json!({"id": 1, "type": "subscribe_events", "event_type": "event."}),
@@ -507,10 +507,7 @@ fn a_websocket_client_that_does_not_read_is_closed_with_a_reason() {
     let http = lines[8].rsplit("http://").next().unwrap().trim().to_owned();
     let publish_at = last_word(&lines[2]);
     let admin = token(data.path(), "admin", &[]);
-    let mut socket = ws_connect(&http);
-    ws_next(&mut socket);
-    ws_send(&mut socket, &json!({"type": "auth", "access_token": admin}));
-    assert_eq!(ws_next(&mut socket)["type"], "auth_ok");
+    let mut socket = ws_login(&http, &admin);
     ws_send(
         &mut socket,
         &json!({"id": 1, "type": "subscribe_events", "event_type": "flood"}),
