@@ -113,11 +113,8 @@ fn check(value: Value) -> Result<Call, (Value, RpcError)> {
     // An integer past 64 bits reads as a float that is not the number
     // sent: it could not be echoed as it came, and a client matches its
     // answers by id.
-    let overflowed = id
-        .as_ref()
-        .and_then(Value::as_number)
-        .and_then(|n| n.as_f64().filter(|_| n.is_f64()))
-        .is_some_and(|f| f.fract() == 0.0 && f.abs() >= 9.2e18);
+    let overflowed = matches!(&id, Some(Value::Number(n))
+        if n.is_f64() && n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() >= 9.2e18));
     let echo = match &id {
         Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) if !overflowed => v.clone(),
         _ => Value::Null,

@@ -108,7 +108,6 @@ pub fn client_id(host: &str) -> String {
     format!("core-scenario.{host}")
 }
 
-/// The actions, for the error that lists them.
 /// Inputs (events, Clone changes, answers, requests) waiting for the
 /// engine, past which their senders wait.
 const INPUT_QUEUE: usize = 1024;
@@ -120,6 +119,7 @@ const INPUT_QUEUE: usize = 1024;
 /// of changes can hold here to a few MiB.
 const MIRROR_QUEUE: usize = 100;
 
+/// The actions, for the error that lists them.
 const ACTIONS: &str = "scenario.list.get, scenario.get, scenario.new.do, scenario.update.do, scenario.delete.do, \
                        scenario.enable.do, scenario.disable.do, scenario.run.do, scenario.stop.do, scenario.test.do, \
                        scenario.history.get, scenario.export.get, scenario.import.do, stats.get";
