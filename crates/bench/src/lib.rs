@@ -62,12 +62,7 @@ impl Background {
         self.threads.push(thread);
         Ok(())
     }
-}
 
-/// The plugin client id the benches' answering plugin serves.
-pub(crate) const PLUGIN: &str = "plugin-bench.local";
-
-impl Background {
     /// Starts the hub of `config` in this process, stopped with the rest;
     /// its endpoints.
     pub(crate) fn start_hub(
@@ -102,6 +97,9 @@ impl Background {
         })
     }
 }
+
+/// The plugin client id the benches' answering plugin serves.
+pub(crate) const PLUGIN: &str = "plugin-bench.local";
 
 impl Drop for Background {
     fn drop(&mut self) {
